@@ -1,0 +1,49 @@
+"""The exception hierarchy: one root, one subclass per package.
+
+Callers catch :class:`EmbedstreamError` at entry points; code inside a package
+raises that package's subclass and wraps foreign errors with ``raise ... from``.
+"""
+
+from __future__ import annotations
+
+
+class EmbedstreamError(Exception):
+    """Root of every error embedstream raises on purpose."""
+
+
+class ConfigError(EmbedstreamError):
+    """Settings or a model manifest are missing or inconsistent."""
+
+
+class EnvelopeError(EmbedstreamError):
+    """An event cannot be decoded. ``reason`` is a short, stable code.
+
+    The reason goes into the dead-letter record's header and into the
+    ``reason`` label of the failure counter, so the set of codes is small and
+    fixed (see :data:`embedstream.envelope.REASONS`).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ModelError(EmbedstreamError):
+    """A model cannot be found, loaded or run."""
+
+
+class ExportError(EmbedstreamError):
+    """A checkpoint cannot be exported to ONNX."""
+
+
+class SinkError(EmbedstreamError):
+    """Results could not be written to the store (usually transient)."""
+
+
+class SourceError(EmbedstreamError):
+    """The broker cannot be reached or refused an operation."""
+
+
+class DevStackError(EmbedstreamError):
+    """The embedded development stack failed to start or stop."""
