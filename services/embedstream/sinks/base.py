@@ -1,0 +1,41 @@
+"""The sink interface: where embeddings are stored.
+
+Contract: :meth:`Sink.write` stores a whole batch or raises
+:class:`~embedstream.errors.SinkError`; it never stores part of a batch and
+reports success. The worker commits offsets only after ``write`` returned,
+so a write is the decision to commit (at-least-once; writes are idempotent
+per event id and model, so a redelivered event overwrites its own key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from embedstream.envelope import Event
+from embedstream.models.manifest import Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """One event's result."""
+
+    event: Event
+    model: Manifest
+    vector: np.ndarray
+
+
+class Sink(Protocol):
+    def prepare(self, models: list[Manifest]) -> None:
+        """Create per-model structures (vector indexes). Called once at start."""
+        ...
+
+    def write(self, results: list[Embedded]) -> None: ...
+
+    def ping(self) -> bool:
+        """True when the store answers; used by readiness."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,158 @@
+"""Redis sink: one HASH per embedding, one vector index per model.
+
+Key ``<prefix>:<model>:<id>`` holds ``embedding`` (float32 little-endian
+bytes), ``id``, ``model``, ``modality``, ``dim``, ``created_at`` (unix
+seconds), ``event_ts`` (the record's timestamp, ms), ``source``
+(topic:partition:offset), ``text`` (text events, unless ``store_text`` is off)
+and the event's metadata fields. Each batch is one
+pipelined round trip. Where the server has the search module (Redis 8,
+Redis Stack, Valkey + RediSearch) each model gets an HNSW/COSINE index over
+its prefix; without it, vectors are still stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import redis
+from redis.commands.search.field import NumericField, TagField, VectorField
+from redis.commands.search.index_definition import IndexDefinition, IndexType
+
+from embedstream.errors import ConfigError, SinkError
+from embedstream.models.manifest import Manifest
+from embedstream.settings import Settings
+from embedstream.sinks.base import Embedded
+
+log = logging.getLogger(__name__)
+
+
+def result_key(prefix: str, model: str, event_id: str) -> str:
+    return f"{prefix}:{model}:{event_id}"
+
+
+def index_name(prefix: str, model: str) -> str:
+    return f"{prefix}:idx:{model}"
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client for ``settings.redis_url``; the password field overrides the URL's."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": 10.0,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 30,
+        "protocol": 2,
+    }
+    if settings.redis_password is not None:
+        kwargs["password"] = settings.redis_password.get_secret_value()
+    return redis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+def has_search(client: redis.Redis) -> bool:
+    """True when the server offers FT.* commands (vector search)."""
+    try:
+        client.execute_command("FT._LIST")
+    except redis.ResponseError:
+        return False
+    return True
+
+
+class RedisSink:
+    """See :class:`~embedstream.sinks.base.Sink`."""
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self._client = client if client is not None else connect(settings)
+        self._prefix = settings.key_prefix
+        self._create_index = settings.create_index
+        self._store_text = settings.store_text
+        self.search_enabled = False
+
+    def prepare(self, models: list[Manifest]) -> None:
+        try:
+            self.search_enabled = self._create_index and has_search(self._client)
+            if not self.search_enabled:
+                log.warning("Redis has no search module: vectors are stored but not indexed")
+                return
+            for manifest in models:
+                self._ensure_index(manifest)
+        except redis.RedisError as err:
+            raise SinkError(f"cannot prepare Redis indexes: {err}") from err
+
+    def _ensure_index(self, manifest: Manifest) -> None:
+        name = index_name(self._prefix, manifest.name)
+        search = self._client.ft(name)
+        try:
+            info = search.info()
+        except redis.ResponseError:
+            info = None
+        if info is not None:
+            existing = _index_dimension(info)
+            if existing is not None and existing != manifest.dimension:
+                raise ConfigError(
+                    f"index {name} holds {existing}-d vectors but model {manifest.name} makes "
+                    f"{manifest.dimension}-d ones: give the new model another name"
+                )
+            return
+        search.create_index(
+            [
+                VectorField(
+                    "embedding",
+                    "HNSW",
+                    {"TYPE": "FLOAT32", "DIM": manifest.dimension, "DISTANCE_METRIC": "COSINE"},
+                ),
+                TagField("model"),
+                TagField("modality"),
+                NumericField("created_at"),
+            ],
+            definition=IndexDefinition(
+                prefix=[result_key(self._prefix, manifest.name, "")], index_type=IndexType.HASH
+            ),
+        )
+        log.info("created vector index %s (%d-d, HNSW, cosine)", name, manifest.dimension)
+
+    def write(self, results: list[Embedded]) -> None:
+        now = time.time()
+        pipe = self._client.pipeline(transaction=False)
+        for result in results:
+            event = result.event
+            record = event.record
+            fields: dict[str, Any] = dict(event.metadata)
+            fields.update(
+                id=event.id,
+                embedding=result.vector.astype("<f4", copy=False).tobytes(),
+                model=result.model.name,
+                modality=result.model.modality,
+                dim=result.model.dimension,
+                created_at=now,
+                event_ts=record.timestamp_ms,
+                source=f"{record.topic}:{record.partition}:{record.offset}",
+            )
+            if self._store_text and event.text is not None:
+                fields["text"] = event.text
+            pipe.hset(result_key(self._prefix, result.model.name, event.id), mapping=fields)
+        try:
+            pipe.execute()
+        except redis.RedisError as err:
+            raise SinkError(f"Redis write of {len(results)} results failed: {err}") from err
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _index_dimension(info: dict[Any, Any]) -> int | None:
+    """The DIM of the ``embedding`` vector field from FT.INFO, if found."""
+    for attribute in info.get("attributes", []):
+        values = [v.decode() if isinstance(v, bytes) else v for v in attribute]
+        pairs = dict(zip(values[::2], values[1::2], strict=False))
+        if pairs.get("identifier") == "embedding" or pairs.get("attribute") == "embedding":
+            for i, value in enumerate(values):
+                if str(value).lower() == "dim" and i + 1 < len(values):
+                    return int(values[i + 1])
+    return None

@@ -1,0 +1,210 @@
+"""Kafka with kafka-python: the consumer, the dead-letter producer, topic admin.
+
+Why not faust: faust's commit path can commit past an in-flight event
+(faust-streaming issue #606, fix still open), which breaks "commit only what
+is stored". A plain consumer with manual commits and an offset tracker makes
+that guarantee explicit and testable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+from kafka.structs import TopicPartition as KafkaTP
+
+from embedstream import __version__
+from embedstream.envelope import RawRecord
+from embedstream.errors import SourceError
+from embedstream.settings import Settings
+from embedstream.sources.base import RevokeCallback, TopicPartition
+
+log = logging.getLogger(__name__)
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """Connection settings shared by every Kafka client embedstream creates."""
+    return {
+        "bootstrap_servers": settings.bootstrap_servers(),
+        "client_id": f"embedstream-{__version__}",
+    }
+
+
+def ensure_topics(settings: Settings, topics: list[str]) -> list[str]:
+    """Create the missing ``topics`` with the configured partitions; return those created.
+
+    Safe when several workers race to create the same topic.
+    """
+    try:
+        admin = KafkaAdminClient(**client_config(settings), request_timeout_ms=15_000)
+    except KafkaError as err:
+        raise SourceError(
+            f"cannot reach Kafka at {settings.kafka_bootstrap}: {err}. "
+            "Is the broker running? (embedstream dev up starts one)"
+        ) from err
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        created = []
+        for topic in missing:
+            try:
+                admin.create_topics(
+                    [NewTopic(topic, settings.topic_partitions, settings.topic_replication)]
+                )
+                created.append(topic)
+            except TopicAlreadyExistsError:
+                pass
+        if created:
+            log.info("created topics %s with %d partitions", created, settings.topic_partitions)
+        return created
+    except KafkaError as err:
+        raise SourceError(f"cannot create topics {topics}: {err}") from err
+    finally:
+        admin.close()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_revoked: RevokeCallback) -> None:
+        self._on_revoked = on_revoked
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        tps = {(tp.topic, tp.partition) for tp in revoked}
+        if tps:
+            log.info("partitions revoked: %s", sorted(tps))
+            self._on_revoked(tps)
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+class KafkaSource:
+    """A consumer-group member. See :class:`~embedstream.sources.base.Source`."""
+
+    def __init__(self, settings: Settings, topics: list[str], on_revoked: RevokeCallback) -> None:
+        try:
+            self._consumer = KafkaConsumer(
+                **client_config(settings),
+                group_id=settings.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset=settings.auto_offset_reset,
+                session_timeout_ms=settings.session_timeout_ms,
+                heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                max_poll_interval_ms=settings.max_poll_interval_ms,
+                max_poll_records=settings.max_poll_records,
+            )
+        except KafkaError as err:
+            raise SourceError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
+        self._consumer.subscribe(topics=topics, listener=_Listener(on_revoked))
+        self._paused = False
+
+    def poll(self, timeout_s: float) -> list[RawRecord]:
+        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        out: list[RawRecord] = []
+        for records in batches.values():
+            for r in records:
+                out.append(
+                    RawRecord(
+                        topic=r.topic,
+                        partition=r.partition,
+                        offset=r.offset,
+                        key=r.key,
+                        value=r.value,
+                        timestamp_ms=r.timestamp,
+                        headers=tuple(r.headers or ()),
+                    )
+                )
+        return out
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        if not offsets:
+            return True
+        payload = {
+            KafkaTP(topic, partition): OffsetAndMetadata(offset, "", -1)
+            for (topic, partition), offset in offsets.items()
+        }
+        try:
+            self._consumer.commit(offsets=payload)
+        except CommitFailedError as err:
+            log.warning("commit rejected (group rebalanced); events will be redelivered: %s", err)
+            return False
+        except KafkaError as err:
+            log.warning("commit failed; will retry with the next commit: %s", err)
+            return False
+        return True
+
+    def pause(self) -> None:
+        if not self._paused:
+            self._consumer.pause(*self._consumer.assignment())
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            self._consumer.resume(*self._consumer.paused())
+            self._paused = False
+
+    def lag(self) -> dict[TopicPartition, int]:
+        out = {}
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = self._consumer.position(tp, timeout_ms=1000)
+            except KafkaError:
+                continue
+            if position is not None:
+                out[(tp.topic, tp.partition)] = max(0, high - position)
+        return out
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+class KafkaDeadLetters:
+    """Dead-letter producer. See :class:`~embedstream.sources.base.DeadLetters`.
+
+    The value is the original payload, untouched; headers carry the reason,
+    a human-readable detail and the source position, plus the original
+    headers, so the event can be fixed and re-driven.
+    """
+
+    def __init__(self, settings: Settings, topic: str | None = None) -> None:
+        self.topic = topic or settings.topic_dlq
+        self._producer = KafkaProducer(
+            **client_config(settings), acks="all", retries=10, linger_ms=5
+        )
+
+    def send(
+        self,
+        record: RawRecord,
+        reason: str,
+        detail: str,
+        on_done: Callable[[], None],
+        on_error: Callable[[Exception], None],
+    ) -> None:
+        headers = [
+            ("embedstream.reason", reason.encode()),
+            ("embedstream.error", detail[:1000].encode("utf-8", "replace")),
+            ("embedstream.source.topic", record.topic.encode()),
+            ("embedstream.source.partition", str(record.partition).encode()),
+            ("embedstream.source.offset", str(record.offset).encode()),
+            ("embedstream.failed_at", str(int(time.time() * 1000)).encode()),
+            *[(k, v) for k, v in record.headers if not k.startswith("embedstream.")],
+        ]
+        future = self._producer.send(
+            self.topic, key=record.key, value=record.value or b"", headers=headers
+        )
+        future.add_callback(lambda _meta: on_done())
+        future.add_errback(on_error)
+
+    def flush(self, timeout_s: float) -> None:
+        self._producer.flush(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._producer.close(timeout=10)

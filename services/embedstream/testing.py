@@ -1,0 +1,114 @@
+"""In-memory sources, sinks and dead letters for unit tests of pipeline logic.
+
+They honour the same contracts as the real ones (see ``sources/base.py`` and
+``sinks/base.py``), so a test of the worker's logic needs no broker or Redis.
+Integration tests use the real embedded stack instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from embedstream.envelope import RawRecord
+from embedstream.errors import SinkError
+from embedstream.models.manifest import Manifest
+from embedstream.sinks.base import Embedded
+from embedstream.sources.base import RevokeCallback, TopicPartition
+
+
+class MemorySource:
+    """Serves queued records once each; remembers commits; can simulate a revoke."""
+
+    def __init__(self, records: list[RawRecord], on_revoked: RevokeCallback) -> None:
+        self._records = list(records)
+        self._on_revoked = on_revoked
+        self._lock = threading.Lock()
+        self.committed: dict[TopicPartition, int] = {}
+        self.paused = False
+        self.closed = False
+        self.revoke_next: set[TopicPartition] = set()
+
+    def add(self, records: list[RawRecord]) -> None:
+        with self._lock:
+            self._records.extend(records)
+
+    def poll(self, timeout_s: float) -> list[RawRecord]:
+        if self.revoke_next:
+            revoked, self.revoke_next = self.revoke_next, set()
+            self._on_revoked(revoked)
+        if self.paused:
+            return []
+        with self._lock:
+            batch, self._records = self._records[:100], self._records[100:]
+        return batch
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        for tp, offset in offsets.items():
+            assert offset >= self.committed.get(tp, 0), "commits must not go backwards"
+            self.committed[tp] = offset
+        return True
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def lag(self) -> dict[TopicPartition, int]:
+        return {}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemorySink:
+    """Stores results in a dict keyed like Redis; ``fail_next`` simulates outages."""
+
+    def __init__(self) -> None:
+        self.stored: dict[tuple[str, str], Embedded] = {}
+        self.writes = 0
+        self.fail_next = 0
+        self.prepared: list[Manifest] = []
+        self.closed = False
+
+    def prepare(self, models: list[Manifest]) -> None:
+        self.prepared = list(models)
+
+    def write(self, results: list[Embedded]) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SinkError("simulated outage")
+        self.writes += 1
+        for result in results:
+            self.stored[(result.model.name, result.event.id)] = result
+
+    def ping(self) -> bool:
+        return not self.fail_next
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemoryDeadLetters:
+    """Collects dead letters; acknowledges them at once."""
+
+    def __init__(self) -> None:
+        self.letters: list[tuple[RawRecord, str, str]] = []
+
+    def send(
+        self,
+        record: RawRecord,
+        reason: str,
+        detail: str,
+        on_done: Callable[[], None],
+        on_error: Callable[[Exception], None],
+    ) -> None:
+        self.letters.append((record, reason, detail))
+        on_done()
+
+    def flush(self, timeout_s: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

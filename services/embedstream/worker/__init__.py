@@ -1,0 +1,1 @@
+"""The worker: consume, embed, store, commit."""

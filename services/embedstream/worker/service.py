@@ -1,0 +1,169 @@
+"""Entry points of the worker: one process, or a supervised pool of processes.
+
+Each process is one consumer-group member with its own models, metrics and
+HTTP port (``metrics_port + index``). SIGTERM/SIGINT drain gracefully; a
+second signal exits at once (what is in flight stays uncommitted and is
+redelivered, like after SIGKILL).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from types import FrameType
+
+from embedstream.errors import EmbedstreamError
+from embedstream.metrics import Metrics
+from embedstream.runtime.loader import load_models
+from embedstream.runtime.onnx import default_threads
+from embedstream.settings import Settings
+from embedstream.sinks.redis import RedisSink
+from embedstream.sources.kafka import KafkaDeadLetters, KafkaSource, ensure_topics
+from embedstream.worker.http import StatusServer
+from embedstream.worker.pipeline import Worker
+
+log = logging.getLogger(__name__)
+
+
+def threads_per_process(settings: Settings) -> int:
+    if settings.intra_op_threads:
+        return settings.intra_op_threads
+    return max(1, default_threads() // settings.processes)
+
+
+def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
+    """Load models, prepare Redis and topics, and join the group."""
+    metrics = metrics or Metrics()
+    models = load_models(
+        settings.model_dir,
+        settings.models,
+        providers=settings.providers,
+        threads=threads_per_process(settings),
+    )
+    for model in models.values():
+        m = model.manifest
+        metrics.model_info.labels(m.name, m.modality, str(m.dimension), model.backend.provider).set(1)
+    sink = RedisSink(settings)
+    sink.prepare([m.manifest for m in models.values()])
+    topics = sorted({settings.topic_for(m.manifest.modality) for m in models.values()})
+    ensure_topics(settings, [*topics, settings.topic_dlq])
+    dead_letters = KafkaDeadLetters(settings)
+    return Worker(
+        settings,
+        models,
+        source_factory=lambda on_revoked: KafkaSource(settings, topics, on_revoked),
+        sink=sink,
+        dead_letters=dead_letters,
+        metrics=metrics,
+    )
+
+
+def run_worker(settings: Settings) -> int:
+    """Run one worker process until SIGTERM/SIGINT; return its exit code."""
+    metrics = Metrics()
+    worker = build_worker(settings, metrics)
+    server = None
+    if settings.metrics_port:
+        server = StatusServer(
+            settings.metrics_host,
+            settings.metrics_port,
+            metrics.registry,
+            healthy=worker.healthy,
+            ready=lambda: {
+                "models_loaded": bool(worker.models),
+                "consumer": worker.polling_ok,
+                "redis": worker.sink_ok,
+                "stages": worker.healthy(),
+            },
+        )
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if worker_stopping[0]:
+            log.warning("second %s: exiting now; in-flight events will be redelivered",
+                        signal.Signals(signum).name)
+            os._exit(130)
+        worker_stopping[0] = True
+        log.info("%s: draining (up to %.0fs)", signal.Signals(signum).name,
+                 settings.shutdown_timeout_s)
+        worker.stop()
+
+    worker_stopping = [False]
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    metrics.ready.set_function(lambda: float(worker.ready()))
+    log.info("worker consuming %s in group %s", worker.topics, settings.group_id)
+    try:
+        return worker.run()
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _child_main(settings: Settings, index: int, log_level: str) -> None:
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        code = run_worker(settings)
+    except EmbedstreamError as err:
+        logging.getLogger(__name__).error("%s", err)
+        code = 2
+    raise SystemExit(code)
+
+
+def run_pool(settings: Settings) -> int:
+    """Run ``settings.processes`` workers in one group, restarting any that crash."""
+    if settings.processes == 1:
+        return run_worker(settings)
+    ctx = multiprocessing.get_context("spawn")
+    threads = threads_per_process(settings)
+
+    def child_settings(index: int) -> Settings:
+        port = settings.metrics_port + index if settings.metrics_port else 0
+        return settings.model_copy(
+            update={"processes": 1, "metrics_port": port, "intra_op_threads": threads}
+        )
+
+    def start(index: int) -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(
+            target=_child_main, args=(child_settings(index), index, settings.log_level),
+            name=f"embedstream-worker-{index}",
+        )
+        proc.start()
+        return proc
+
+    children = {i: start(i) for i in range(settings.processes)}
+    stopping = False
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in children.values():
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("worker pool of %d processes, %d threads each", settings.processes, threads)
+    worst = 0
+    while children:
+        for index, proc in list(children.items()):
+            proc.join(timeout=0.2)
+            if proc.is_alive():
+                continue
+            code = proc.exitcode or 0
+            del children[index]
+            if stopping:
+                worst = max(worst, code)
+            elif code == 2:  # configuration error: restarting cannot help
+                log.error("worker %d failed to start; stopping the pool", index)
+                on_signal(signal.SIGTERM, None)
+                worst = 2
+            else:
+                log.warning("worker %d exited with %s; restarting", index, code)
+                time.sleep(1.0)
+                children[index] = start(index)
+    return worst

@@ -1,0 +1,183 @@
+"""The worker's logic with in-memory source, sink and dead letters and a fake model.
+
+The tokenizer is a real ``tokenizers`` WordLevel model; the backend is a fake
+that derives a vector from the token ids and fails on the token ``poison``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from embedstream.envelope import RawRecord, encode
+from embedstream.errors import ModelError
+from embedstream.metrics import Metrics
+from embedstream.models.manifest import Manifest
+from embedstream.runtime.loader import LoadedModel
+from embedstream.runtime.text import TextPreprocessor
+from embedstream.settings import Settings
+from embedstream.testing import MemoryDeadLetters, MemorySink, MemorySource
+from embedstream.worker.pipeline import Worker
+
+WORDS = ["[PAD]", "[UNK]", "poison", *[f"w{i}" for i in range(50)]]
+DIM = 8
+
+
+class FakeBackend:
+    provider = "FakeProvider"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def embed(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        self.calls += 1
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        if (ids == WORDS.index("poison")).any():
+            raise ModelError("poisoned input")
+        out = np.zeros((ids.shape[0], DIM), np.float32)
+        for row in range(ids.shape[0]):
+            for tok in ids[row][mask[row] == 1]:
+                out[row, tok % DIM] += 1
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> LoadedModel:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    manifest = Manifest(
+        name="fake", modality="text", dimension=DIM, pooling="mean", normalize=True,
+        inputs=["input_ids", "attention_mask"], tokenizer_files=["tokenizer.json"],
+        max_length=6, opset=17, sha256="-",
+    )
+    return LoadedModel(manifest, tmp_path, FakeBackend(), TextPreprocessor(manifest, tmp_path))
+
+
+def text_records(texts: list[str], partition: int = 0, start: int = 0) -> list[RawRecord]:
+    return [
+        RawRecord("embedstream.text", partition, start + i, None,
+                  encode(f"p{partition}-{start + i}", text=t), int(time.time() * 1000))
+        for i, t in enumerate(texts)
+    ]
+
+
+def make_worker(model: LoadedModel, records: list[RawRecord], **overrides):
+    settings = Settings(batch_max_items=4, batch_max_wait_ms=5, shutdown_timeout_s=5, **overrides)
+    sink, dlq = MemorySink(), MemoryDeadLetters()
+    holder: dict[str, MemorySource] = {}
+
+    def factory(on_revoked):
+        holder["source"] = MemorySource(records, on_revoked)
+        return holder["source"]
+
+    worker = Worker(settings, {"fake": model}, factory, sink, dlq, Metrics())
+    return worker, holder["source"], sink, dlq
+
+
+def run_until(worker: Worker, condition, timeout: float = 10.0) -> int:
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(worker.run()))
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker.stop()
+    thread.join(timeout)
+    assert result, "worker did not stop"
+    return result[0]
+
+
+def counter(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_every_good_event_stored_bad_ones_dead_lettered_and_all_committed(model):
+    good = text_records([f"w{i} w{i + 1}" for i in range(30)])
+    bad = [
+        RawRecord("embedstream.text", 0, 30, None, b"{nope", 0),
+        RawRecord("embedstream.text", 0, 31, None, encode("x", text="w1", model="missing"), 0),
+        RawRecord("embedstream.text", 0, 32, None, b'{"id": "e", "text": ""}', 0),
+    ]
+    worker, source, sink, dlq = make_worker(model, good + bad)
+    code = run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 33)
+    assert code == 0
+    assert len(sink.stored) == 30
+    assert sorted(reason for _, reason, _ in dlq.letters) == [
+        "empty_text", "invalid_json", "unknown_model"
+    ]
+    stored = sink.stored[("fake", "p0-3")]
+    assert stored.vector.shape == (DIM,)
+    assert stored.event.text == "w3 w4"
+    m = worker.metrics
+    assert counter(m, "embedstream_events_embedded_total", model="fake") == 30
+    assert counter(m, "embedstream_events_failed_total", reason="invalid_json") == 1
+    assert counter(m, "embedstream_events_consumed_total", topic="embedstream.text") == 33
+    assert source.closed and sink.closed
+
+
+def test_one_bad_item_does_not_fail_its_batch(model):
+    records = text_records(["w1", "w2 poison", "w3", "w4"])
+    worker, source, sink, dlq = make_worker(model, records)
+    run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 4)
+    assert set(sink.stored) == {("fake", "p0-0"), ("fake", "p0-2"), ("fake", "p0-3")}
+    assert [(r.offset, reason) for r, reason, _ in dlq.letters] == [(1, "model_error")]
+
+
+def test_truncation_is_counted(model):
+    worker, source, sink, _ = make_worker(model, text_records(["w1 " * 20, "w2"]))
+    run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 2)
+    assert counter(worker.metrics, "embedstream_events_truncated_total", model="fake") == 1
+    assert len(sink.stored) == 2
+
+
+def test_nothing_is_committed_while_the_store_is_down(model):
+    worker, source, sink, _ = make_worker(model, text_records(["w1", "w2"]))
+    sink.fail_next = 3
+    run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 2)
+    assert sink.writes >= 1 and len(sink.stored) == 2
+    assert counter(worker.metrics, "embedstream_sink_retries_total") == 3
+
+
+def test_shutdown_abandons_unstored_work_uncommitted(model):
+    worker, source, sink, _ = make_worker(model, text_records(["w1", "w2"]))
+    sink.fail_next = 10**6  # Redis never comes back
+    worker.settings = worker.settings.model_copy(update={"shutdown_timeout_s": 0.5})
+    started = time.monotonic()
+    code = run_until(worker, lambda: source.paused or False, timeout=1.0)
+    assert code == 0
+    assert time.monotonic() - started < 5
+    assert source.committed == {} and sink.stored == {}
+
+
+def test_revoked_partitions_are_drained_and_committed(model):
+    records = text_records(["w1", "w2", "w3"], partition=0) + text_records(["w4"], partition=1)
+    worker, source, sink, _ = make_worker(model, records)
+    t0, t1 = ("embedstream.text", 0), ("embedstream.text", 1)
+
+    def revoke_after_first_poll() -> bool:
+        if worker._tracker.in_flight() or source.committed:
+            source.revoke_next = {t0}
+            return True
+        return False
+
+    run_until(worker, lambda: revoke_after_first_poll() and source.committed.get(t1) == 1)
+    assert source.committed.get(t0) == 3
+    assert len(sink.stored) == 4
+
+
+def test_a_dead_stage_stops_the_worker_with_an_error(model):
+    worker, source, sink, _ = make_worker(model, text_records(["w1"]))
+
+    def broken_write(results):
+        raise RuntimeError("bug in the sink")
+
+    sink.write = broken_write  # type: ignore[method-assign]
+    code = run_until(worker, lambda: not worker.healthy(), timeout=5)
+    assert code == 1
+    assert source.committed == {}
