@@ -1,0 +1,40 @@
+"""Fixtures shared by the whole suite.
+
+``stack`` is one embedded broker + Redis for the test session; tests share it,
+so each one names its topics, groups, keys and indexes with ``unique``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from embedstream.devstack import DevStackConfig, embedded_stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStackConfig]:
+    """A running broker and Redis (with search) on free loopback ports.
+
+    Yields the config: ``stack.bootstrap`` is the Kafka bootstrap address,
+    ``stack.redis_url`` the Redis URL. Stopped when the session ends.
+    """
+    cfg = DevStackConfig.on_free_ports(tmp_path_factory.mktemp("devstack"))
+    with embedded_stack(cfg):
+        yield cfg
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short name unique to this test, for topics, groups and key prefixes."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the real stack are integration tests (``-m 'not integration'``)."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
