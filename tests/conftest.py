@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "stack" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
 
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model root holding the default text model, exported once per session."""
+    from embedstream.export import default_text_checkpoint, export_text_model
+
+    root = tmp_path_factory.mktemp("models")
+    export_text_model(default_text_checkpoint(), root, "all-minilm-l6-v2")
+    return root

@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # kafka-python logs every connection at INFO; keep its warnings only.
+        logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         return int(_dispatch(args, settings) or 0)
     except EmbedstreamError as err:

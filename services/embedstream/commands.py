@@ -48,7 +48,7 @@ def search_text(
     vector = loaded.embed_texts([query])[0]
     hits = search_vector(connect(settings), settings.key_prefix, name, vector, k)
     if as_json:
-        print(json.dumps([{"id": h.id, "score": h.score, **h.fields} for h in hits], indent=2))
+        print(json.dumps([{**h.fields, "id": h.id, "score": h.score} for h in hits], indent=2))
         return 0
     if not hits:
         print(f"no stored items for model {name}")

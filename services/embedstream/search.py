@@ -16,7 +16,8 @@ from redis.commands.search.query import Query
 from embedstream.errors import SinkError
 from embedstream.sinks.redis import has_search, index_name, result_key
 
-_RETURN_FIELDS = ("id", "text", "model", "modality", "created_at", "source")
+# Not "id": redis-py's search Document uses that attribute for the key.
+_RETURN_FIELDS = ("text", "model", "modality", "created_at", "source")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,20 +50,23 @@ def _knn(client: redis.Redis, prefix: str, model: str, vec: bytes, k: int) -> li
         .dialect(2)
     )
     result = client.ft(index_name(prefix, model)).search(query, query_params={"vec": vec})
+    key_start = len(result_key(prefix, model, ""))
     hits = []
     for doc in result.docs:
         fields = {name: _text(getattr(doc, name, "")) for name in _RETURN_FIELDS}
         # The index's COSINE metric returns a distance: 1 - cosine similarity.
         score = 1.0 - float(_text(doc.distance))
-        hits.append(Hit(id=fields["id"], key=_text(doc.id), score=score, fields=fields))
+        key = _text(doc.id)
+        hits.append(Hit(id=key[key_start:], key=key, score=score, fields=fields))
     return hits
 
 
 def _scan(client: redis.Redis, prefix: str, model: str, vec: np.ndarray, k: int) -> list[Hit]:
     query = vec / (np.linalg.norm(vec) or 1.0)
+    key_start = len(result_key(prefix, model, ""))
     scored: list[tuple[float, str, dict[str, str]]] = []
     for key in client.scan_iter(match=result_key(prefix, model, "*"), count=1000):
-        raw = client.hgetall(key)
+        raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
         stored = np.frombuffer(raw.get(b"embedding", b""), dtype="<f4")
         if stored.shape != query.shape:
             continue
@@ -70,7 +74,7 @@ def _scan(client: redis.Redis, prefix: str, model: str, vec: np.ndarray, k: int)
         fields = {name: _text(raw.get(name.encode(), b"")) for name in _RETURN_FIELDS}
         scored.append((score, _text(key), fields))
     scored.sort(key=lambda hit: hit[0], reverse=True)
-    return [Hit(id=f["id"], key=key, score=s, fields=f) for s, key, f in scored[:k]]
+    return [Hit(id=key[key_start:], key=key, score=s, fields=f) for s, key, f in scored[:k]]
 
 
 def _text(value: object) -> str:

@@ -130,7 +130,10 @@ class RedisSink:
             )
             if self._store_text and event.text is not None:
                 fields["text"] = event.text
-            pipe.hset(result_key(self._prefix, result.model.name, event.id), mapping=fields)
+            pipe.hset(
+                result_key(self._prefix, result.model.name, event.id),
+                mapping=fields,  # type: ignore[arg-type]  # redis-py's stubs are too narrow
+            )
         try:
             pipe.execute()
         except redis.RedisError as err:

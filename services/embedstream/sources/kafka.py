@@ -69,7 +69,7 @@ def ensure_topics(settings: Settings, topics: list[str]) -> list[str]:
         admin.close()
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Listener(ConsumerRebalanceListener):
     def __init__(self, on_revoked: RevokeCallback) -> None:
         self._on_revoked = on_revoked
 

@@ -295,16 +295,16 @@ class Worker:
             self.metrics.consumed.labels(record.topic).inc()
             try:
                 event = decode(record, self.modality_of[record.topic])
-                model = event.model or self.default_model.get(event.modality)
-                if model not in self.models:
+                name = event.model or self.default_model.get(event.modality)
+                if name is None or name not in self.models:
                     raise EnvelopeError(
                         "unknown_model",
-                        f"model {model!r} is not served here; served: {sorted(self.models)}",
+                        f"model {name!r} is not served here; served: {sorted(self.models)}",
                     )
             except EnvelopeError as err:
                 self._dead_letter(record, err.reason, err.detail)
                 continue
-            by_model.setdefault(model, []).append(event)
+            by_model.setdefault(name, []).append(event)
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
 
         started = time.perf_counter()

@@ -1,0 +1,35 @@
+# Set-up is part of every target: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test lint typecheck unit integration clean
+
+venv: $(STAMP)
+
+# One environment for everything here (runtime + export + dev stack + test tools),
+# pinned by constraints.txt. The worker image installs the runtime alone.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,devstack,dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m embedstream demo
+
+lint: venv
+	$(VENV)/bin/ruff check services tests
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+test: lint typecheck
+	$(VENV)/bin/pytest -q --durations=10
+
+clean:
+	rm -rf $(VENV) .devstack .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,325 @@
+"""The text pipeline end to end on the real embedded broker and Redis.
+
+Real worker (in a thread, or as real processes), real ONNX model, real
+Kafka clients; each test has its own topics, group and key prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from kafka import KafkaConsumer, TopicPartition
+
+from embedstream.metrics import Metrics
+from embedstream.producer import Producer
+from embedstream.runtime.loader import load_models
+from embedstream.search import search_vector
+from embedstream.settings import Settings
+from embedstream.sinks.redis import connect, index_name, result_key
+from embedstream.worker.service import build_worker
+
+MODEL = "all-minilm-l6-v2"
+
+
+def make_settings(stack, unique: str, model_root: Path, **extra) -> Settings:
+    return Settings(
+        kafka_bootstrap=stack.bootstrap,
+        redis_url=stack.redis_url,
+        topic_text=f"{unique}.text",
+        topic_dlq=f"{unique}.dlq",
+        group_id=f"{unique}-group",
+        key_prefix=unique,
+        model_dir=model_root,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+        metrics_port=0,
+        topic_partitions=4,
+        **extra,
+    )
+
+
+def wait_for(condition, timeout: float = 60.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def stored_ids(client: redis.Redis, prefix: str) -> set[str]:
+    pattern = result_key(prefix, MODEL, "*")
+    return {k.decode().rsplit(":", 1)[-1] for k in client.scan_iter(match=pattern, count=1000)}
+
+
+def dead_letters(settings: Settings, expected: int) -> list:
+    consumer = KafkaConsumer(
+        settings.topic_dlq, bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=5000,
+        group_id=None,
+    )
+    out = []
+    for record in consumer:
+        out.append(record)
+        if len(out) >= expected:
+            break
+    consumer.close()
+    return out
+
+
+class ThreadWorker:
+    """A real worker running in this process, on a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.metrics = Metrics()
+        self.worker = build_worker(settings, self.metrics)
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.code = self.worker.run()
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def stop(self) -> int | None:
+        self.worker.stop()
+        self.thread.join(60)
+        return self.code
+
+
+def test_events_flow_from_kafka_to_searchable_redis(stack, unique, model_root):
+    settings = make_settings(stack, unique, model_root, batch_max_items=16)
+    texts = [f"Sentence number {i} about {topic}." for i, topic in
+             enumerate(["rockets", "cooking", "football", "music"] * 30)]
+    texts.append("word " * 400)  # over the 256-token limit: truncated, still stored
+    worker = ThreadWorker(settings)
+    try:
+        with Producer(settings) as producer:
+            ids = [producer.send_text(t, metadata={"n": i, "lang": "en"}) for i, t in enumerate(texts)]
+            producer.send_raw(settings.topic_text, "bad-json", b"{oops")
+            producer.send_raw(settings.topic_text, "bad-utf8", b"\xff\xfe")
+            producer.send_raw(settings.topic_text, None, b'{"id": "no-text"}')
+            producer.send_raw(settings.topic_text, None, b'{"id": "empty", "text": ""}')
+            producer.send_raw(settings.topic_text, None,
+                              b'{"id": "unknown", "text": "x", "model": "nope"}')
+            producer.flush()
+        client = connect(settings)
+        assert wait_for(lambda: len(stored_ids(client, unique)) >= len(texts)
+                        and worker.value("embedstream_events_failed_total",
+                                         reason="unknown_model") == 1)
+        assert stored_ids(client, unique) == set(ids)
+
+        # Stored vectors are exactly the model's embeddings of the texts.
+        model = load_models(model_root, [MODEL], providers=[], threads=1)[MODEL]
+        for i in (0, 7, len(texts) - 1):
+            fields = client.hgetall(result_key(unique, MODEL, ids[i]))
+            vector = np.frombuffer(fields[b"embedding"], dtype="<f4")
+            assert vector.shape == (384,)
+            expected = model.embed_texts([texts[i]])[0]
+            assert float(vector @ expected) > 0.9999
+            assert fields[b"model"] == MODEL.encode() and fields[b"dim"] == b"384"
+            assert fields[b"modality"] == b"text" and fields[b"lang"] == b"en"
+            assert fields[b"n"] == str(i).encode()
+            assert float(fields[b"created_at"]) > time.time() - 600
+
+        # The index exists with the model's dimension, and KNN finds the right topic.
+        assert client.ft(index_name(unique, MODEL)).info()
+        hits = search_vector(client, unique, MODEL, model.embed_texts(["rocket launch"])[0], 3)
+        assert all("rockets" in h.fields["text"] for h in hits)
+        assert hits[0].score > hits[-1].score - 1e-6
+
+        # Bad events are in the dead-letter topic with their reasons; nothing else is.
+        letters = dead_letters(settings, 5)
+        reasons = {dict(r.headers)["embedstream.reason"].decode() for r in letters}
+        assert reasons == {"invalid_json", "invalid_utf8", "missing_text", "empty_text",
+                           "unknown_model"}
+        bad_json = next(r for r in letters if r.key == b"bad-json")
+        assert bad_json.value == b"{oops"
+        headers = dict(bad_json.headers)
+        assert headers["embedstream.source.topic"] == settings.topic_text.encode()
+        assert int(headers["embedstream.source.offset"]) >= 0
+
+        assert worker.value("embedstream_events_embedded_total", model=MODEL) == len(texts)
+        assert worker.value("embedstream_events_truncated_total", model=MODEL) == 1
+        assert worker.value("embedstream_batch_size_count", model=MODEL) >= len(texts) / 16
+    finally:
+        assert worker.stop() == 0
+
+    # Everything consumed was committed before the worker left the group.
+    ends = partition_ends(settings.kafka_bootstrap, settings.topic_text, 4)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                             group_id=settings.group_id, enable_auto_commit=False)
+    committed = {tp: consumer.committed(tp) or 0 for tp in ends}
+    consumer.close()
+    assert committed == ends
+    assert sum(ends.values()) == len(texts) + 5
+
+
+def partition_ends(bootstrap: str, topic: str, partitions: int) -> dict[TopicPartition, int]:
+    """One past the last offset of each partition, found by reading it.
+
+    (Tansu's ListOffsets(latest) answers a wrong end offset, so end_offsets()
+    cannot be used against the embedded broker; fetched records are right.)
+    """
+    parts = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             consumer_timeout_ms=3000)
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    ends = dict.fromkeys(parts, 0)
+    for record in consumer:
+        tp = TopicPartition(record.topic, record.partition)
+        ends[tp] = max(ends[tp], record.offset + 1)
+    consumer.close()
+    return ends
+
+
+def test_librdkafka_client_event_reaches_redis(stack, unique, model_root):
+    confluent_kafka = pytest.importorskip("confluent_kafka")
+    settings = make_settings(stack, unique, model_root)
+    worker = ThreadWorker(settings)
+    try:
+        producer = confluent_kafka.Producer({"bootstrap.servers": stack.bootstrap})
+        producer.produce(settings.topic_text, key=b"from-librdkafka",
+                         value=json.dumps({"text": "produced by librdkafka"}).encode())
+        assert producer.flush(15) == 0
+        client = connect(settings)
+        assert wait_for(lambda: "from-librdkafka" in stored_ids(client, unique))
+        text = client.hget(result_key(unique, MODEL, "from-librdkafka"), "text")
+        assert text == b"produced by librdkafka"
+    finally:
+        assert worker.stop() == 0
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "embedstream", *args], text=True,
+                            env={**os.environ, **(env or {})}, **kw)
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    return {
+        "EMBEDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "EMBEDSTREAM_REDIS_URL": settings.redis_url,
+        "EMBEDSTREAM_TOPIC_TEXT": settings.topic_text,
+        "EMBEDSTREAM_TOPIC_DLQ": settings.topic_dlq,
+        "EMBEDSTREAM_GROUP_ID": settings.group_id,
+        "EMBEDSTREAM_KEY_PREFIX": settings.key_prefix,
+        "EMBEDSTREAM_MODEL_DIR": str(settings.model_dir),
+        "EMBEDSTREAM_SESSION_TIMEOUT_MS": "6000",
+        "EMBEDSTREAM_HEARTBEAT_INTERVAL_MS": "1000",
+        "EMBEDSTREAM_INTRA_OP_THREADS": "1",
+    }
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def _sample(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_worker_processes_share_partitions_and_drain_on_sigterm(stack, unique, model_root,
+                                                                 tmp_path):
+    from embedstream.devstack import free_port
+
+    settings = make_settings(stack, unique, model_root)
+    port = free_port()
+    pool = _cli("worker", "--processes", "2", "--metrics-port", str(port),
+                "--metrics-host", "127.0.0.1", env=_env(settings))
+    try:
+        lines = tmp_path / "events.txt"
+        lines.write_text("".join(f"pool event {i}\n" for i in range(200))
+                         + '{"id": "jsonl-1", "text": "a JSONL envelope"}\n')
+        produce = subprocess.run(
+            [sys.executable, "-m", "embedstream", "produce", "text", str(lines), "--no-progress"],
+            env={**os.environ, **_env(settings)}, capture_output=True, text=True, timeout=120,
+        )
+        assert produce.returncode == 0, produce.stderr
+        assert "sent 201 events" in produce.stdout
+        client = connect(settings)
+        assert wait_for(lambda: len(stored_ids(client, unique)) == 201, timeout=120)
+        assert "jsonl-1" in stored_ids(client, unique)
+
+        # Both processes joined the group and each consumed a share.
+        consumed = [_sample(_scrape(port + i), "embedstream_events_consumed_total")
+                    for i in range(2)]
+        assert sum(consumed) == 201 and all(c > 0 for c in consumed), consumed
+        assert "embedstream_stage_seconds_bucket" in _scrape(port)
+
+        started = time.monotonic()
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(timeout=60) == 0
+        assert time.monotonic() - started < 40
+    finally:
+        if pool.poll() is None:
+            pool.kill()
+
+
+def test_search_command_prints_nearest(stack, unique, model_root):
+    settings = make_settings(stack, unique, model_root)
+    worker = ThreadWorker(settings)
+    try:
+        with Producer(settings) as producer:
+            producer.send_text("The cat sleeps on the warm windowsill.", id="cat")
+            producer.send_text("Interest rates rose again this quarter.", id="rates")
+            producer.flush()
+        client = connect(settings)
+        assert wait_for(lambda: stored_ids(client, unique) == {"cat", "rates"})
+    finally:
+        worker.stop()
+    result = subprocess.run(
+        [sys.executable, "-m", "embedstream", "search", "a kitten napping", "-k", "2", "--json"],
+        env={**os.environ, **_env(settings)}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)
+    assert [h["id"] for h in hits] == ["cat", "rates"]
+    assert hits[0]["score"] > hits[1]["score"]
+
+
+def test_worker_runtime_imports_neither_torch_nor_transformers(stack, unique, model_root):
+    settings = make_settings(stack, unique, model_root)
+    code = f"""
+import sys
+from embedstream.settings import Settings
+from embedstream.worker.service import build_worker
+import embedstream.cli, embedstream.commands
+settings = Settings.model_validate_json({settings.model_dump_json()!r})
+worker = build_worker(settings)
+worker.stop()
+worker.run()
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers',
+               'sentence_transformers'))
+print('HEAVY', heavy)
+sys.exit(1 if heavy else 0)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert "HEAVY []" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0
+
+
+def test_bad_configuration_fails_with_a_clear_message(stack, unique, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "embedstream", "worker", "--model-dir", str(tmp_path)],
+        env={**os.environ, "EMBEDSTREAM_KAFKA_BOOTSTRAP": stack.bootstrap},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "no models under" in result.stderr and "embedstream export" in result.stderr
