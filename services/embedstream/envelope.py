@@ -8,8 +8,10 @@ A record's value is a JSON envelope::
 Binary modalities use ``data`` (base64) or ``uri`` in place of ``text``.
 ``id`` falls back to the record key, then to ``<topic>:<partition>:<offset>``,
 which is stable across redeliveries, so replays overwrite rather than
-duplicate. Every way an event can be bad maps to one reason code in
-:data:`REASONS`; the worker sends such events to the dead-letter topic.
+duplicate. ``version`` (an integer, default the record timestamp) orders
+updates of one id: an older version never overwrites a newer one. Every way
+an event can be bad maps to one reason code in :data:`REASONS`; the worker
+sends such events to the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ REASONS = (
     "unknown_model",
     "payload_too_large",
     "model_error",
+    "text_too_long",
 )
 
 MAX_ID_LENGTH = 512
 # Hash fields the sink writes itself; metadata may not overwrite them.
 RESERVED_FIELDS = frozenset(
-    {"id", "text", "embedding", "model", "modality", "dim", "created_at", "event_ts", "source"}
+    {"id", "text", "embedding", "model", "modality", "dim", "created_at", "event_ts", "source",
+     "version"}
 )
 
 
@@ -66,6 +70,7 @@ class Event:
     record: RawRecord
     data_b64: str | None = None
     uri: str | None = None
+    version: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,6 +102,7 @@ def decode(record: RawRecord, modality: str, max_bytes: int = 1 << 20) -> Event:
     metadata = _metadata(body)
     data_b64 = _optional_str(body, "data")
     uri = _optional_str(body, "uri")
+    version = _version(body, record)
     text = body.get("text")
     if modality == "text":
         if text is None:
@@ -114,7 +120,22 @@ def decode(record: RawRecord, modality: str, max_bytes: int = 1 << 20) -> Event:
         record=record,
         data_b64=data_b64,
         uri=uri,
+        version=version,
     )
+
+
+def _version(body: dict[str, Any], record: RawRecord) -> int:
+    """The event's version: ``version`` if given, else the record's timestamp (ms).
+
+    The sink never overwrites a stored embedding with an older version, so a
+    replay of old records cannot undo newer ones.
+    """
+    raw = body.get("version")
+    if raw is None:
+        return max(0, record.timestamp_ms)
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 2**53:
+        raise EnvelopeError("invalid_field", "'version' must be an integer in [0, 2^53)")
+    return raw
 
 
 def _event_id(body: dict[str, Any], record: RawRecord) -> str:
@@ -174,9 +195,12 @@ def encode(
     metadata: dict[str, Any] | None = None,
     data_b64: str | None = None,
     uri: str | None = None,
+    version: int | None = None,
 ) -> bytes:
     """Serialise an envelope (the producer side of :func:`decode`)."""
     body: dict[str, Any] = {"id": event_id}
+    if version is not None:
+        body["version"] = version
     if text is not None:
         body["text"] = text
     if data_b64 is not None:

@@ -31,7 +31,22 @@ class Metrics:
             registry=reg,
         )
         self.embedded = Counter(
-            f"{PREFIX}_events_embedded", "Events embedded and stored.", ["model"], registry=reg
+            f"{PREFIX}_events_embedded",
+            "Events embedded and stored (new, or a newer version of their id).",
+            ["model"],
+            registry=reg,
+        )
+        self.duplicates = Counter(
+            f"{PREFIX}_events_duplicate",
+            "Redelivered events whose version was already stored (at-least-once replays).",
+            ["model"],
+            registry=reg,
+        )
+        self.stale = Counter(
+            f"{PREFIX}_events_stale",
+            "Events older than the stored version of their id; the newer one was kept.",
+            ["model"],
+            registry=reg,
         )
         self.failed = Counter(
             f"{PREFIX}_events_failed",

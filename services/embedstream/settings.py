@@ -2,15 +2,25 @@
 
 Every field reads from an environment variable ``EMBEDSTREAM_<FIELD>`` (for
 example ``EMBEDSTREAM_KAFKA_BOOTSTRAP``); command-line flags override the
-environment. Nothing in the package reads the environment anywhere else.
+environment. Secrets can also come from files: ``EMBEDSTREAM_<FIELD>_FILE``
+names a file whose content (trailing newline stripped) is the value, the
+convention of Docker and Kubernetes secrets. Nothing in the package reads the
+environment anywhere else.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 MODALITIES = ("text", "image", "audio")
 
@@ -54,13 +64,33 @@ class Settings(BaseSettings):
     auto_offset_reset: str = Field(
         "earliest", description="Where a new group starts: 'earliest' or 'latest'."
     )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How clients talk to the brokers."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism with SASL_PLAINTEXT / SASL_SSL."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user.")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password (or EMBEDSTREAM_KAFKA_SASL_PASSWORD_FILE). Never logged."
+    )
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle that signs the brokers.")
+    kafka_ssl_certfile: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client private key (mutual TLS).")
 
     # --- Redis -------------------------------------------------------------
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss:// for TLS)."
     )
+    redis_username: str | None = Field(
+        None, description="Redis ACL user; overrides one in the URL."
+    )
     redis_password: SecretStr | None = Field(
-        None, description="Redis password; overrides one in the URL. Never logged."
+        None, description="Redis password (or EMBEDSTREAM_REDIS_PASSWORD_FILE); overrides one "
+        "in the URL. Never logged."
+    )
+    redis_ssl_ca_file: Path | None = Field(
+        None, description="CA bundle for rediss:// URLs (default: the system's)."
     )
     key_prefix: str = Field(
         "embedstream", description="Prefix of result keys: <prefix>:<model>:<id>."
@@ -116,6 +146,24 @@ class Settings(BaseSettings):
         "More smooths bursts; each holds a batch in memory."
     )
 
+    # --- Limits ------------------------------------------------------------
+    max_payload_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest record value accepted; larger ones are "
+        "dead-lettered (payload_too_large)."
+    )
+    max_text_chars: int = Field(
+        100_000, ge=1, description="Longest text accepted before tokenizing (text_too_long); "
+        "bounds tokenizer time and memory."
+    )
+    text_overflow: Literal["truncate", "reject"] = Field(
+        "truncate", description="Text over the model's token limit: 'truncate' (stored and "
+        "counted) or 'reject' (dead-lettered as text_too_long)."
+    )
+    max_in_flight_bytes: int = Field(
+        64 << 20, ge=1 << 16, description="Payload bytes consumed but not yet stored before the "
+        "consumer pauses: bounds the worker's batch memory."
+    )
+
     # --- Service -----------------------------------------------------------
     processes: int = Field(
         1, ge=1, description="Worker processes on this host, all in one consumer group."
@@ -138,6 +186,18 @@ class Settings(BaseSettings):
             raise ValueError("auto_offset_reset must be 'earliest' or 'latest'")
         return value
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit values (CLI flags), then the env, then *_FILE secrets.
+        return (init_settings, env_settings, _SecretFiles(settings_cls), file_secret_settings)
+
     def topic_for(self, modality: str) -> str:
         """The input topic of a modality."""
         return {"text": self.topic_text, "image": self.topic_image, "audio": self.topic_audio}[
@@ -146,3 +206,26 @@ class Settings(BaseSettings):
 
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
+
+
+class _SecretFiles(PydanticBaseSettingsSource):
+    """``EMBEDSTREAM_<FIELD>_FILE`` -> the file's content, for secret fields."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if field.annotation not in (SecretStr, SecretStr | None):
+            return None, field_name, False
+        path = os.environ.get(f"EMBEDSTREAM_{field_name.upper()}_FILE")
+        if not path:
+            return None, field_name, False
+        try:
+            return Path(path).read_text(encoding="utf-8").rstrip("\r\n"), field_name, False
+        except OSError as err:
+            raise ValueError(f"cannot read EMBEDSTREAM_{field_name.upper()}_FILE: {err}") from err
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                values[key] = value
+        return values

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from embedstream.envelope import RawRecord
 from embedstream.errors import SinkError
 from embedstream.models.manifest import Manifest
-from embedstream.sinks.base import Embedded
+from embedstream.sinks.base import Embedded, WriteOutcome
 from embedstream.sources.base import RevokeCallback, TopicPartition
 
 
@@ -55,6 +55,9 @@ class MemorySource:
     def resume(self) -> None:
         self.paused = False
 
+    def connected(self) -> bool:
+        return True
+
     def lag(self) -> dict[TopicPartition, int]:
         return {}
 
@@ -75,13 +78,23 @@ class MemorySink:
     def prepare(self, models: list[Manifest]) -> None:
         self.prepared = list(models)
 
-    def write(self, results: list[Embedded]) -> None:
+    def write(self, results: list[Embedded]) -> WriteOutcome:
         if self.fail_next:
             self.fail_next -= 1
             raise SinkError("simulated outage")
         self.writes += 1
+        stored = duplicates = stale = 0
         for result in results:
-            self.stored[(result.model.name, result.event.id)] = result
+            key = (result.model.name, result.event.id)
+            current = self.stored.get(key)
+            if current is not None and current.event.version > result.event.version:
+                stale += 1
+            elif current is not None and current.event.version == result.event.version:
+                duplicates += 1
+            else:
+                self.stored[key] = result
+                stored += 1
+        return WriteOutcome(stored, duplicates, stale)
 
     def ping(self) -> bool:
         return not self.fail_next

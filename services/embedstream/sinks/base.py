@@ -3,8 +3,9 @@
 Contract: :meth:`Sink.write` stores a whole batch or raises
 :class:`~embedstream.errors.SinkError`; it never stores part of a batch and
 reports success. The worker commits offsets only after ``write`` returned,
-so a write is the decision to commit (at-least-once; writes are idempotent
-per event id and model, so a redelivered event overwrites its own key).
+so a write is the decision to commit. Delivery is at-least-once and writes
+are idempotent per (model, id, version): a redelivered event is recognised
+as a duplicate, and an older version never overwrites a newer one.
 """
 
 from __future__ import annotations
@@ -27,12 +28,21 @@ class Embedded:
     vector: np.ndarray
 
 
+@dataclass(frozen=True, slots=True)
+class WriteOutcome:
+    """What a write did with each result of a batch."""
+
+    stored: int = 0  # new, or a newer version than the one stored
+    duplicates: int = 0  # this version was already stored (a redelivery)
+    stale: int = 0  # a newer version is stored; left as it was
+
+
 class Sink(Protocol):
     def prepare(self, models: list[Manifest]) -> None:
         """Create per-model structures (vector indexes). Called once at start."""
         ...
 
-    def write(self, results: list[Embedded]) -> None: ...
+    def write(self, results: list[Embedded]) -> WriteOutcome: ...
 
     def ping(self) -> bool:
         """True when the store answers; used by readiness."""

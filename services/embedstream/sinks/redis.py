@@ -1,9 +1,9 @@
 """Redis sink: one HASH per embedding, one vector index per model.
 
 Key ``<prefix>:<model>:<id>`` holds ``embedding`` (float32 little-endian
-bytes), ``id``, ``model``, ``modality``, ``dim``, ``created_at`` (unix
-seconds), ``event_ts`` (the record's timestamp, ms), ``source``
-(topic:partition:offset), ``text`` (text events, unless ``store_text`` is off)
+bytes), ``version`` (writes never replace a newer version), ``id``,
+``model``, ``modality``, ``dim``, ``created_at`` (unix seconds), ``event_ts``
+(the record's timestamp, ms), ``source`` (topic:partition:offset), ``text`` (text events, unless ``store_text`` is off)
 and the event's metadata fields. Each batch is one
 pipelined round trip. Where the server has the search module (Redis 8,
 Redis Stack, Valkey + RediSearch) each model gets an HNSW/COSINE index over
@@ -23,9 +23,26 @@ from redis.commands.search.index_definition import IndexDefinition, IndexType
 from embedstream.errors import ConfigError, SinkError
 from embedstream.models.manifest import Manifest
 from embedstream.settings import Settings
-from embedstream.sinks.base import Embedded
+from embedstream.sinks.base import Embedded, WriteOutcome
 
 log = logging.getLogger(__name__)
+
+# Versioned, idempotent write of one result: KEYS[1] the key, ARGV[1] the
+# version, ARGV[2..] field/value pairs. Returns 1 stored, 2 duplicate (this
+# version is there already), 0 stale (a newer version is there). DEL first so
+# metadata fields of an older version do not linger.
+_WRITE_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'version')
+local version = tonumber(ARGV[1])
+if current then
+  local stored = tonumber(current)
+  if stored > version then return 0 end
+  if stored == version then return 2 end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'version', ARGV[1], unpack(ARGV, 2))
+return 1
+"""
 
 
 def result_key(prefix: str, model: str, event_id: str) -> str:
@@ -44,8 +61,12 @@ def connect(settings: Settings) -> redis.Redis:
         "health_check_interval": 30,
         "protocol": 2,
     }
+    if settings.redis_username is not None:
+        kwargs["username"] = settings.redis_username
     if settings.redis_password is not None:
         kwargs["password"] = settings.redis_password.get_secret_value()
+    if settings.redis_ssl_ca_file is not None:
+        kwargs["ssl_ca_certs"] = str(settings.redis_ssl_ca_file)
     return redis.Redis.from_url(settings.redis_url, **kwargs)
 
 
@@ -66,6 +87,7 @@ class RedisSink:
         self._prefix = settings.key_prefix
         self._create_index = settings.create_index
         self._store_text = settings.store_text
+        self._script = self._client.register_script(_WRITE_SCRIPT)
         self.search_enabled = False
 
     def prepare(self, models: list[Manifest]) -> None:
@@ -111,7 +133,7 @@ class RedisSink:
         )
         log.info("created vector index %s (%d-d, HNSW, cosine)", name, manifest.dimension)
 
-    def write(self, results: list[Embedded]) -> None:
+    def write(self, results: list[Embedded]) -> WriteOutcome:
         now = time.time()
         pipe = self._client.pipeline(transaction=False)
         for result in results:
@@ -130,14 +152,18 @@ class RedisSink:
             )
             if self._store_text and event.text is not None:
                 fields["text"] = event.text
-            pipe.hset(
-                result_key(self._prefix, result.model.name, event.id),
-                mapping=fields,  # type: ignore[arg-type]  # redis-py's stubs are too narrow
-            )
+            args: list[Any] = [event.version]
+            for name, value in fields.items():
+                args.extend((name, value))
+            key = result_key(self._prefix, result.model.name, event.id)
+            self._script(keys=[key], args=args, client=pipe)
         try:
-            pipe.execute()
+            codes = pipe.execute()
         except redis.RedisError as err:
             raise SinkError(f"Redis write of {len(results)} results failed: {err}") from err
+        return WriteOutcome(
+            stored=codes.count(1), duplicates=codes.count(2), stale=codes.count(0)
+        )
 
     def ping(self) -> bool:
         try:

@@ -32,6 +32,10 @@ class Source(Protocol):
 
     def resume(self) -> None: ...
 
+    def connected(self) -> bool:
+        """True when the broker is reachable (readiness)."""
+        ...
+
     def lag(self) -> dict[TopicPartition, int]:
         """Records behind the end, per assigned partition (best effort)."""
         ...

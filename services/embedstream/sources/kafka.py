@@ -9,6 +9,7 @@ that guarantee explicit and testable.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from kafka.structs import TopicPartition as KafkaTP
 
 from embedstream import __version__
 from embedstream.envelope import RawRecord
-from embedstream.errors import SourceError
+from embedstream.errors import ConfigError, SourceError
 from embedstream.settings import Settings
 from embedstream.sources.base import RevokeCallback, TopicPartition
 
@@ -29,11 +30,29 @@ log = logging.getLogger(__name__)
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
-    """Connection settings shared by every Kafka client embedstream creates."""
-    return {
+    """Connection and security settings shared by every Kafka client embedstream creates."""
+    config: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers(),
         "client_id": f"embedstream-{__version__}",
+        "security_protocol": settings.kafka_security_protocol,
     }
+    if settings.kafka_security_protocol.startswith("SASL"):
+        if not (settings.kafka_sasl_mechanism and settings.kafka_sasl_username
+                and settings.kafka_sasl_password):
+            raise ConfigError(
+                f"{settings.kafka_security_protocol} needs kafka_sasl_mechanism, "
+                "kafka_sasl_username and kafka_sasl_password"
+            )
+        config.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=settings.kafka_sasl_password.get_secret_value(),
+        )
+    for option in ("cafile", "certfile", "keyfile"):
+        path = getattr(settings, f"kafka_ssl_{option}")
+        if path is not None:
+            config[f"ssl_{option}"] = str(path)
+    return config
 
 
 def ensure_topics(settings: Settings, topics: list[str]) -> list[str]:
@@ -148,6 +167,10 @@ class KafkaSource:
             self._consumer.resume(*self._consumer.paused())
             self._paused = False
 
+    def connected(self) -> bool:
+        """True when the consumer reaches at least one broker."""
+        return bool(self._consumer.bootstrap_connected())
+
     def lag(self) -> dict[TopicPartition, int]:
         out = {}
         for tp in self._consumer.assignment():
@@ -201,7 +224,11 @@ class KafkaDeadLetters:
             self.topic, key=record.key, value=record.value or b"", headers=headers
         )
         future.add_callback(lambda _meta: on_done())
-        future.add_errback(on_error)
+        # Errbacks run on the producer's I/O thread: hand them to a thread of
+        # their own so a retrying caller never blocks the producer.
+        future.add_errback(
+            lambda err: threading.Thread(target=on_error, args=(err,), daemon=True).start()
+        )
 
     def flush(self, timeout_s: float) -> None:
         self._producer.flush(timeout=timeout_s)

@@ -42,7 +42,7 @@ from embedstream.metrics import Metrics
 from embedstream.runtime.loader import LoadedModel
 from embedstream.runtime.text import Tokenized
 from embedstream.settings import Settings
-from embedstream.sinks.base import Embedded, Sink
+from embedstream.sinks.base import Embedded, Sink, WriteOutcome
 from embedstream.sources.base import DeadLetters, Source, TopicPartition
 from embedstream.worker.offsets import OffsetTracker
 
@@ -111,11 +111,15 @@ class Worker:
         # Completed (topic, partition, offset) lists, for the polling thread.
         self._done: queue.SimpleQueue[list[tuple[str, int, int]]] = queue.SimpleQueue()
         self._tracker = OffsetTracker()
+        # Payload bytes per in-flight (topic, partition, offset): the memory budget.
+        self._in_flight_bytes = 0
+        self._sizes: dict[tuple[str, int, int], int] = {}
         self._stopping = threading.Event()
         self._abandon = threading.Event()
         self._failure: BaseException | None = None
         self._threads: list[threading.Thread] = []
         self.sink_ok = True
+        self.dlq_ok = True
         self.polling_ok = False
         # Built last: kafka-python may call on_revoked from inside poll only.
         self.source = source_factory(self._on_revoked)
@@ -133,9 +137,18 @@ class Worker:
         """Liveness: no stage has died."""
         return self._failure is None and all(t.is_alive() for t in self._threads)
 
+    def readiness(self) -> dict[str, bool]:
+        """Each readiness check: all must hold for the worker to be ready."""
+        return {
+            "models_loaded": bool(self.models),
+            "stages": self.healthy(),
+            "consumer": self.polling_ok and self.source.connected(),
+            "redis": self.sink_ok,
+            "dead_letters": self.dlq_ok,
+        }
+
     def ready(self) -> bool:
-        """Readiness: alive, polling, and the store answers."""
-        return self.healthy() and self.polling_ok and self.sink_ok
+        return all(self.readiness().values())
 
     # ------------------------------------------------------------ polling thread
     def run(self) -> int:
@@ -150,6 +163,9 @@ class Worker:
                 if records:
                     for r in records:
                         self._tracker.add((r.topic, r.partition), r.offset)
+                        size = len(r.value or b"")
+                        self._sizes[(r.topic, r.partition, r.offset)] = size
+                        self._in_flight_bytes += size
                     self.metrics.in_flight.set(self._tracker.in_flight())
                     self._records.put(records)
                 if time.monotonic() - last_lag > _LAG_INTERVAL_S:
@@ -169,6 +185,7 @@ class Worker:
                 break
             for topic, partition, offset in done:
                 self._tracker.done((topic, partition), offset)
+                self._in_flight_bytes -= self._sizes.pop((topic, partition, offset), 0)
         self._commit(self._tracker.committable())
         self.metrics.in_flight.set(self._tracker.in_flight())
 
@@ -182,7 +199,10 @@ class Worker:
         self.metrics.stage_seconds.labels("commit").observe(time.perf_counter() - started)
 
     def _apply_backpressure(self) -> None:
-        if self._tracker.in_flight() >= self._max_in_flight:
+        if (
+            self._tracker.in_flight() >= self._max_in_flight
+            or self._in_flight_bytes >= self.settings.max_in_flight_bytes
+        ):
             self.source.pause()
         else:
             self.source.resume()
@@ -208,6 +228,8 @@ class Worker:
         self._settle()
         self._commit(self._tracker.committable(revoked))
         self._tracker.forget(revoked)
+        for position in [p for p in self._sizes if (p[0], p[1]) in revoked]:
+            self._in_flight_bytes -= self._sizes.pop(position)
         for topic, partition in revoked:
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(topic, str(partition))
@@ -294,7 +316,15 @@ class Worker:
         for record in records:
             self.metrics.consumed.labels(record.topic).inc()
             try:
-                event = decode(record, self.modality_of[record.topic])
+                event = decode(
+                    record, self.modality_of[record.topic], self.settings.max_payload_bytes
+                )
+                if event.text is not None and len(event.text) > self.settings.max_text_chars:
+                    raise EnvelopeError(
+                        "text_too_long",
+                        f"text has {len(event.text)} characters, limit "
+                        f"{self.settings.max_text_chars}",
+                    )
                 name = event.model or self.default_model.get(event.modality)
                 if name is None or name not in self.models:
                     raise EnvelopeError(
@@ -313,10 +343,18 @@ class Worker:
             model = self.models[name]
             assert model.text is not None  # only text models in this pipeline so far
             tokens = model.text.tokenize([e.text or "" for e in events])
-            truncated = sum(t.truncated for t in tokens)
-            if truncated:
-                self.metrics.truncated.labels(name).inc(truncated)
-            out[name] = [(Item(e, t), t.length) for e, t in zip(events, tokens, strict=True)]
+            items: list[tuple[Item, int]] = []
+            for event, tok in zip(events, tokens, strict=True):
+                if tok.truncated and self.settings.text_overflow == "reject":
+                    self._dead_letter(
+                        event.record, "text_too_long",
+                        f"text is over the {model.text.max_length}-token limit of {name}",
+                    )
+                    continue
+                if tok.truncated:
+                    self.metrics.truncated.labels(name).inc()
+                items.append((Item(event, tok), tok.length))
+            out[name] = items
         self.metrics.stage_seconds.labels("tokenize").observe(time.perf_counter() - started)
         return out
 
@@ -371,11 +409,16 @@ class Worker:
                 Embedded(item.event, result.model.manifest, vector)
                 for item, vector in zip(result.items, result.vectors, strict=True)
             ]
-            if not self._write(embedded):
+            outcome = self._write(embedded)
+            if outcome is None:
                 return  # abandoned while Redis was away: nothing of it is committed
             now_ms = time.time() * 1000
             name = result.model.name
-            self.metrics.embedded.labels(name).inc(len(embedded))
+            self.metrics.embedded.labels(name).inc(outcome.stored)
+            if outcome.duplicates:
+                self.metrics.duplicates.labels(name).inc(outcome.duplicates)
+            if outcome.stale:
+                self.metrics.stale.labels(name).inc(outcome.stale)
             e2e = self.metrics.end_to_end_seconds.labels(name)
             for item in result.items:
                 e2e.observe(max(0.0, now_ms - item.event.record.timestamp_ms) / 1000)
@@ -384,13 +427,13 @@ class Worker:
                  for i in result.items]
             )
 
-    def _write(self, embedded: list[Embedded]) -> bool:
-        """Write with bounded exponential backoff until it succeeds or the worker abandons."""
+    def _write(self, embedded: list[Embedded]) -> WriteOutcome | None:
+        """Write with bounded exponential backoff until it succeeds (None: abandoned)."""
         delay = 0.1
         while not self._abandon.is_set():
             started = time.perf_counter()
             try:
-                self.sink.write(embedded)
+                outcome = self.sink.write(embedded)
             except SinkError as err:
                 self.sink_ok = False
                 self.metrics.sink_retries.inc()
@@ -400,24 +443,34 @@ class Worker:
                 continue
             self.sink_ok = True
             self.metrics.stage_seconds.labels("sink").observe(time.perf_counter() - started)
-            return True
-        return False
+            return outcome
+        return None
 
     def _dead_letter(self, record: RawRecord, reason: str, detail: str) -> None:
         position = (record.topic, record.partition, record.offset)
 
         def on_done() -> None:
+            self.dlq_ok = True
             self.metrics.failed.labels(reason).inc()
             self._done.put([position])
 
         def on_error(err: Exception) -> None:
-            # Not committed, so it is redelivered after the restart this forces.
-            log.error("dead letter for %s could not be written: %s", position, err)
-            self._failure = err
-            self._stopping.set()
+            # The event stays uncommitted (in flight) until its dead letter is
+            # written: retry with bounded backoff, the broker may be back soon.
+            self.dlq_ok = False
+            delay = min(_SINK_BACKOFF_MAX_S, 0.5 * 2 ** min(attempt[0], 4))
+            attempt[0] += 1
+            log.warning("dead letter for %s not written (%s); retrying in %.1fs",
+                        position, err, delay)
+            if not self._abandon.wait(delay):
+                send()
 
+        def send() -> None:
+            self.dead_letters.send(record, reason, detail, on_done, on_error)
+
+        attempt = [0]
         log.info("rejecting %s:%d@%d: %s (%s)", *position, reason, detail)
-        self.dead_letters.send(record, reason, detail, on_done, on_error)
+        send()
 
 
 def _modalities(models: dict[str, LoadedModel]) -> set[str]:

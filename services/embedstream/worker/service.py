@@ -72,12 +72,7 @@ def run_worker(settings: Settings) -> int:
             settings.metrics_port,
             metrics.registry,
             healthy=worker.healthy,
-            ready=lambda: {
-                "models_loaded": bool(worker.models),
-                "consumer": worker.polling_ok,
-                "redis": worker.sink_ok,
-                "stages": worker.healthy(),
-            },
+            ready=worker.readiness,
         )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
