@@ -3,8 +3,8 @@
 Key ``<prefix>:<model>:<id>`` holds ``embedding`` (float32 little-endian
 bytes), ``version`` (writes never replace a newer version), ``id``,
 ``model``, ``modality``, ``dim``, ``created_at`` (unix seconds), ``event_ts``
-(the record's timestamp, ms), ``source`` (topic:partition:offset), ``text`` (text events, unless ``store_text`` is off)
-and the event's metadata fields. Each batch is one
+(the record's timestamp, ms), ``source`` (topic:partition:offset), ``text``
+(text events, unless ``store_text`` is off) and the event's metadata fields. Each batch is one
 pipelined round trip. Where the server has the search module (Redis 8,
 Redis Stack, Valkey + RediSearch) each model gets an HNSW/COSINE index over
 its prefix; without it, vectors are still stored.
