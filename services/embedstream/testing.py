@@ -49,6 +49,9 @@ class MemorySource:
             self.committed[tp] = offset
         return True
 
+    def commit_nowait(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commit(offsets)
+
     def pause(self) -> None:
         self.paused = True
 

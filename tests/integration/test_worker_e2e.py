@@ -21,6 +21,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
 
+from embedstream.envelope import encode
 from embedstream.metrics import Metrics
 from embedstream.producer import Producer
 from embedstream.runtime.loader import load_models
@@ -323,3 +324,26 @@ def test_bad_configuration_fails_with_a_clear_message(stack, unique, tmp_path):
     )
     assert result.returncode == 2
     assert "no models under" in result.stderr and "embedstream export" in result.stderr
+
+
+def test_an_older_version_never_overwrites_a_newer_one(stack, unique, model_root):
+    settings = make_settings(stack, unique, model_root)
+    worker = ThreadWorker(settings)
+    try:
+        client = connect(settings)
+        key = result_key(unique, MODEL, "doc")
+        with Producer(settings) as producer:
+            producer.send_raw(settings.topic_text, "doc", encode("doc", text="second", version=2))
+            producer.flush()
+            assert wait_for(lambda: client.hget(key, "text") == b"second")
+            # A replay of version 1 (older) arrives later: it must not win.
+            producer.send_raw(settings.topic_text, "doc", encode("doc", text="first", version=1))
+            producer.send_raw(settings.topic_text, "doc", encode("doc", text="second", version=2))
+            producer.send_raw(settings.topic_text, "doc", encode("doc", text="third", version=3))
+            producer.flush()
+        assert wait_for(lambda: worker.value("embedstream_events_stale_total", model=MODEL) == 1
+                    and worker.value("embedstream_events_duplicate_total", model=MODEL) == 1
+                    and client.hget(key, "text") == b"third")
+        assert client.hget(key, "version") == b"3"
+    finally:
+        assert worker.stop() == 0

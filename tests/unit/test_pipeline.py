@@ -155,20 +155,20 @@ def test_shutdown_abandons_unstored_work_uncommitted(model):
     assert source.committed == {} and sink.stored == {}
 
 
-def test_revoked_partitions_are_drained_and_committed(model):
+def test_a_revoke_commits_what_is_finished_and_forgets_the_rest(model):
     records = text_records(["w1", "w2", "w3"], partition=0) + text_records(["w4"], partition=1)
     worker, source, sink, _ = make_worker(model, records)
     t0, t1 = ("embedstream.text", 0), ("embedstream.text", 1)
 
-    def revoke_after_first_poll() -> bool:
-        if worker._tracker.in_flight() or source.committed:
-            source.revoke_next = {t0}
+    def revoke_when_t0_done() -> bool:
+        if len(sink.stored) == 4 and not source.revoke_next:
+            source.revoke_next = {t0}  # the next poll revokes it
             return True
         return False
 
-    run_until(worker, lambda: revoke_after_first_poll() and source.committed.get(t1) == 1)
-    assert source.committed.get(t0) == 3
-    assert len(sink.stored) == 4
+    run_until(worker, lambda: revoke_when_t0_done() and source.committed.get(t1) == 1)
+    assert source.committed.get(t0) == 3  # finished before the revoke: committed in it
+    assert t0 not in worker._tracker.committable()  # and forgotten afterwards
 
 
 def test_a_dead_stage_stops_the_worker_with_an_error(model):

@@ -17,8 +17,10 @@ import time
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.commands.search.field import NumericField, TagField, VectorField
 from redis.commands.search.index_definition import IndexDefinition, IndexType
+from redis.retry import Retry
 
 from embedstream.errors import ConfigError, SinkError
 from embedstream.models.manifest import Manifest
@@ -53,14 +55,19 @@ def index_name(prefix: str, model: str) -> str:
     return f"{prefix}:idx:{model}"
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A client for ``settings.redis_url``; the password field overrides the URL's."""
+def connect(settings: Settings, *, quick: bool = False) -> redis.Redis:
+    """A client for ``settings.redis_url``; the password field overrides the URL's.
+
+    ``quick``: one-second timeouts and no retries, for health checks.
+    """
     kwargs: dict[str, Any] = {
-        "socket_timeout": 10.0,
-        "socket_connect_timeout": 5.0,
+        "socket_timeout": 1.0 if quick else 10.0,
+        "socket_connect_timeout": 1.0 if quick else 5.0,
         "health_check_interval": 30,
         "protocol": 2,
     }
+    if quick:
+        kwargs["retry"] = Retry(NoBackoff(), 0)
     if settings.redis_username is not None:
         kwargs["username"] = settings.redis_username
     if settings.redis_password is not None:
@@ -88,6 +95,10 @@ class RedisSink:
         self._create_index = settings.create_index
         self._store_text = settings.store_text
         self._script = self._client.register_script(_WRITE_SCRIPT)
+        # A separate client for health checks: short timeouts, no retries, so a
+        # readiness probe answers at once while Redis is away.
+        self._health = connect(settings, quick=True) if client is None else client
+        self._last_ping: tuple[float, bool] = (-1.0, True)
         self.search_enabled = False
 
     def prepare(self, models: list[Manifest]) -> None:
@@ -166,13 +177,19 @@ class RedisSink:
         )
 
     def ping(self) -> bool:
-        try:
-            return bool(self._client.ping())
-        except redis.RedisError:
-            return False
+        """A quick, cached liveness check (one round trip a second at most)."""
+        now = time.monotonic()
+        if now - self._last_ping[0] >= 1.0:
+            try:
+                ok = bool(self._health.ping())
+            except redis.RedisError:
+                ok = False
+            self._last_ping = (now, ok)
+        return self._last_ping[1]
 
     def close(self) -> None:
         self._client.close()
+        self._health.close()
 
 
 def _index_dimension(info: dict[Any, Any]) -> int | None:

@@ -26,6 +26,10 @@ class Source(Protocol):
         """Commit; False when the group rejected it (rebalance): events are redelivered."""
         ...
 
+    def commit_nowait(self, offsets: dict[TopicPartition, int]) -> None:
+        """Send a commit without waiting for it (safe inside ``on_revoked``)."""
+        ...
+
     def pause(self) -> None:
         """Stop fetching (keep polling for group membership); backpressure."""
         ...

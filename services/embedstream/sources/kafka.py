@@ -103,7 +103,12 @@ class _Listener(ConsumerRebalanceListener):
 
 
 class KafkaSource:
-    """A consumer-group member. See :class:`~embedstream.sources.base.Source`."""
+    """A consumer-group member. See :class:`~embedstream.sources.base.Source`.
+
+    kafka-python (3.x) runs rebalance listeners on its I/O thread, where
+    blocking consumer calls are refused: ``on_revoked`` may only use
+    :meth:`commit_nowait`.
+    """
 
     def __init__(self, settings: Settings, topics: list[str], on_revoked: RevokeCallback) -> None:
         try:
@@ -143,10 +148,7 @@ class KafkaSource:
     def commit(self, offsets: dict[TopicPartition, int]) -> bool:
         if not offsets:
             return True
-        payload = {
-            KafkaTP(topic, partition): OffsetAndMetadata(offset, "", -1)
-            for (topic, partition), offset in offsets.items()
-        }
+        payload = _offsets(offsets)
         try:
             self._consumer.commit(offsets=payload)
         except CommitFailedError as err:
@@ -156,6 +158,10 @@ class KafkaSource:
             log.warning("commit failed; will retry with the next commit: %s", err)
             return False
         return True
+
+    def commit_nowait(self, offsets: dict[TopicPartition, int]) -> None:
+        if offsets:
+            self._consumer.commit_async(offsets=_offsets(offsets))
 
     def pause(self) -> None:
         if not self._paused:
@@ -187,6 +193,13 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def _offsets(offsets: dict[TopicPartition, int]) -> dict[KafkaTP, OffsetAndMetadata]:
+    return {
+        KafkaTP(topic, partition): OffsetAndMetadata(offset, "", -1)
+        for (topic, partition), offset in offsets.items()
+    }
 
 
 class KafkaDeadLetters:

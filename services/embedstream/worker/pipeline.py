@@ -24,7 +24,6 @@ waiting for a dead thread.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -143,7 +142,7 @@ class Worker:
             "models_loaded": bool(self.models),
             "stages": self.healthy(),
             "consumer": self.polling_ok and self.source.connected(),
-            "redis": self.sink_ok,
+            "redis": self.sink_ok and self.sink.ping(),
             "dead_letters": self.dlq_ok,
         }
 
@@ -178,6 +177,11 @@ class Worker:
 
     def _settle(self) -> None:
         """Apply completions and commit the contiguous prefix per partition."""
+        self._apply_done()
+        self._commit(self._tracker.committable())
+        self.metrics.in_flight.set(self._tracker.in_flight())
+
+    def _apply_done(self) -> None:
         while True:
             try:
                 done = self._done.get_nowait()
@@ -186,8 +190,6 @@ class Worker:
             for topic, partition, offset in done:
                 self._tracker.done((topic, partition), offset)
                 self._in_flight_bytes -= self._sizes.pop((topic, partition, offset), 0)
-        self._commit(self._tracker.committable())
-        self.metrics.in_flight.set(self._tracker.in_flight())
 
     def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         if not offsets:
@@ -213,26 +215,21 @@ class Worker:
             self.metrics.consumer_lag.labels(topic, str(partition)).set(lag)
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Before partitions move: let their in-flight events finish, then commit.
+        """Before partitions move: commit what is finished, forget the rest.
 
-        Runs inside ``poll`` on the polling thread. Waits at most
-        ``shutdown_timeout_s``; what is unfinished by then is left uncommitted
-        and redelivered to the new owner (writes are idempotent).
+        Runs on the Kafka client's I/O thread while the polling thread waits
+        inside ``poll``, so it must not block: it applies the completions so
+        far and sends their commit without waiting. Events still in flight
+        are redelivered to the new owner; those already stored by then are
+        recognised there as duplicates (same version).
         """
-        deadline = time.monotonic() + self.settings.shutdown_timeout_s
-        while self._tracker.in_flight(revoked) and time.monotonic() < deadline:
-            if self._failure is not None:
-                break
-            self._settle()
-            time.sleep(0.01)
-        self._settle()
-        self._commit(self._tracker.committable(revoked))
+        self._apply_done()
+        self.source.commit_nowait(self._tracker.committable(revoked))
         self._tracker.forget(revoked)
         for position in [p for p in self._sizes if (p[0], p[1]) in revoked]:
             self._in_flight_bytes -= self._sizes.pop(position)
         for topic, partition in revoked:
-            with contextlib.suppress(KeyError):
-                self.metrics.consumer_lag.remove(topic, str(partition))
+            self.metrics.consumer_lag.labels(topic, str(partition)).set(0)
 
     def _shutdown(self) -> int:
         """Drain within ``shutdown_timeout_s``, commit what is stored, leave the group."""

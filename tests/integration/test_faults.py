@@ -1,0 +1,304 @@
+"""Fault injection: kill workers, stop Redis, rebalance, feed poison; lose and duplicate nothing.
+
+One run, real processes: 20,000 text events (6% poison of every kind the
+text pipeline rejects) go through a pool of worker processes while the test
+SIGKILLs a worker mid-batch twice (restarting it each time), stops Redis for a
+few seconds, and adds a worker to force a rebalance. At the end Redis must
+hold exactly the good events with correct embeddings, the dead-letter topic
+exactly the poison ones with their reasons, and the workers' metrics
+(aggregated over every process, killed ones included, through
+prometheus_client's multiprocess files) must agree with both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from kafka import KafkaConsumer
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from embedstream.devstack import free_port, redis_binary, search_module_path
+from embedstream.envelope import encode
+from embedstream.producer import Producer
+from embedstream.runtime.loader import load_models
+from embedstream.settings import Settings
+from embedstream.sinks.redis import result_key
+
+MODEL = "all-minilm-l6-v2"
+TOTAL = 20_000
+POISON_PER_KIND = 134  # x 9 kinds = 1,206 = 6% of TOTAL
+MAX_PAYLOAD = 4096
+MAX_CHARS = 1500
+
+
+def poison(kind: str, key: str) -> bytes:
+    """A record value that the worker must reject with reason ``kind``."""
+    return {
+        "invalid_utf8": b"\xff\xfe\xfa not utf-8",
+        "invalid_json": b'{"id": "x", "text": "unterminated',
+        "not_an_object": b'["a", "list"]',
+        "invalid_field": json.dumps({"id": "has space", "text": "x"}).encode(),
+        "missing_text": json.dumps({"id": key}).encode(),
+        "empty_text": json.dumps({"id": key, "text": "   "}).encode(),
+        "unknown_model": encode(key, text="some text", model="no-such-model"),
+        "payload_too_large": encode(key, text="x" * (MAX_PAYLOAD + 10)),
+        "text_too_long": encode(key, text="word " * (MAX_CHARS // 5 + 10)),
+    }[kind]
+
+
+KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "invalid_field", "missing_text",
+         "empty_text", "unknown_model", "payload_too_large", "text_too_long")
+
+
+class RedisServer:
+    """A Redis (Valkey + search) with an append-only file, so a restart keeps the data."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        argv = [str(redis_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.directory), "--appendonly", "yes", "--save", ""]
+        module = search_module_path()
+        if module is not None:
+            argv += ["--loadmodule", str(module)]
+        log = (self.directory / "redis.log").open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
+        client = redis.Redis(port=self.port)
+        assert wait_for(lambda: _pings(client), 15), "Redis did not start"
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(15)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def wait_for(condition, timeout: float, interval: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+class Pool:
+    """Worker processes of one group, each on its own metrics port."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+
+    def start(self, name: str) -> None:
+        port = free_port()
+        log = (self.log_dir / f"{name}-{len(self.procs)}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "embedstream", "worker", "--metrics-port", str(port),
+             "--metrics-host", "127.0.0.1"],
+            env={**os.environ, **self.env}, stdout=log, stderr=log,
+        )
+        self.procs[name] = (proc, port)
+
+    def status(self, name: str, path: str) -> int:
+        _, port = self.procs[name]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+        except OSError:
+            return 0
+
+    def in_flight(self, name: str) -> float:
+        _, port = self.procs[name]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                for line in resp.read().decode().splitlines():
+                    if line.startswith("embedstream_events_in_flight "):
+                        return float(line.split()[1])
+        except OSError:
+            pass
+        return 0.0
+
+    def kill_mid_batch(self, name: str) -> None:
+        """SIGKILL while the worker holds uncommitted events, then start a new one."""
+        assert wait_for(lambda: self.in_flight(name) > 0, 30, 0.02), f"{name} never busy"
+        proc, _ = self.procs[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        self.start(name)
+
+    def stop_all(self) -> list[int | None]:
+        for proc, _ in self.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        return [proc.wait(60) for proc, _ in self.procs.values()]
+
+
+@pytest.mark.timeout(600)
+def test_kills_outage_rebalance_and_poison_lose_and_duplicate_nothing(
+    stack, unique, model_root, tmp_path
+):
+    server = RedisServer(tmp_path)
+    server.start()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    settings = Settings(
+        kafka_bootstrap=stack.bootstrap, redis_url=server.url, topic_text=f"{unique}.text",
+        topic_dlq=f"{unique}.dlq", group_id=f"{unique}-g", key_prefix=unique,
+        model_dir=model_root, topic_partitions=4,
+    )
+    env = {
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "EMBEDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "EMBEDSTREAM_REDIS_URL": settings.redis_url,
+        "EMBEDSTREAM_TOPIC_TEXT": settings.topic_text,
+        "EMBEDSTREAM_TOPIC_DLQ": settings.topic_dlq,
+        "EMBEDSTREAM_GROUP_ID": settings.group_id,
+        "EMBEDSTREAM_KEY_PREFIX": unique,
+        "EMBEDSTREAM_MODEL_DIR": str(model_root),
+        "EMBEDSTREAM_SESSION_TIMEOUT_MS": "6000",
+        "EMBEDSTREAM_HEARTBEAT_INTERVAL_MS": "1000",
+        "EMBEDSTREAM_INTRA_OP_THREADS": "1",
+        "EMBEDSTREAM_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD),
+        "EMBEDSTREAM_MAX_TEXT_CHARS": str(MAX_CHARS),
+        "EMBEDSTREAM_BATCH_MAX_ITEMS": "64",
+        "EMBEDSTREAM_SHUTDOWN_TIMEOUT_S": "20",
+        "EMBEDSTREAM_LOG_LEVEL": "WARNING",
+    }
+    pool = Pool(env, tmp_path)
+    pool.start("a")
+    pool.start("b")
+    client = redis.Redis(port=server.port)
+
+    # 20,000 events, poison shuffled in among the good ones.
+    topics = ["rockets", "bread", "goals", "jazz", "storms", "bonds", "trains", "vaccines"]
+    good = {f"ev-{i}": f"Event {i}: news about {topics[i % 8]} number {i * 7919 % 10007}."
+            for i in range(TOTAL - POISON_PER_KIND * len(KINDS))}
+    bad = {f"poison-{kind}-{j}": kind for kind in KINDS for j in range(POISON_PER_KIND)}
+    order = list(good) + list(bad)
+    random.Random(4).shuffle(order)
+    with Producer(settings) as producer:
+        for key in order:
+            if key in good:
+                producer.send_raw(settings.topic_text, key, encode(key, text=good[key]))
+            else:
+                producer.send_raw(settings.topic_text, key, poison(bad[key], key))
+        producer.flush()
+    assert producer.failed == 0
+
+    def stored() -> int:
+        try:
+            return int(client.dbsize())
+        except redis.RedisError:
+            return -1
+
+    started = time.monotonic()
+    kills = outages = 0
+    assert wait_for(lambda: stored() >= 2000, 180)
+    pool.kill_mid_batch("a")
+    kills += 1
+
+    assert wait_for(lambda: stored() >= 6000, 180)
+    server.stop()
+    outages += 1
+    time.sleep(2)
+    # Workers notice: not ready while Redis is away, and they keep running.
+    assert wait_for(lambda: pool.status("b", "/readyz") == 503, 20)
+    assert pool.status("b", "/healthz") == 200
+    time.sleep(3)
+    server.start()
+
+    assert wait_for(lambda: stored() >= 9000, 180)
+    pool.start("c")  # a third member: the group rebalances
+
+    assert wait_for(lambda: stored() >= 12000, 180)
+    pool.kill_mid_batch("b")
+    kills += 1
+
+    dlq_keys: Counter[str] = Counter()
+    dlq_reasons: dict[str, str] = {}
+    consumer = KafkaConsumer(settings.topic_dlq, bootstrap_servers=stack.bootstrap,
+                             auto_offset_reset="earliest", enable_auto_commit=False,
+                             group_id=None)
+
+    def drain_dlq() -> bool:
+        for records in consumer.poll(timeout_ms=200).values():
+            for record in records:
+                key = record.key.decode()
+                dlq_keys[key] += 1
+                dlq_reasons[key] = dict(record.headers)["embedstream.reason"].decode()
+        return stored() == len(good) and len(dlq_keys) == len(bad)
+
+    assert wait_for(drain_dlq, 240, 0.0), (stored(), len(good), len(dlq_keys), len(bad))
+    elapsed = time.monotonic() - started
+    assert pool.stop_all() == [0, 0, 0]
+    drain_dlq()
+    consumer.close()
+
+    # Redis holds exactly the good events, each with its own correct embedding.
+    keys = {k.decode().rsplit(":", 1)[-1] for k in client.scan_iter(f"{unique}:*", count=5000)}
+    assert keys == set(good)
+    model = load_models(model_root, [MODEL], providers=[], threads=1)[MODEL]
+    sample = random.Random(1).sample(sorted(good), 200)
+    expected = model.embed_texts([good[k] for k in sample])
+    for key, want in zip(sample, expected, strict=True):
+        fields = client.hgetall(result_key(unique, MODEL, key))
+        assert fields[b"text"].decode() == good[key]
+        got = np.frombuffer(fields[b"embedding"], dtype="<f4")
+        assert float(got @ want) > 0.9999
+
+    # The dead-letter topic holds exactly the poison, each with the right reason.
+    assert set(dlq_keys) == set(bad)
+    assert {k: dlq_reasons[k] for k in bad} == bad
+    redelivered_letters = sum(dlq_keys.values()) - len(bad)
+
+    # Metrics, summed over every worker process that ever ran, agree with both.
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+
+    def metric(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    assert metric("embedstream_events_embedded_total", model=MODEL) == len(good)
+    for kind in KINDS:
+        letters = sum(n for k, n in dlq_keys.items() if bad[k] == kind)
+        assert metric("embedstream_events_failed_total", reason=kind) == letters, kind
+    duplicates = metric("embedstream_events_duplicate_total", model=MODEL)
+    assert metric("embedstream_events_stale_total", model=MODEL) == 0
+    assert metric("embedstream_events_consumed_total", topic=settings.topic_text) >= TOTAL
+    print(
+        f"\nfault suite: {TOTAL} events ({len(bad)} poison, {len(KINDS)} kinds), "
+        f"{kills} SIGKILLs, {outages} Redis outage, 1 rebalance by a joining worker; "
+        f"{len(keys)} stored = good, {len(dlq_keys)} distinct dead letters = poison; "
+        f"redelivered and recognised as duplicates: {duplicates:.0f} embeddings, "
+        f"{redelivered_letters} dead letters; {elapsed:.0f}s"
+    )
+    server.stop()
