@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +51,6 @@ def redrive_dead_letters(
         group_id=f"{settings.group_id}-redrive",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        consumer_timeout_ms=_IDLE_MS,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
     )
@@ -57,7 +58,7 @@ def redrive_dead_letters(
     report = ReplayReport()
     positions: dict[TopicPartition, int] = {}
     try:
-        for record in consumer:
+        for record in _read_until_idle(consumer):
             headers = dict(record.headers or ())
             reason = headers.get("embedstream.reason", b"").decode()
             source = headers.get("embedstream.source.topic", b"").decode()
@@ -93,9 +94,11 @@ def reembed_range(
     start: int = 0,
     end: int | None = None,
 ) -> ReplayReport:
-    """Re-publish records ``start <= offset < end`` of ``topic`` for ``model``."""
-    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False,
-                             consumer_timeout_ms=_IDLE_MS)
+    """Re-publish records ``start <= offset < end`` of ``topic`` for ``model``.
+
+    ``end`` defaults to the end of each partition as the replay begins.
+    """
+    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False)
     available = consumer.partitions_for_topic(topic)
     if not available:
         consumer.close()
@@ -106,9 +109,13 @@ def reembed_range(
         consumer.seek(tp, start)
     producer = _producer(settings)
     report = ReplayReport()
+    started_ms = int(time.time() * 1000)
     try:
-        for record in consumer:
-            if end is not None and record.offset >= end:
+        for record in _read_until_idle(consumer):
+            # The range is what the topic held when the replay began: records
+            # stamped later (our own re-published ones among them) are past it.
+            past_range = record.timestamp >= started_ms
+            if past_range or (end is not None and record.offset >= end):
                 consumer.pause(TopicPartition(record.topic, record.partition))
                 if set(consumer.paused()) == set(parts):
                     break
@@ -124,6 +131,23 @@ def reembed_range(
         consumer.close()
         producer.close()
     return report
+
+
+def _read_until_idle(consumer: KafkaConsumer, join_timeout_s: float = 60) -> Iterator[Any]:
+    """Records until the consumer has partitions and nothing new came for a while."""
+    started = time.monotonic()
+    idle_since: float | None = None
+    while True:
+        records = [r for batch in consumer.poll(timeout_ms=200).values() for r in batch]
+        if records:
+            idle_since = None
+            yield from records
+        elif consumer.assignment():
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since > _IDLE_MS / 1000:
+                return
+        elif time.monotonic() - started > join_timeout_s:
+            raise SourceError(f"no partitions assigned within {join_timeout_s:.0f}s")
 
 
 def _retarget(record: Any, model: str) -> bytes | None:
