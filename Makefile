@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit integration clean
+.PHONY: venv tools demo test lint typecheck unit integration clean
 
 venv: $(STAMP)
 
@@ -15,6 +15,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,devstack,dev]'
 	touch $(STAMP)
+
+# System tools the deployment tests use: promtool and the Prometheus server (Debian's
+# `prometheus` package). Installed only when missing, and only as root (CI is root);
+# otherwise say what to run. A no-op when they are there.
+tools:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus package (promtool, prometheus)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "promtool/prometheus missing: run 'sudo apt-get install prometheus'" >&2; exit 1; \
+	  fi; }
 
 demo: venv
 	$(PY) -m embedstream demo
@@ -28,7 +41,7 @@ typecheck: venv
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
 
-test: lint typecheck
+test: lint typecheck tools
 	$(VENV)/bin/pytest -q --durations=10
 
 clean:

@@ -1,0 +1,164 @@
+"""The compose file validates against the compose specification's schema, and the
+Dockerfiles pass structural checks (hadolint is not packaged here): pinned bases, no torch
+in the runtime, non-root users, health checks, exec-form entrypoints, pinned installs."""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from deploy_manifests import ROOT
+
+DEPLOY = ROOT / "deploy"
+DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]
+
+
+def compose_schema() -> dict:
+    text = resources.files("check_jsonschema.builtin_schemas.vendor").joinpath(
+        "compose-spec.json").read_text()
+    return json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def test_compose_file_validates_against_the_compose_spec(compose):
+    jsonschema.validate(compose, compose_schema())
+    broken = {**compose, "services": {"x": {"image": "a", "restart": "sometimes", "bogus": 1}}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, compose_schema())
+
+
+def test_compose_stack_has_every_component(compose):
+    services = compose["services"]
+    assert {"kafka", "redis", "worker", "gateway", "producer", "prometheus", "grafana"} <= set(services)
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
+    assert re.match(r"redis:8\.", services["redis"]["image"])
+    for name, svc in services.items():
+        image = svc["image"]
+        assert ":" in image and not image.endswith(":latest"), name
+    worker = services["worker"]
+    drain = float(worker["environment"]["EMBEDSTREAM_SHUTDOWN_TIMEOUT_S"])
+    assert int(worker["stop_grace_period"].rstrip("s")) > drain
+    assert worker["environment"]["EMBEDSTREAM_PROCESSES"] == "1"
+    assert worker["deploy"]["replicas"] >= 2
+    for name in ("worker", "gateway", "producer"):
+        svc = services[name]
+        assert svc["read_only"] is True and svc["user"] == "10001:10001", name
+        assert svc["cap_drop"] == ["ALL"], name
+        assert svc["environment"]["EMBEDSTREAM_KAFKA_BOOTSTRAP"] == "kafka:9092"
+    assert services["gateway"]["command"][:1] == ["gateway"]
+    # Files the stack mounts exist.
+    for name in ("prometheus", "grafana", "producer"):
+        for volume in services[name].get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), volume
+
+
+def instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        pending += (" " if pending else "") + line.rstrip("\\").strip()
+        if not line.endswith("\\"):
+            keyword, _, args = pending.partition(" ")
+            out.append((keyword.upper(), args))
+            pending = ""
+    assert not pending, f"{path}: dangling continuation"
+    return out
+
+
+def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
+    result: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for keyword, args in instructions(path):
+        if keyword == "FROM":
+            current = args.split(" AS ")[-1].strip() if " AS " in args else args
+            result[current] = []
+        elif current is not None:
+            result[current].append((keyword, args))
+    return result
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_structure(path: Path):
+    ins = instructions(path)
+    known = {"ARG", "FROM", "WORKDIR", "COPY", "RUN", "ENV", "USER", "EXPOSE", "HEALTHCHECK",
+             "ENTRYPOINT", "CMD", "LABEL"}
+    assert {k for k, _ in ins} <= known
+    # Base images are pinned to a version tag (ARG defaults), never latest.
+    args = dict(re.match(r"(\w+)=(.*)", a).groups() for k, a in ins if k == "ARG" and "=" in a)
+    for keyword, value in ins:
+        if keyword != "FROM":
+            continue
+        image = value.split()[0]
+        image = args.get(image.strip("${}"), image)
+        known_stage = image in stages(path)
+        assert known_stage or re.search(r":[\w.-]*\d[\w.-]*$", image), image
+        assert not image.endswith(":latest")
+    for keyword, value in ins:
+        if keyword == "RUN" and "pip install" in value:
+            assert "--no-cache-dir" in value
+        if keyword == "RUN" and "apt-get install" in value:
+            assert "--no-install-recommends" in value and "rm -rf /var/lib/apt/lists" in value
+        if keyword == "WORKDIR":
+            assert value.startswith("/")
+        if keyword == "ADD":
+            pytest.fail("use COPY")
+        if keyword == "COPY" and "--from" not in value:
+            for source in value.split()[:-1]:
+                assert (ROOT / source).exists(), source
+        if keyword in ("ENTRYPOINT", "CMD"):
+            json.loads(value)  # exec form: the process is PID 1 and gets SIGTERM
+
+
+@pytest.mark.parametrize("path,stage", [(DEPLOY / "Dockerfile", "runtime"),
+                                        (DEPLOY / "Dockerfile", "runtime-baked"),
+                                        (DEPLOY / "Dockerfile.gpu", "runtime-gpu")])
+def test_runtime_images_are_non_root_healthchecked_and_torch_free(path: Path, stage: str):
+    all_stages = stages(path)
+    chain = [stage]
+    if stage == "runtime-baked":
+        chain.insert(0, "runtime")
+    body = [i for s in chain for i in all_stages[s]]
+    users = [v for k, v in body if k == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    assert any(k == "HEALTHCHECK" and "/healthz" in v for k, v in body)
+    runs = " ".join(v for k, v in body if k == "RUN")
+    assert "[export]" not in runs and "torch" not in runs
+    assert "-c /tmp/constraints.txt" in runs  # every Python package pinned
+    env = " ".join(v for k, v in body if k == "ENV")
+    assert "EMBEDSTREAM_PROCESSES=1" in env and "EMBEDSTREAM_MODEL_DIR=/models" in env
+    if stage == "runtime-gpu":
+        assert "pip uninstall -y onnxruntime" in runs and "onnxruntime-gpu==" in runs
+
+
+def test_exporter_and_models_stages_produce_model_directories():
+    all_stages = stages(DEPLOY / "Dockerfile")
+    exporter = " ".join(v for k, v in all_stages["exporter"] if k == "RUN")
+    assert "[export]" in exporter and "embedstream export" in exporter
+    assert ("COPY", "--from=exporter --chown=10001:10001 /models /models") in all_stages["models"]
+    assert ("COPY", "--from=exporter --chown=10001:10001 /models /models") in all_stages[
+        "runtime-baked"]
+
+
+def test_dockerignore_keeps_the_context_small_but_complete():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "models"} <= set(ignored)
+    assert not {"services", "pyproject.toml", "constraints.txt", "README.md"} & set(ignored)
