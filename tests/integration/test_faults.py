@@ -7,7 +7,8 @@ few seconds, and adds a worker to force a rebalance. At the end Redis must
 hold exactly the good events with correct embeddings, the dead-letter topic
 exactly the poison ones with their reasons, and the workers' metrics
 (aggregated over every process, killed ones included, through
-prometheus_client's multiprocess files) must agree with both.
+prometheus_client's multiprocess files) must agree with both, up to the one
+batch a SIGKILL can catch between Redis's acknowledgement and the count.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ TOTAL = 20_000
 POISON_PER_KIND = 134  # x 9 kinds = 1,206 = 6% of TOTAL
 MAX_PAYLOAD = 4096
 MAX_CHARS = 1500
+BATCH = 64
 
 
 def poison(kind: str, key: str) -> bytes:
@@ -189,7 +191,7 @@ def test_kills_outage_rebalance_and_poison_lose_and_duplicate_nothing(
         "EMBEDSTREAM_INTRA_OP_THREADS": "1",
         "EMBEDSTREAM_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD),
         "EMBEDSTREAM_MAX_TEXT_CHARS": str(MAX_CHARS),
-        "EMBEDSTREAM_BATCH_MAX_ITEMS": "64",
+        "EMBEDSTREAM_BATCH_MAX_ITEMS": str(BATCH),
         "EMBEDSTREAM_SHUTDOWN_TIMEOUT_S": "20",
         "EMBEDSTREAM_LOG_LEVEL": "WARNING",
     }
@@ -287,17 +289,28 @@ def test_kills_outage_rebalance_and_poison_lose_and_duplicate_nothing(
     def metric(name: str, **labels: str) -> float:
         return registry.get_sample_value(name, labels) or 0.0
 
-    assert metric("embedstream_events_embedded_total", model=MODEL) == len(good)
+    # A SIGKILL between Redis acknowledging a batch and the process counting it loses
+    # that batch's increments (the redelivery then counts as duplicates): counters are
+    # exact up to one batch per kill, never over.
+    slack = kills * BATCH
+    embedded = metric("embedstream_events_embedded_total", model=MODEL)
+    duplicates = metric("embedstream_events_duplicate_total", model=MODEL)
+    assert len(good) - slack <= embedded <= len(good)
+    assert embedded + duplicates >= len(good)
+    failed_total = 0.0
     for kind in KINDS:
         letters = sum(n for k, n in dlq_keys.items() if bad[k] == kind)
-        assert metric("embedstream_events_failed_total", reason=kind) == letters, kind
-    duplicates = metric("embedstream_events_duplicate_total", model=MODEL)
+        counted = metric("embedstream_events_failed_total", reason=kind)
+        assert letters - slack <= counted <= letters, kind
+        failed_total += counted
+    assert sum(dlq_keys.values()) - slack <= failed_total <= sum(dlq_keys.values())
     assert metric("embedstream_events_stale_total", model=MODEL) == 0
     assert metric("embedstream_events_consumed_total", topic=settings.topic_text) >= TOTAL
     print(
         f"\nfault suite: {TOTAL} events ({len(bad)} poison, {len(KINDS)} kinds), "
         f"{kills} SIGKILLs, {outages} Redis outage, 1 rebalance by a joining worker; "
         f"{len(keys)} stored = good, {len(dlq_keys)} distinct dead letters = poison; "
+        f"metrics: {embedded:.0f} embedded, {failed_total:.0f} dead-lettered; "
         f"redelivered and recognised as duplicates: {duplicates:.0f} embeddings, "
         f"{redelivered_letters} dead letters; {elapsed:.0f}s"
     )
