@@ -2,7 +2,8 @@
 
 Manifest: ``modality`` ``text``, ``extra["kind"]`` ``wordvec``;
 ``tokenizer_files[0]`` is ``vocab.txt``, one word per line, the line number
-being the word's row in the graph's embedding table. ``extra`` also holds::
+being the word's row in the graph's embedding table; a line ``word<TAB>row``
+names the row itself (spaCy tables share one row among many words). ``extra`` also holds::
 
     lowercase       lowercase before lookup (GloVe, spaCy-style vocabularies)
     token_pattern   the regex that splits a text into words
@@ -72,8 +73,12 @@ class WordVectorPreprocessor:
         extra = manifest.extra
         if not manifest.tokenizer_files:
             raise ConfigError(f"word-vector model {manifest.name} names no vocabulary file")
-        words = (model_dir / manifest.tokenizer_files[0]).read_text(encoding="utf-8").split("\n")
-        self.vocab = {word: row for row, word in enumerate(words) if word}
+        lines = (model_dir / manifest.tokenizer_files[0]).read_text(encoding="utf-8").split("\n")
+        self.vocab: dict[str, int] = {}
+        for number, line in enumerate(lines):
+            word, tab, row = line.partition("\t")
+            if word:
+                self.vocab[word] = int(row) if tab else number
         self.lowercase = bool(extra.get("lowercase", False))
         self.pattern = re.compile(str(extra.get("token_pattern", DEFAULT_TOKEN_PATTERN)))
         self.max_entries = manifest.max_length or 4096
