@@ -9,7 +9,8 @@ inputs; front ends are chosen by ``extra["frontend"]`` through
 
 ``aisfx_blocks``
     The aiSFX sound-effects CNN's input: peak-normalised audio, power
-    mel spectrogram (HTK mel, L1-normalised filters), ``log10(1e4 * S + 1)``,
+    mel spectrogram (HTK mel, L1-normalised filters, reflect-padded centred
+    frames as librosa 0.9 computes them), ``log10(1e4 * S + 1)``,
     min/max scaled, cut into blocks of ``block_frames`` frames every
     ``block_hop`` frames. Inputs ``features`` ``[batch, blocks, frames,
     n_mels]`` and ``block_mask`` ``[batch, blocks]``; the graph embeds each
@@ -143,9 +144,12 @@ def mel_filters(
 
 
 def power_spectrogram(wave: np.ndarray, n_fft: int, hop: int, win: int | None = None) -> np.ndarray:
-    """``[frames, n_fft // 2 + 1]`` |STFT|^2, centred frames, zero padding, periodic Hann."""
+    """``[frames, n_fft // 2 + 1]`` |STFT|^2: centred frames with reflect padding (as librosa
+    0.9, which aiSFX was trained with, and Whisper use), periodic Hann window."""
     win = win or n_fft
-    padded = np.pad(wave.astype(np.float32), (n_fft // 2, n_fft // 2))
+    half = n_fft // 2
+    mode = "reflect" if wave.shape[0] > half else "constant"
+    padded = np.pad(wave.astype(np.float32), (half, half), mode=mode)
     if padded.shape[0] < n_fft:
         padded = np.pad(padded, (0, n_fft - padded.shape[0]))
     frames = 1 + (padded.shape[0] - n_fft) // hop
