@@ -56,6 +56,9 @@ def decode_audio(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
     """
     if not data:
         raise EnvelopeError("audio_empty", "the audio is empty (0 bytes)")
+    missing = _wav_missing_bytes(data)
+    if missing:
+        raise EnvelopeError("invalid_audio", f"truncated WAV: {missing} bytes of samples missing")
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate, frames = int(f.samplerate), int(f.frames)
@@ -82,6 +85,19 @@ def decode_audio(data: bytes, max_seconds: float) -> tuple[np.ndarray, int]:
     if not np.isfinite(mono).all():
         raise EnvelopeError("invalid_audio", "the audio holds NaN or infinite samples")
     return mono.astype(np.float32), rate
+
+
+def _wav_missing_bytes(data: bytes) -> int:
+    """Bytes a RIFF/WAVE file's data chunk declares but lacks (libsndfile reads short files silently)."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return 0
+    at = data.find(b"data", 12)
+    if at < 0 or at + 8 > len(data):
+        return 0
+    declared = int.from_bytes(data[at + 4 : at + 8], "little")
+    if declared in (0, 0xFFFFFFFF):  # streaming writers leave the size open
+        return 0
+    return max(0, declared - (len(data) - at - 8))
 
 
 def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
