@@ -164,8 +164,10 @@ def power_spectrogram(wave: np.ndarray, n_fft: int, hop: int, win: int | None = 
     0.9, which aiSFX was trained with, and Whisper use), periodic Hann window."""
     win = win or n_fft
     half = n_fft // 2
-    mode = "reflect" if wave.shape[0] > half else "constant"
-    padded = np.pad(wave.astype(np.float32), (half, half), mode=mode)
+    if wave.shape[0] > half:
+        padded = np.pad(wave.astype(np.float32), (half, half), mode="reflect")
+    else:  # too short to reflect
+        padded = np.pad(wave.astype(np.float32), (half, half))
     if padded.shape[0] < n_fft:
         padded = np.pad(padded, (0, n_fft - padded.shape[0]))
     frames = 1 + (padded.shape[0] - n_fft) // hop
