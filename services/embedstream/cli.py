@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--pooling", choices=["mean", "cls", "max"], help="override pooling")
     export.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
     export.add_argument("--max-length", type=int, help="override the token limit")
+    export.add_argument("--token-mode", action="store_true",
+                        help="text: also output per-token contextual vectors (stored beside the "
+                        "pooled one as token_embeddings)")
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
 

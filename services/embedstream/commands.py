@@ -126,6 +126,7 @@ def export_model(settings: Settings, args: argparse.Namespace) -> int:
         max_length=args.max_length,
         opset=args.opset,
         overwrite=args.overwrite,
+        token_mode=bool(getattr(args, "token_mode", False)),
     )
     print(f"exported {checkpoint} -> {directory}")
     return 0

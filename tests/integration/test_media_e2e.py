@@ -247,3 +247,39 @@ def test_every_family_and_payload_form_end_to_end(stack, unique, media_model_roo
     cat_ids = {file_event_id(media_files / "photos" / "cat.jpg"), "raw-chelsea"}
     assert {h["id"] for h in hits[:2]} == cat_ids
     assert min(h["score"] for h in hits[:2]) > 0.999 > hits[2]["score"]
+
+
+def test_token_mode_stores_contextual_token_vectors(stack, unique, tmp_path):
+    """A text model exported in token mode stores per-token vectors beside the pooled one,
+    equal to sentence-transformers' token embeddings."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedstream.export import default_text_checkpoint, export_text_model
+
+    root = tmp_path / "models"
+    export_text_model(default_text_checkpoint(), root, "minilm-tokens", token_mode=True)
+    settings = make_settings(stack, unique, root, tmp_path, default_text_model="minilm-tokens")
+    texts = {"short": "A cat naps.", "long": "Streaming embeddings keep the search index fresh."}
+    worker = ThreadWorker(settings)
+    try:
+        with Producer(settings) as p:
+            for key, text in texts.items():
+                p.send_text(text, id=key)
+            p.flush()
+        client = connect(settings)
+        assert wait_for(lambda: worker.total("embedstream_events_embedded_total") >= 2)
+    finally:
+        assert worker.stop() == 0
+    reference = SentenceTransformer(str(default_text_checkpoint()), device="cpu")
+    for key, text in texts.items():
+        fields = client.hgetall(result_key(unique, "minilm-tokens", key))
+        count = int(fields[b"token_count"])
+        tokens = np.frombuffer(fields[b"token_embeddings"], "<f4").reshape(count, 384)
+        expected = reference.encode(text, output_value="token_embeddings", convert_to_numpy=True)
+        expected = np.asarray(expected)
+        assert tokens.shape == expected.shape
+        cosines = np.sum(tokens * expected, 1) / (np.linalg.norm(tokens, axis=1)
+                                                   * np.linalg.norm(expected, axis=1))
+        print(f"\nPARITY text token mode {key}: min token cosine {cosines.min():.7f}")
+        assert cosines.min() >= 0.9999
+        assert np.frombuffer(fields[b"embedding"], "<f4").shape == (384,)

@@ -18,6 +18,8 @@ from embedstream.runtime.registry import get_backend_factory
 
 log = logging.getLogger(__name__)
 
+TOKEN_OUTPUT = "token_embeddings"
+
 
 @dataclass
 class LoadedModel:
@@ -43,9 +45,25 @@ class LoadedModel:
     def modality(self) -> str:
         return self.manifest.modality
 
+    @property
+    def token_mode(self) -> bool:
+        """True when the graph also outputs per-token vectors (``token_embeddings``)."""
+        return TOKEN_OUTPUT in self.manifest.outputs
+
     def embed_prepared(self, items: Sequence[Prepared]) -> np.ndarray:
         """``[len(items), dimension]`` for items this model's preprocessor prepared."""
         return self.backend.embed(self.preprocessor.pack(items))
+
+    def embed_prepared_tokens(
+        self, items: Sequence[Prepared]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Pooled vectors and, per item, its ``[tokens, dimension]`` contextual token vectors
+        (padding removed). Only for token-mode models."""
+        if not self.token_mode:
+            raise ModelError(f"model {self.name} was not exported in token mode")
+        pooled, tokens = self.backend.run(self.preprocessor.pack(items),
+                                          [self.manifest.outputs[0], TOKEN_OUTPUT])
+        return pooled, [tokens[row, : item.cost] for row, item in enumerate(items)]
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Embed texts in one batch (for queries and tools, not the hot path)."""

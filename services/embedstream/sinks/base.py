@@ -25,6 +25,8 @@ class Embedded:
     event: Event
     model: Manifest
     vector: np.ndarray
+    tokens: np.ndarray | None = None
+    """Token-mode models: ``[tokens, dimension]`` contextual token vectors."""
 
 
 class Sink(Protocol):

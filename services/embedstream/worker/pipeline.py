@@ -76,6 +76,7 @@ class ResultBatch:
     model: LoadedModel
     items: list[Item]
     vectors: np.ndarray
+    tokens: list[np.ndarray] | None = None
 
 
 class Worker:
@@ -381,30 +382,43 @@ class Worker:
                 self._put(self._results, _STOP)
                 return
             started = time.perf_counter()
-            items, vectors = self._embed(work)
+            result = self._embed(work)
             self.metrics.stage_seconds.labels("inference").observe(time.perf_counter() - started)
             self.metrics.batch_size.labels(work.model.name).observe(len(work.items))
             self.metrics.batch_tokens.labels(work.model.name).observe(work.padded_tokens)
-            if items:
-                self._put(self._results, ResultBatch(work.model, items, vectors))
+            if result.items:
+                self._put(self._results, result)
 
-    def _embed(self, work: WorkBatch) -> tuple[list[Item], np.ndarray]:
+    def _run_model(
+        self, model: LoadedModel, items: list[Item]
+    ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        prepared = [i.prepared for i in items]
+        if model.token_mode:
+            return model.embed_prepared_tokens(prepared)
+        return model.embed_prepared(prepared), None
+
+    def _embed(self, work: WorkBatch) -> ResultBatch:
         """Embed a batch; on failure retry one by one and dead-letter the failures."""
         model = work.model
         try:
-            return work.items, model.embed_prepared([i.prepared for i in work.items])
+            return ResultBatch(model, work.items, *self._run_model(model, work.items))
         except ModelError as err:
             log.warning("batch of %d failed (%s); retrying items one by one", len(work.items), err)
         good: list[Item] = []
         vectors: list[np.ndarray] = []
+        tokens: list[np.ndarray] = []
         for item in work.items:
             try:
-                vectors.append(model.embed_prepared([item.prepared])[0])
-                good.append(item)
+                pooled, item_tokens = self._run_model(model, [item])
             except ModelError as err:
                 self._dead_letter(item.event.record, "model_error", str(err))
+                continue
+            vectors.append(pooled[0])
+            tokens.extend(item_tokens or [])
+            good.append(item)
         dim = model.manifest.dimension
-        return good, (np.stack(vectors) if vectors else np.zeros((0, dim), np.float32))
+        stacked = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
+        return ResultBatch(model, good, stacked, tokens if model.token_mode else None)
 
     def _sink_stage(self) -> None:
         while not self._abandon.is_set():
@@ -414,9 +428,14 @@ class Worker:
                 continue
             if result is _STOP:
                 return
+            tokens: list[np.ndarray | None] = (
+                list(result.tokens) if result.tokens is not None else [None] * len(result.items)
+            )
             embedded = [
-                Embedded(item.event, result.model.manifest, vector)
-                for item, vector in zip(result.items, result.vectors, strict=True)
+                Embedded(item.event, result.model.manifest, vector, item_tokens)
+                for item, vector, item_tokens in zip(
+                    result.items, result.vectors, tokens, strict=True
+                )
             ]
             if not self._write(embedded):
                 return  # abandoned while Redis was away: nothing of it is committed
