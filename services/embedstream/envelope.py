@@ -35,7 +35,26 @@ REASONS = (
     "payload_too_large",
     "model_error",
     "text_too_long",
+    # binary payloads (image and audio events)
+    "missing_data",
+    "invalid_base64",
+    "uri_forbidden",
+    "uri_unreachable",
+    "unsupported_format",
+    "invalid_image",
+    "image_too_large",
+    "invalid_audio",
+    "audio_empty",
+    "audio_too_long",
 )
+
+# The raw-bytes form: the record value is the file itself and these headers
+# carry what the JSON envelope would. A record is in this form when its
+# ``content-type`` header is present and is not JSON.
+HEADER_CONTENT_TYPE = "content-type"
+HEADER_ID = "embedstream.id"
+HEADER_MODEL = "embedstream.model"
+HEADER_METADATA = "embedstream.metadata"
 
 MAX_ID_LENGTH = 512
 # Hash fields the sink writes itself; metadata may not overwrite them.
@@ -72,6 +91,9 @@ class Event:
     uri: str | None = None
     version: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    raw: bytes | None = None
+    """The file's bytes, for a record in the raw-bytes form."""
+    content_type: str | None = None
 
 
 def stable_id(record: RawRecord) -> str:
@@ -80,8 +102,15 @@ def stable_id(record: RawRecord) -> str:
 
 
 def decode(record: RawRecord, modality: str, max_bytes: int = 1 << 20) -> Event:
-    """Parse and validate a record of ``modality``. Raises :class:`EnvelopeError`."""
+    """Parse and validate a record of ``modality``. Raises :class:`EnvelopeError`.
+
+    Text events are JSON envelopes. Image and audio events are JSON envelopes
+    with ``data`` (base64) or ``uri``, or records in the raw-bytes form
+    (see :data:`HEADER_CONTENT_TYPE`).
+    """
     value = record.value or b""
+    if modality != "text" and _is_raw(record):
+        return _decode_raw(record, modality, max_bytes)
     if len(value) > max_bytes:
         raise EnvelopeError(
             "payload_too_large", f"value is {len(value)} bytes, limit {max_bytes}"
@@ -111,6 +140,11 @@ def decode(record: RawRecord, modality: str, max_bytes: int = 1 << 20) -> Event:
             raise EnvelopeError("invalid_field", f"'text' is a {type(text).__name__}, not a string")
         if not text.strip():
             raise EnvelopeError("empty_text", "'text' is empty")
+    else:
+        if data_b64 is None and uri is None:
+            raise EnvelopeError("missing_data", f"an {modality} event needs 'data' or 'uri'")
+        if data_b64 is not None and uri is not None:
+            raise EnvelopeError("invalid_field", "give 'data' or 'uri', not both")
     return Event(
         id=event_id,
         modality=modality,
@@ -136,6 +170,56 @@ def _version(body: dict[str, Any], record: RawRecord) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 2**53:
         raise EnvelopeError("invalid_field", "'version' must be an integer in [0, 2^53)")
     return raw
+def header(record: RawRecord, name: str) -> bytes | None:
+    """The last value of header ``name`` (case-insensitive), or None."""
+    found = None
+    for key, value in record.headers:
+        if key.lower() == name:
+            found = value
+    return found
+
+
+def _is_raw(record: RawRecord) -> bool:
+    content_type = header(record, HEADER_CONTENT_TYPE)
+    return content_type is not None and not content_type.lower().startswith(b"application/json")
+
+
+def _decode_raw(record: RawRecord, modality: str, max_bytes: int) -> Event:
+    """A raw-bytes record: the value is the file; id, model, metadata come from headers."""
+    value = record.value or b""
+    if len(value) > max_bytes:
+        raise EnvelopeError("payload_too_large", f"value is {len(value)} bytes, limit {max_bytes}")
+    if not value:
+        raise EnvelopeError("missing_data", "the raw-bytes record has an empty value")
+    try:
+        fields = {
+            name: raw.decode("utf-8")
+            for name, raw in (
+                ("id", header(record, HEADER_ID)),
+                ("model", header(record, HEADER_MODEL)),
+                ("metadata", header(record, HEADER_METADATA)),
+                ("content_type", header(record, HEADER_CONTENT_TYPE)),
+            )
+            if raw is not None
+        }
+        metadata = json.loads(fields["metadata"]) if "metadata" in fields else None
+    except UnicodeDecodeError as err:
+        raise EnvelopeError("invalid_utf8", f"a header is not UTF-8: {err}") from err
+    except json.JSONDecodeError as err:
+        raise EnvelopeError("invalid_json", f"{HEADER_METADATA} is not JSON: {err.msg}") from err
+    body: dict[str, Any] = {"id": fields.get("id"), "model": fields.get("model"),
+                            "metadata": metadata}
+    return Event(
+        id=_event_id(body, record),
+        modality=modality,
+        model=_optional_str(body, "model"),
+        text=None,
+        metadata=_metadata(body),
+        record=record,
+        raw=value,
+        content_type=fields.get("content_type"),
+        version=_version({}, record),
+    )
 
 
 def _event_id(body: dict[str, Any], record: RawRecord) -> str:

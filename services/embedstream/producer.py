@@ -6,12 +6,16 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from pathlib import Path
+from typing import IO, Any, Literal
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
@@ -30,7 +34,7 @@ class Producer:
     def __init__(self, settings: Settings, *, create_topics: bool = True) -> None:
         self.settings = settings
         if create_topics:
-            ensure_topics(settings, [settings.topic_text])
+            ensure_topics(settings, [settings.topic_for(m) for m in ("text", "image", "audio")])
         try:
             self._producer = KafkaProducer(
                 **client_config(settings), acks="all", linger_ms=5, retries=10
@@ -59,9 +63,53 @@ class Producer:
         self.send_raw(self.settings.topic_text, event_id, value)
         return event_id
 
-    def send_raw(self, topic: str, key: str | None, value: bytes) -> None:
+    def send_file(
+        self,
+        modality: Literal["image", "audio"],
+        *,
+        data: bytes | None = None,
+        uri: str | None = None,
+        form: Literal["inline", "raw"] = "inline",
+        content_type: str = "application/octet-stream",
+        id: str | None = None,
+        model: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
+        """Queue one image or audio event; return its id.
+
+        ``data`` travels inline (``form="inline"``: base64 in the JSON
+        envelope; ``form="raw"``: the record value is the file, id, model and
+        metadata in headers); ``uri`` sends a claim check instead.
+        """
+        event_id = id or uuid.uuid4().hex
+        topic = self.settings.topic_for(modality)
+        if uri is not None:
+            self.send_raw(topic, event_id, envelope.encode(event_id, uri=uri, model=model,
+                                                          metadata=metadata))
+        elif data is None:
+            raise ValueError("send_file needs data or uri")
+        elif form == "raw":
+            headers = [(envelope.HEADER_CONTENT_TYPE, content_type.encode()),
+                       (envelope.HEADER_ID, event_id.encode())]
+            if model:
+                headers.append((envelope.HEADER_MODEL, model.encode()))
+            if metadata:
+                headers.append((envelope.HEADER_METADATA, json.dumps(metadata).encode()))
+            self.send_raw(topic, event_id, data, headers)
+        else:
+            encoded = base64.b64encode(data).decode("ascii")
+            self.send_raw(topic, event_id, envelope.encode(
+                event_id, data_b64=encoded, model=model, metadata=metadata))
+        return event_id
+
+    def send_raw(
+        self, topic: str, key: str | None, value: bytes,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         """Queue an already-encoded record (the escape hatch for any envelope)."""
-        future = self._producer.send(topic, key=key.encode() if key else None, value=value)
+        future = self._producer.send(
+            topic, key=key.encode() if key else None, value=value, headers=headers or None
+        )
         future.add_errback(self._on_error)
 
     def _on_error(self, err: Exception) -> None:
@@ -122,3 +170,66 @@ def produce_lines(producer: Producer, lines: Iterable[TextLine], progress: Any =
             progress.update(1)
     producer.flush()
     return sent
+
+
+# File suffixes the produce command picks up in directories, per modality.
+FILE_SUFFIXES = {
+    "image": {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png",
+              ".webp": "image/webp", ".gif": "image/gif"},
+    "audio": {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg",
+              ".oga": "audio/ogg", ".opus": "audio/ogg", ".mp3": "audio/mpeg"},
+}
+
+
+def find_files(paths: Iterable[str | Path], modality: str) -> list[Path]:
+    """Files named, and files of the modality's suffixes under directories named (recursive)."""
+    suffixes = FILE_SUFFIXES[modality]
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*")
+                                if p.is_file() and p.suffix.lower() in suffixes))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return found
+
+
+def file_event_id(path: Path) -> str:
+    """A stable id for a file: its name, made plain, and a hash of its absolute path."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)[:48] or "file"
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    return f"{stem}-{digest}"
+
+
+def produce_files(
+    producer: Producer,
+    modality: Literal["image", "audio"],
+    files: Iterable[Path],
+    *,
+    form: Literal["inline", "raw", "uri"] = "inline",
+    model: str | None = None,
+    progress: Any = None,
+) -> list[str]:
+    """Send one event per file; return their ids. ``form="uri"`` sends file:// claim checks."""
+    ids = []
+    for path in files:
+        metadata = {"path": str(path)}
+        event_id = file_event_id(path)
+        if form == "uri":
+            producer.send_file(modality, uri=path.resolve().as_uri(), id=event_id, model=model,
+                               metadata=metadata)
+        else:
+            producer.send_file(
+                modality, data=path.read_bytes(), form=form, id=event_id, model=model,
+                metadata=metadata,
+                content_type=FILE_SUFFIXES[modality].get(path.suffix.lower(),
+                                                         "application/octet-stream"),
+            )
+        ids.append(event_id)
+        if progress is not None:
+            progress.update(1)
+    producer.flush()
+    return ids

@@ -17,7 +17,7 @@ from embedstream.errors import SinkError
 from embedstream.sinks.redis import has_search, index_name, result_key
 
 # Not "id": redis-py's search Document uses that attribute for the key.
-_RETURN_FIELDS = ("text", "model", "modality", "created_at", "source")
+_RETURN_FIELDS = ("text", "path", "model", "modality", "created_at", "source")
 
 
 @dataclass(frozen=True, slots=True)

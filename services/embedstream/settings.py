@@ -110,6 +110,14 @@ class Settings(BaseSettings):
     default_text_model: str = Field(
         "all-minilm-l6-v2", description="Model of text events that name none."
     )
+    default_image_model: str = Field(
+        "efficientnet-lite0", description="Model of image events that name none (when served; "
+        "otherwise the first image model by name)."
+    )
+    default_audio_model: str = Field(
+        "aisfx", description="Model of audio events that name none (when served; otherwise "
+        "the first audio model by name)."
+    )
     models: list[str] = Field(
         default_factory=list,
         description="Models the worker loads at start (default: every model in model_dir). "
@@ -123,6 +131,42 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per worker process. 0: the cores this "
         "process is given (cores / processes). Set it to the cores in the pod's CPU limit."
+    )
+
+    # --- Payloads and input limits -----------------------------------------
+    payload_max_inline_bytes: int = Field(
+        8 << 20, ge=1024, description="Largest binary payload carried in the record itself, "
+        "decoded: a 'data' field (base64) or a raw-bytes record value. Larger files travel by "
+        "'uri'. Keep it under the broker's message.max.bytes (base64 adds a third)."
+    )
+    uri_roots: list[Path] = Field(
+        default_factory=list, description="Folders 'file://' URIs may point into (after "
+        "resolving symlinks). Empty: no file:// fetching. Env: JSON list of paths."
+    )
+    uri_allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts (exact names, optionally host:port) that "
+        "'http(s)://' URIs may name, redirects included. Empty: no HTTP fetching."
+    )
+    uri_allow_private_networks: bool = Field(
+        False, description="Let http(s) URIs reach loopback, private (10/8, 172.16/12, "
+        "192.168/16, fc00::/7), link-local (169.254/16, cloud metadata) and other non-public "
+        "addresses. Off: an allowed host name that resolves there is refused (uri_forbidden)."
+    )
+    fetch_max_bytes: int = Field(
+        64 << 20, ge=1024, description="Largest file fetched by URI; larger is rejected "
+        "(payload_too_large) without reading the rest."
+    )
+    fetch_timeout_s: float = Field(
+        10.0, gt=0, description="Time limit of one URI fetch (connect and the whole body). "
+        "Fetches run in the decode stage, so a slow store slows the pipeline: keep it short."
+    )
+    image_max_pixels: int = Field(
+        40_000_000, ge=1, description="Largest image (width x height) decoded; checked from "
+        "the header before decoding, so decompression bombs cost nothing (image_too_large)."
+    )
+    audio_max_seconds: float = Field(
+        600.0, gt=0, description="Longest audio clip decoded; checked from the header where the "
+        "format gives the length (audio_too_long)."
     )
 
     # --- Batching ----------------------------------------------------------

@@ -59,6 +59,25 @@ def test_payload_limit():
     assert info.value.reason == "payload_too_large"
 
 
-def test_binary_envelope_leaves_room_for_data_and_uri():
-    event = decode(record(b'{"id": "i", "data": "aGk=", "uri": "file:///x.png"}'), "image")
-    assert (event.data_b64, event.uri, event.text) == ("aGk=", "file:///x.png", None)
+def test_binary_envelope_carries_data_or_uri():
+    event = decode(record(b'{"id": "i", "data": "aGk="}'), "image")
+    assert (event.data_b64, event.uri, event.text) == ("aGk=", None, None)
+    event = decode(record(b'{"id": "i", "uri": "file:///x.png"}'), "audio")
+    assert (event.data_b64, event.uri) == (None, "file:///x.png")
+    for body, reason in ((b'{"id": "i", "data": "aGk=", "uri": "file:///x.png"}', "invalid_field"),
+                         (b'{"id": "i"}', "missing_data")):
+        with pytest.raises(EnvelopeError) as info:
+            decode(record(body), "image")
+        assert info.value.reason == reason
+
+
+def test_raw_bytes_form_takes_id_model_metadata_from_headers():
+    raw = RawRecord("embedstream.image", 0, 3, None, b"\x89PNG...", 0, (
+        ("content-type", b"image/png"), ("embedstream.id", b"img-1"),
+        ("embedstream.model", b"m"), ("embedstream.metadata", b'{"k": 1}'),
+    ))
+    event = decode(raw, "image")
+    assert (event.id, event.model, event.raw, event.metadata) == ("img-1", "m", b"\x89PNG...", {"k": "1"})
+    assert event.content_type == "image/png"
+    assert decode(RawRecord("embedstream.image", 0, 4, None, b"x", 0,
+                            (("content-type", b"audio/wav"),)), "audio").id == "embedstream.image:0:4"

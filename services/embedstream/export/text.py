@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 OUTPUT_NAME = "embedding"
+TOKEN_OUTPUT_NAME = "token_embeddings"
 # Tokenizers report "no limit" as a huge sentinel (int(1e30)); anything above this is one.
 _NO_LIMIT = 1_000_000
 # Sentences of the dummy input: two lengths, so one row is padded and the
@@ -66,23 +67,28 @@ class SentenceEncoder(torch.nn.Module):
     Padding must be on the right (``cls`` and ``lasttoken`` rely on it).
     """
 
-    def __init__(self, transformer: torch.nn.Module, pooling: str, normalize: bool) -> None:
+    def __init__(
+        self, transformer: torch.nn.Module, pooling: str, normalize: bool, token_mode: bool = False
+    ) -> None:
         super().__init__()
         self.transformer = transformer
         self.pooling = pooling
         self.normalize = normalize
+        self.token_mode = token_mode
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
         embedding = pool(hidden, attention_mask, self.pooling)
         if self.normalize:
             embedding = F.normalize(embedding, p=2.0, dim=1)
+        if self.token_mode:  # contextual token vectors too: the last layer, unpooled
+            return embedding, hidden
         return embedding
 
 
@@ -117,8 +123,13 @@ def export_text_model(
     max_length: int | None = None,
     opset: int = 17,
     overwrite: bool = False,
+    token_mode: bool = False,
 ) -> Path:
     """Export ``checkpoint`` to ``out_root/<name>/`` and return that directory.
+
+    ``token_mode`` adds a second output, ``token_embeddings`` ``[batch, seq,
+    dim]`` (the last layer's contextual token vectors, unnormalised), which
+    the worker stores beside the pooled embedding.
 
     ``checkpoint`` is a sentence-transformers or plain transformers directory
     (or a Hub id, which needs network). ``pooling``, ``normalize`` and
@@ -149,7 +160,7 @@ def export_text_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=target.parent))
     try:
         manifest = _write_model_dir(
-            staging, name, ckpt, model, hf_tokenizer, pooling, normalize, limit, opset
+            staging, name, ckpt, model, hf_tokenizer, pooling, normalize, limit, opset, token_mode
         )
         report = check_parity(staging, ckpt.path, list(PARITY_SENTENCES))
         log.info("parity of %s: min cosine %.6f, mean %.6f over %d sentences",
@@ -179,18 +190,21 @@ def _write_model_dir(
     normalize: bool,
     max_length: int,
     opset: int,
+    token_mode: bool = False,
 ) -> Manifest:
     """Write graph, tokenizer and manifest into ``model_dir``; return the manifest."""
-    encoder = SentenceEncoder(model, pooling, normalize).eval()
+    encoder = SentenceEncoder(model, pooling, normalize, token_mode).eval()
+    outputs = [OUTPUT_NAME, TOKEN_OUTPUT_NAME] if token_mode else [OUTPUT_NAME]
     input_names = ["input_ids", "attention_mask"]
     if _uses_token_types(model, hf_tokenizer):
         input_names.append("token_type_ids")
     dummy = hf_tokenizer(_DUMMY_TEXTS, padding=True, return_tensors="pt")
     args = tuple(dummy[n].to(torch.int64) for n in input_names)
     with torch.no_grad():
-        dimension = int(encoder(*args).shape[-1])
+        result = encoder(*args)
+        dimension = int((result[0] if isinstance(result, tuple) else result).shape[-1])
     onnx_path = model_dir / ONNX_FILE
-    exporter, opset = export_graph(encoder, args, input_names, onnx_path, opset)
+    exporter, opset = export_graph(encoder, args, input_names, onnx_path, opset, outputs)
     extra = _write_tokenizer(ckpt, hf_tokenizer, model_dir / TOKENIZER_FILE, max_length)
     config = model.config
     extra.update(
@@ -209,7 +223,7 @@ def _write_model_dir(
         normalize=normalize,
         onnx_file=ONNX_FILE,
         inputs=input_names,
-        outputs=[OUTPUT_NAME],
+        outputs=outputs,
         tokenizer_files=[TOKENIZER_FILE],
         max_length=max_length,
         opset=opset,
@@ -299,14 +313,16 @@ def export_graph(
     input_names: list[str],
     path: Path,
     opset: int,
+    output_names: list[str] | None = None,
 ) -> tuple[str, int]:
     """Write ``encoder`` to ``path`` as ONNX; return the exporter used and the graph's opset.
 
     TorchScript first (its graph fuses best in ONNX Runtime), dynamo second
     (which starts at opset 18, so the opset may be higher than asked).
     """
+    outputs = output_names or [OUTPUT_NAME]
     try:
-        _export_torchscript(encoder, args, input_names, path, opset)
+        _export_torchscript(encoder, args, input_names, path, opset, outputs)
     except Exception as first:  # any failure: the other exporter may still succeed
         log.warning("TorchScript ONNX export failed (%s); trying the dynamo exporter", first)
         try:
@@ -318,7 +334,7 @@ def export_graph(
         exporter = "dynamo"
     else:
         exporter = "torchscript"
-    return exporter, _check_graph(path, input_names)
+    return exporter, _check_graph(path, input_names, outputs)
 
 
 def _export_torchscript(
@@ -327,8 +343,10 @@ def _export_torchscript(
     input_names: list[str],
     path: Path,
     opset: int,
+    output_names: list[str] | None = None,
 ) -> None:
-    axes = {n: {0: "batch", 1: "sequence"} for n in input_names}
+    outputs = output_names or [OUTPUT_NAME]
+    axes = {n: {0: "batch", 1: "sequence"} for n in [*input_names, TOKEN_OUTPUT_NAME]}
     axes[OUTPUT_NAME] = {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
         # The exporter's own deprecation notice and the tracer's notes on Python
@@ -343,8 +361,8 @@ def _export_torchscript(
             str(path),
             dynamo=False,
             input_names=input_names,
-            output_names=[OUTPUT_NAME],
-            dynamic_axes=axes,
+            output_names=outputs,
+            dynamic_axes={n: a for n, a in axes.items() if n in [*input_names, *outputs]},
             opset_version=opset,
             do_constant_folding=True,
         )
@@ -402,7 +420,7 @@ def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
             info.name = new
 
 
-def _check_graph(path: Path, input_names: list[str]) -> int:
+def _check_graph(path: Path, input_names: list[str], output_names: list[str] | None = None) -> int:
     """Check the graph is valid ONNX with exactly the contract's inputs and output.
 
     Returns its opset (of the default domain).
@@ -414,10 +432,11 @@ def _check_graph(path: Path, input_names: list[str]) -> int:
         raise ExportError(f"exported graph {path} is not valid ONNX: {err}") from err
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
-    if inputs != input_names or outputs != [OUTPUT_NAME]:
+    expected = output_names or [OUTPUT_NAME]
+    if inputs != input_names or outputs != expected:
         raise ExportError(
             f"exported graph has inputs {inputs} and outputs {outputs}; "
-            f"expected {input_names} and {[OUTPUT_NAME]}"
+            f"expected {input_names} and {expected}"
         )
     return max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 

@@ -28,6 +28,10 @@ class Backend(Protocol):
 
     def embed(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        """The named graph outputs (float32); used by token-mode models."""
+        ...
+
 
 class BackendFactory(Protocol):
     def __call__(

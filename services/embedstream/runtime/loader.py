@@ -3,53 +3,106 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from embedstream.errors import ConfigError, ModelError
+from embedstream.errors import ConfigError, EnvelopeError, ModelError
 from embedstream.models.manifest import Manifest, find_models, load_manifest
 from embedstream.runtime.base import Backend
+from embedstream.runtime.preprocess import Limits, Prepared, Preprocessor, build_preprocessor
 from embedstream.runtime.registry import get_backend_factory
-from embedstream.runtime.text import TextPreprocessor, Tokenized
 
 log = logging.getLogger(__name__)
+
+TOKEN_OUTPUT = "token_embeddings"
 
 
 @dataclass
 class LoadedModel:
-    """A model ready to run: its manifest, preprocessing and backend."""
+    """A model ready to run: its manifest, its preprocessor and its backend.
+
+    The worker's hot path calls ``preprocessor.prepare`` (pre stage) and
+    :meth:`embed_prepared` (inference stage) separately. Tools and query
+    paths (search by example, a gateway) call :meth:`embed_texts`,
+    :meth:`embed_images` or :meth:`embed_audio`: decode, preprocess and run
+    one batch, raising :class:`EnvelopeError` for the first bad input.
+    """
 
     manifest: Manifest
     directory: Path
     backend: Backend
-    text: TextPreprocessor | None = None
+    preprocessor: Preprocessor
 
     @property
     def name(self) -> str:
         return self.manifest.name
 
-    def embed_tokenized(self, items: list[Tokenized]) -> np.ndarray:
-        if self.text is None:
-            raise ModelError(f"model {self.name} is not a text model")
-        return self.backend.embed(self.text.pack(items))
+    @property
+    def modality(self) -> str:
+        return self.manifest.modality
+
+    @property
+    def token_mode(self) -> bool:
+        """True when the graph also outputs per-token vectors (``token_embeddings``)."""
+        return TOKEN_OUTPUT in self.manifest.outputs
+
+    def embed_prepared(self, items: Sequence[Prepared]) -> np.ndarray:
+        """``[len(items), dimension]`` for items this model's preprocessor prepared."""
+        return self.backend.embed(self.preprocessor.pack(items))
+
+    def embed_prepared_tokens(
+        self, items: Sequence[Prepared]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Pooled vectors and, per item, its ``[tokens, dimension]`` contextual token vectors
+        (padding removed). Only for token-mode models."""
+        if not self.token_mode:
+            raise ModelError(f"model {self.name} was not exported in token mode")
+        pooled, tokens = self.backend.run(self.preprocessor.pack(items),
+                                          [self.manifest.outputs[0], TOKEN_OUTPUT])
+        return pooled, [tokens[row, : item.cost] for row, item in enumerate(items)]
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Embed texts in one batch (for queries and tools, not the hot path)."""
-        if self.text is None:
-            raise ModelError(f"model {self.name} is not a text model")
-        return self.embed_tokenized(self.text.tokenize(texts))
+        return self._embed_raw("text", texts)
+
+    def embed_images(self, images: list[bytes]) -> np.ndarray:
+        """Embed encoded images (JPEG, PNG, WebP, GIF bytes) in one batch."""
+        return self._embed_raw("image", images)
+
+    def embed_audio(self, clips: list[bytes]) -> np.ndarray:
+        """Embed encoded audio files (WAV, FLAC, OGG, MP3 bytes) in one batch."""
+        return self._embed_raw("audio", clips)
+
+    def _embed_raw(self, modality: str, inputs: Sequence[Any]) -> np.ndarray:
+        if self.modality != modality:
+            raise ModelError(f"model {self.name} is a {self.modality} model, not a {modality} one")
+        if not inputs:
+            return np.zeros((0, self.manifest.dimension), np.float32)
+        items: list[Prepared] = []
+        for result in self.preprocessor.prepare(inputs):
+            if isinstance(result, EnvelopeError):
+                raise result
+            items.append(result)
+        return self.embed_prepared(items)
 
 
 def load_model(
-    directory: Path, *, backend: str = "onnxruntime", providers: list[str], threads: int
+    directory: Path,
+    *,
+    backend: str = "onnxruntime",
+    providers: list[str],
+    threads: int,
+    limits: Limits | None = None,
 ) -> LoadedModel:
     manifest = load_manifest(directory)
     factory = get_backend_factory(backend)
     engine = factory(str(manifest.onnx_path(directory)), providers=providers, threads=threads)
-    text = TextPreprocessor(manifest, directory) if manifest.modality == "text" else None
-    return LoadedModel(manifest=manifest, directory=directory, backend=engine, text=text)
+    preprocessor = build_preprocessor(manifest, directory, limits or Limits())
+    return LoadedModel(manifest, directory, engine, preprocessor)
 
 
 def load_models(
@@ -59,6 +112,7 @@ def load_models(
     backend: str = "onnxruntime",
     providers: list[str],
     threads: int,
+    limits: Limits | None = None,
 ) -> dict[str, LoadedModel]:
     """Load ``names`` (all models under ``root`` when empty). Fails on any missing one."""
     available = find_models(root)
@@ -76,7 +130,8 @@ def load_models(
     models = {}
     for name in wanted:
         models[name] = load_model(
-            available[name], backend=backend, providers=providers, threads=threads
+            available[name], backend=backend, providers=providers, threads=threads,
+            limits=limits,
         )
         log.info("model %s ready (%s, %d-d)", name, models[name].manifest.modality,
                  models[name].manifest.dimension)

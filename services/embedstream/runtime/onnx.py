@@ -75,9 +75,14 @@ class OrtBackend:
         return str(self._session.get_providers()[0])
 
     def embed(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        (out,) = self.run(inputs, [self._output])
+        return out
+
+    def run(self, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        """Named outputs as float32 (token mode asks for ``token_embeddings`` too)."""
         feed = {name: array for name, array in inputs.items() if name in self._input_names}
         try:
-            (out,) = self._session.run([self._output], feed)
+            results = self._session.run(outputs, feed)
         except Exception as err:
             raise ModelError(f"inference failed: {err}") from err
-        return np.asarray(out, dtype=np.float32)
+        return [np.asarray(out, dtype=np.float32) for out in results]

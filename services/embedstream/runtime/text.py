@@ -7,14 +7,16 @@ padded per batch at pack time, so each batch pads only to its own longest.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from embedstream.errors import ModelError
+from embedstream.errors import EnvelopeError, ModelError
 from embedstream.models.manifest import Manifest
+from embedstream.runtime.preprocess import Limits, Prepared, register
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +31,13 @@ class Tokenized:
         return int(self.ids.shape[0])
 
 
+@register("text")
 class TextPreprocessor:
-    """Turns texts into the graph inputs of one text model."""
+    """Turns texts into the graph inputs of one text model (see :mod:`.preprocess`)."""
 
-    def __init__(self, manifest: Manifest, model_dir: Path) -> None:
+    modality = "text"
+
+    def __init__(self, manifest: Manifest, model_dir: Path, limits: Limits | None = None) -> None:
         if not manifest.tokenizer_files:
             raise ModelError(f"text model {manifest.name} has no tokenizer file")
         path = model_dir / manifest.tokenizer_files[0]
@@ -53,12 +58,17 @@ class TextPreprocessor:
             for e in encodings
         ]
 
-    def pack(self, items: list[Tokenized]) -> dict[str, np.ndarray]:
+    def prepare(self, inputs: Sequence[str]) -> list[Prepared | EnvelopeError]:
+        """Tokenize a batch; the cost of a text is its token count."""
+        return [Prepared(t, t.length, t.truncated) for t in self.tokenize(list(inputs))]
+
+    def pack(self, items: Sequence[Prepared | Tokenized]) -> dict[str, np.ndarray]:
         """Pad a batch to its longest sequence and build every graph input."""
-        longest = max(item.length for item in items)
-        ids = np.full((len(items), longest), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(items), longest), dtype=np.int64)
-        for row, item in enumerate(items):
+        seqs: list[Tokenized] = [i.value if isinstance(i, Prepared) else i for i in items]
+        longest = max(item.length for item in seqs)
+        ids = np.full((len(seqs), longest), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), longest), dtype=np.int64)
+        for row, item in enumerate(seqs):
             ids[row, : item.length] = item.ids
             mask[row, : item.length] = 1
         inputs = {"input_ids": ids, "attention_mask": mask}

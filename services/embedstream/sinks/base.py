@@ -26,6 +26,8 @@ class Embedded:
     event: Event
     model: Manifest
     vector: np.ndarray
+    tokens: np.ndarray | None = None
+    """Token-mode models: ``[tokens, dimension]`` contextual token vectors."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,9 @@ Key ``<prefix>:<model>:<id>`` holds ``embedding`` (float32 little-endian
 bytes), ``version`` (writes never replace a newer version), ``id``,
 ``model``, ``modality``, ``dim``, ``created_at`` (unix seconds), ``event_ts``
 (the record's timestamp, ms), ``source`` (topic:partition:offset), ``text``
-(text events, unless ``store_text`` is off) and the event's metadata fields. Each batch is one
+(text events, unless ``store_text`` is off), the event's metadata fields and,
+for token-mode models, ``token_embeddings`` (``[token_count, dim]`` float32
+bytes) and ``token_count``. Each batch is one
 pipelined round trip. Where the server has the search module (Redis 8,
 Redis Stack, Valkey + RediSearch) each model gets an HNSW/COSINE index over
 its prefix; without it, vectors are still stored.
@@ -163,6 +165,9 @@ class RedisSink:
             )
             if self._store_text and event.text is not None:
                 fields["text"] = event.text
+            if result.tokens is not None:
+                fields["token_embeddings"] = result.tokens.astype("<f4", copy=False).tobytes()
+                fields["token_count"] = int(result.tokens.shape[0])
             args: list[Any] = [event.version]
             for name, value in fields.items():
                 args.extend((name, value))

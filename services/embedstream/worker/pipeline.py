@@ -5,8 +5,10 @@ Threads and what they own::
     polling thread (run)    the consumer: poll, offset tracking, commits,
                             pause/resume for backpressure, rebalances
       | records queue
-    pre thread              decode envelopes, tokenize, pack budgeted batches;
-                            bad events go to the dead-letter topic
+    pre thread              decode envelopes, resolve binary payloads (inline,
+                            raw bytes, uri), preprocess (tokenize, decode
+                            images/audio), pack budgeted batches; bad events
+                            go to the dead-letter topic with their reason
       | batches queue (bounded)
     inference thread        backend.embed(batch); a failing batch is retried
                             item by item so one bad item never fails the rest
@@ -35,11 +37,12 @@ from typing import Any
 import numpy as np
 
 from embedstream.batching import Batch, BatchBudget, Batcher
-from embedstream.envelope import Event, RawRecord, decode
+from embedstream.envelope import HEADER_CONTENT_TYPE, Event, RawRecord, decode, header
 from embedstream.errors import EnvelopeError, ModelError, SinkError
 from embedstream.metrics import Metrics
+from embedstream.payloads import PayloadResolver
 from embedstream.runtime.loader import LoadedModel
-from embedstream.runtime.text import Tokenized
+from embedstream.runtime.preprocess import Prepared
 from embedstream.settings import Settings
 from embedstream.sinks.base import Embedded, Sink, WriteOutcome
 from embedstream.sources.base import DeadLetters, Source, TopicPartition
@@ -57,7 +60,7 @@ class Item:
     """An event with its model input, waiting for or inside a batch."""
 
     event: Event
-    tokens: Tokenized
+    prepared: Prepared
 
 
 @dataclass(slots=True)
@@ -72,6 +75,7 @@ class ResultBatch:
     model: LoadedModel
     items: list[Item]
     vectors: np.ndarray
+    tokens: list[np.ndarray] | None = None
 
 
 class Worker:
@@ -97,6 +101,13 @@ class Worker:
         self.metrics = metrics
         self.modality_of = {settings.topic_for(m): m for m in _modalities(models)}
         self.default_model = _default_models(settings, models)
+        self.payloads = PayloadResolver(settings)
+        # A JSON envelope may hold base64 data: 4/3 of the inline limit, plus the envelope.
+        self._max_record = {
+            "text": settings.max_payload_bytes,
+            "binary_json": settings.payload_max_inline_bytes * 4 // 3 + (64 << 10),
+            "binary_raw": settings.payload_max_inline_bytes,
+        }
         self.budget = BatchBudget(
             settings.batch_max_items, settings.batch_max_tokens, settings.batch_max_wait_ms / 1000
         )
@@ -307,53 +318,83 @@ class Worker:
                 self._emit(name, batcher.due())
 
     def _prepare(self, records: list[RawRecord]) -> dict[str, list[tuple[Item, int]]]:
-        """Decode and tokenize one poll's records, grouped by model."""
+        """Decode and preprocess one poll's records, grouped by model."""
         started = time.perf_counter()
         by_model: dict[str, list[Event]] = {}
         for record in records:
             self.metrics.consumed.labels(record.topic).inc()
             try:
-                event = decode(
-                    record, self.modality_of[record.topic], self.settings.max_payload_bytes
-                )
-                if event.text is not None and len(event.text) > self.settings.max_text_chars:
-                    raise EnvelopeError(
-                        "text_too_long",
-                        f"text has {len(event.text)} characters, limit "
-                        f"{self.settings.max_text_chars}",
-                    )
-                name = event.model or self.default_model.get(event.modality)
-                if name is None or name not in self.models:
-                    raise EnvelopeError(
-                        "unknown_model",
-                        f"model {name!r} is not served here; served: {sorted(self.models)}",
-                    )
+                event = self._decode(record)
+                name = self._model_of(event)
             except EnvelopeError as err:
                 self._dead_letter(record, err.reason, err.detail)
                 continue
             by_model.setdefault(name, []).append(event)
         self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
 
-        started = time.perf_counter()
         out: dict[str, list[tuple[Item, int]]] = {}
         for name, events in by_model.items():
+            started = time.perf_counter()
             model = self.models[name]
-            assert model.text is not None  # only text models in this pipeline so far
-            tokens = model.text.tokenize([e.text or "" for e in events])
+            events, inputs = self._inputs(events)
             items: list[tuple[Item, int]] = []
-            for event, tok in zip(events, tokens, strict=True):
-                if tok.truncated and self.settings.text_overflow == "reject":
-                    self._dead_letter(
-                        event.record, "text_too_long",
-                        f"text is over the {model.text.max_length}-token limit of {name}",
-                    )
-                    continue
-                if tok.truncated:
-                    self.metrics.truncated.labels(name).inc()
-                items.append((Item(event, tok), tok.length))
+            for event, result in zip(events, model.preprocessor.prepare(inputs), strict=True):
+                if isinstance(result, EnvelopeError):
+                    self._dead_letter(event.record, result.reason, result.detail)
+                elif result.truncated and self.settings.text_overflow == "reject":
+                    self._dead_letter(event.record, "text_too_long",
+                                      f"text is over the token limit of {name}")
+                else:
+                    items.append((Item(event, result), result.cost))
+            truncated = sum(item.prepared.truncated for item, _ in items)
+            if truncated:
+                self.metrics.truncated.labels(name).inc(truncated)
             out[name] = items
-        self.metrics.stage_seconds.labels("tokenize").observe(time.perf_counter() - started)
+            stage = "tokenize" if model.modality == "text" else "preprocess"
+            self.metrics.stage_seconds.labels(stage).observe(time.perf_counter() - started)
         return out
+
+    def _decode(self, record: RawRecord) -> Event:
+        modality = self.modality_of[record.topic]
+        if modality == "text":
+            event = decode(record, modality, self._max_record["text"])
+            if event.text is not None and len(event.text) > self.settings.max_text_chars:
+                raise EnvelopeError(
+                    "text_too_long",
+                    f"text has {len(event.text)} characters, limit {self.settings.max_text_chars}",
+                )
+            return event
+        form = "binary_json" if header(record, HEADER_CONTENT_TYPE) is None else "binary_raw"
+        return decode(record, modality, self._max_record[form])
+
+    def _model_of(self, event: Event) -> str:
+        """The model that embeds ``event``: the one it names, else its modality's default."""
+        name = event.model or self.default_model.get(event.modality)
+        model = self.models.get(name) if name is not None else None
+        if model is None or model.modality != event.modality:
+            raise EnvelopeError(
+                "unknown_model",
+                f"no {event.modality} model {name!r} is served here; served: "
+                f"{sorted(n for n, m in self.models.items() if m.modality == event.modality)}",
+            )
+        return model.name
+
+    def _inputs(self, events: list[Event]) -> tuple[list[Event], list[Any]]:
+        """The events whose input could be had, and those inputs (texts or file bytes)."""
+        kept: list[Event] = []
+        inputs: list[Any] = []
+        for event in events:
+            if event.modality == "text":
+                kept.append(event)
+                inputs.append(event.text or "")
+                continue
+            try:
+                inputs.append(self.payloads.resolve(event))
+            except EnvelopeError as err:
+                self._dead_letter(event.record, err.reason, err.detail)
+                continue
+            kept.append(event)
+        return kept, inputs
 
     def _emit(self, name: str, batches: list[Batch[Item]]) -> None:
         for batch in batches:
@@ -369,30 +410,43 @@ class Worker:
                 self._put(self._results, _STOP)
                 return
             started = time.perf_counter()
-            items, vectors = self._embed(work)
+            result = self._embed(work)
             self.metrics.stage_seconds.labels("inference").observe(time.perf_counter() - started)
             self.metrics.batch_size.labels(work.model.name).observe(len(work.items))
             self.metrics.batch_tokens.labels(work.model.name).observe(work.padded_tokens)
-            if items:
-                self._put(self._results, ResultBatch(work.model, items, vectors))
+            if result.items:
+                self._put(self._results, result)
 
-    def _embed(self, work: WorkBatch) -> tuple[list[Item], np.ndarray]:
+    def _run_model(
+        self, model: LoadedModel, items: list[Item]
+    ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        prepared = [i.prepared for i in items]
+        if model.token_mode:
+            return model.embed_prepared_tokens(prepared)
+        return model.embed_prepared(prepared), None
+
+    def _embed(self, work: WorkBatch) -> ResultBatch:
         """Embed a batch; on failure retry one by one and dead-letter the failures."""
         model = work.model
         try:
-            return work.items, model.embed_tokenized([i.tokens for i in work.items])
+            return ResultBatch(model, work.items, *self._run_model(model, work.items))
         except ModelError as err:
             log.warning("batch of %d failed (%s); retrying items one by one", len(work.items), err)
         good: list[Item] = []
         vectors: list[np.ndarray] = []
+        tokens: list[np.ndarray] = []
         for item in work.items:
             try:
-                vectors.append(model.embed_tokenized([item.tokens])[0])
-                good.append(item)
+                pooled, item_tokens = self._run_model(model, [item])
             except ModelError as err:
                 self._dead_letter(item.event.record, "model_error", str(err))
+                continue
+            vectors.append(pooled[0])
+            tokens.extend(item_tokens or [])
+            good.append(item)
         dim = model.manifest.dimension
-        return good, (np.stack(vectors) if vectors else np.zeros((0, dim), np.float32))
+        stacked = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
+        return ResultBatch(model, good, stacked, tokens if model.token_mode else None)
 
     def _sink_stage(self) -> None:
         while not self._abandon.is_set():
@@ -402,9 +456,14 @@ class Worker:
                 continue
             if result is _STOP:
                 return
+            tokens: list[np.ndarray | None] = (
+                list(result.tokens) if result.tokens is not None else [None] * len(result.items)
+            )
             embedded = [
-                Embedded(item.event, result.model.manifest, vector)
-                for item, vector in zip(result.items, result.vectors, strict=True)
+                Embedded(item.event, result.model.manifest, vector, item_tokens)
+                for item, vector, item_tokens in zip(
+                    result.items, result.vectors, tokens, strict=True
+                )
             ]
             outcome = self._write(embedded)
             if outcome is None:
@@ -471,7 +530,7 @@ class Worker:
 
 
 def _modalities(models: dict[str, LoadedModel]) -> set[str]:
-    return {m.manifest.modality for m in models.values()}
+    return {m.modality for m in models.values()}
 
 
 def _default_models(settings: Settings, models: dict[str, LoadedModel]) -> dict[str, str]:
@@ -479,6 +538,10 @@ def _default_models(settings: Settings, models: dict[str, LoadedModel]) -> dict[
     defaults: dict[str, str] = {}
     for modality in _modalities(models):
         served = sorted(n for n, m in models.items() if m.manifest.modality == modality)
-        preferred = settings.default_text_model if modality == "text" else None
+        preferred = {
+            "text": settings.default_text_model,
+            "image": settings.default_image_model,
+            "audio": settings.default_audio_model,
+        }.get(modality)
         defaults[modality] = preferred if preferred in served else served[0]
     return defaults

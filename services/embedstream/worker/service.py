@@ -19,6 +19,7 @@ from embedstream.errors import EmbedstreamError
 from embedstream.metrics import Metrics
 from embedstream.runtime.loader import load_models
 from embedstream.runtime.onnx import default_threads
+from embedstream.runtime.preprocess import Limits
 from embedstream.settings import Settings
 from embedstream.sinks.redis import RedisSink
 from embedstream.sources.kafka import KafkaDeadLetters, KafkaSource, ensure_topics
@@ -42,6 +43,7 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         settings.models,
         providers=settings.providers,
         threads=threads_per_process(settings),
+        limits=Limits.from_settings(settings),
     )
     for model in models.values():
         m = model.manifest

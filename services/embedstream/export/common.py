@@ -1,0 +1,138 @@
+"""What every exporter shares: ONNX writing, staging, parity figures, manifests.
+
+A model directory appears only once complete and checked: the exporter
+writes into a hidden staging directory, runs its parity check there, and
+renames it into place (:func:`staged_export`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+import embedstream
+from embedstream.errors import ExportError
+from embedstream.export.parity import PARITY_MIN_COSINE
+from embedstream.export.text import _install
+from embedstream.models.manifest import NAME_PATTERN, Manifest, file_sha256
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+OUTPUT_NAME = "embedding"
+
+
+@dataclass(frozen=True, slots=True)
+class Parity:
+    """Cosines of ONNX against the reference, one per input, and the largest element difference."""
+
+    cosines: tuple[float, ...]
+    max_abs_diff: float
+
+    @property
+    def min_cosine(self) -> float:
+        return min(self.cosines)
+
+    @property
+    def mean_cosine(self) -> float:
+        return float(np.mean(self.cosines))
+
+
+def compare(actual: np.ndarray, expected: np.ndarray) -> Parity:
+    dot = np.sum(actual * expected, axis=1)
+    norms = np.linalg.norm(actual, axis=1) * np.linalg.norm(expected, axis=1)
+    cosines = dot / np.maximum(norms, 1e-12)
+    return Parity(tuple(float(c) for c in cosines), float(np.abs(actual - expected).max()))
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise ExportError(f"invalid model name {name!r}: use 1-64 of a-z, 0-9, '.', '_', '-'")
+    return name
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    path: Path,
+    opset: int = 17,
+    output_names: tuple[str, ...] = (OUTPUT_NAME,),
+) -> None:
+    """TorchScript ONNX export of ``module`` (fp32, eval) and a structural check."""
+    axes = dict(dynamic_axes)
+    for out in output_names:
+        axes.setdefault(out, {0: "batch"})
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            torch.onnx.export(
+                module, args, str(path), input_names=input_names, output_names=list(output_names),
+                dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+            )
+        onnx.checker.check_model(str(path))
+    except Exception as err:
+        raise ExportError(f"ONNX export failed: {err}") from err
+
+
+def write_manifest(model_dir: Path, **fields: Any) -> Manifest:
+    fields.setdefault("onnx_file", ONNX_FILE)
+    fields.setdefault("outputs", [OUTPUT_NAME])
+    manifest = Manifest(
+        sha256=file_sha256(model_dir / fields["onnx_file"]),
+        exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        exporter_version=embedstream.__version__,
+        **fields,
+    )
+    extra = dict(manifest.extra)
+    extra.setdefault("torch_version", torch.__version__)
+    manifest.extra = extra
+    manifest.write(model_dir)
+    return manifest
+
+
+@contextmanager
+def staged_export(out_root: Path, name: str, overwrite: bool) -> Iterator[Path]:
+    """A staging directory that becomes ``out_root/name`` if the block succeeds."""
+    target = Path(out_root) / name
+    if target.exists() and not overwrite:
+        raise ExportError(f"model directory {target} exists; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=target.parent))
+    try:
+        yield staging
+        _install(staging, target, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def require_parity(name: str, parity: Parity, what: str) -> None:
+    log.info("parity of %s: min cosine %.6f, mean %.6f, max |diff| %.2e over %d %s",
+             name, parity.min_cosine, parity.mean_cosine, parity.max_abs_diff,
+             len(parity.cosines), what)
+    if parity.min_cosine < PARITY_MIN_COSINE:
+        raise ExportError(
+            f"exported {name} disagrees with its reference: min cosine "
+            f"{parity.min_cosine:.6f} < {PARITY_MIN_COSINE}"
+        )
+
+
+def torch_embed(fn: Callable[..., torch.Tensor], *arrays: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return fn(*(torch.from_numpy(a) for a in arrays)).float().numpy()
