@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit integration clean
+.PHONY: venv browser demo test lint typecheck unit integration clean
 
 venv: $(STAMP)
 
@@ -13,8 +13,20 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,devstack,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,devstack,gateway,dev]'
 	touch $(STAMP)
+
+# Headless Chromium and its WebDriver for the search page's browser test (Debian
+# packages). Fast when present; installs them when missing and we are root;
+# otherwise the browser test skips with the reason.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		   chromium chromium-driver >/dev/null 2>&1 \
+		 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		     apt-get install -y -qq --no-install-recommends chromium chromium-driver)); \
+	else echo "chromium/chromium-driver missing and not root: the browser test will skip"; fi
 
 demo: venv
 	$(PY) -m embedstream demo
@@ -28,7 +40,7 @@ typecheck: venv
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
 
-test: lint typecheck
+test: lint typecheck browser
 	$(VENV)/bin/pytest -q --durations=10
 
 clean:
