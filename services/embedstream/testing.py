@@ -112,3 +112,28 @@ class MemoryDeadLetters:
 
     def close(self) -> None:
         pass
+
+
+class MemoryResults:
+    """Collects "embedding ready" announcements; ``fail_next`` simulates a broker outage.
+
+    With ``sink``, checks the results contract: nothing is announced before it is stored.
+    """
+
+    def __init__(self, sink: MemorySink | None = None) -> None:
+        self.announced: list[tuple[str, str]] = []
+        self.fail_next = 0
+        self.closed = False
+        self._sink = sink
+
+    def publish(self, results: list[Embedded]) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SinkError("simulated results outage")
+        for result in results:
+            key = (result.model.name, result.event.id)
+            assert self._sink is None or key in self._sink.stored, f"{key} announced unstored"
+            self.announced.append(key)
+
+    def close(self) -> None:
+        self.closed = True
