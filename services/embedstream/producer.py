@@ -151,10 +151,6 @@ class Producer:
         with self._lock:
             return self._pending
 
-    def connected(self) -> bool:
-        """True when the producer has a live connection to a broker."""
-        return bool(self._producer.bootstrap_connected())
-
     def _on_error(self, err: Exception) -> None:
         self.failed += 1
         log.error("event not delivered: %s", err)

@@ -42,6 +42,7 @@ class KafkaEventPublisher:
 
         self._settings = settings
         self._producer: Producer | None = None
+        self._last_ok = False  # the last publish (or the connect) succeeded
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._connect, name="gateway-kafka", daemon=True)
         self._thread.start()
@@ -60,6 +61,7 @@ class KafkaEventPublisher:
                     # send() blocks for topic metadata at most this long when the broker is away
                     max_block_s=min(5.0, settings.gateway_publish_timeout_s),
                 )
+                self._last_ok = True
                 log.info("gateway connected to Kafka at %s", settings.kafka_bootstrap)
                 return
             except SourceError as err:
@@ -71,12 +73,20 @@ class KafkaEventPublisher:
         retry = float(self._settings.gateway_retry_after_s)
         if producer is None:
             raise Backpressure(f"not connected to Kafka at {self._settings.kafka_bootstrap}", retry)
-        producer.publish(
-            topic, records, timeout_s=self._settings.gateway_publish_timeout_s, retry_after_s=retry
-        )
+        try:
+            producer.publish(
+                topic, records, timeout_s=self._settings.gateway_publish_timeout_s,
+                retry_after_s=retry,
+            )
+        except Backpressure:
+            self._last_ok = False
+            raise
+        self._last_ok = True
 
     def ready(self) -> bool:
-        return self._producer is not None and self._producer.connected()
+        """Connected, and the last publish was confirmed (a timed-out one makes it
+        false until the next confirmed one)."""
+        return self._producer is not None and self._last_ok
 
     def close(self) -> None:
         self._closed.set()
