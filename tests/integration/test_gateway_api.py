@@ -151,9 +151,10 @@ def test_python_clients_produce_search_and_get(gateway, docs):
     assert asyncio.run(run()) == [docs["rocket"]]
 
 
-def test_unreachable_broker_is_429_with_retry_after(free_port_value=None):
-    from embedstream.devstack import free_port
+def test_unreachable_broker_is_429_with_retry_after():
     from fastapi.testclient import TestClient
+
+    from embedstream.devstack import free_port
 
     settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", gateway_search=False,
                         gateway_retry_after_s=7)
