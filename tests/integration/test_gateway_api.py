@@ -86,7 +86,7 @@ def test_ingested_events_are_searchable(gateway, docs, model_root):
         res = client.post("/v1/search", json={"text": "x", "filters": {"tenant": "a"}})
         assert res.status_code == 400 and "not an indexed field" in res.json()["detail"]
         res = client.post("/v1/search", files={"file": ("a.png", b"\x89PNG", "image/png")})
-        assert res.status_code == 501 and res.json()["error"] == "no_model"
+        assert res.status_code == 404 and res.json()["error"] == "no_model"
 
 
 def test_results_stream_announces_stored_events(gateway, docs):

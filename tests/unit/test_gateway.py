@@ -92,7 +92,7 @@ def test_streamed_body_over_the_limit_is_refused_without_content_length():
 
 def test_unknown_modality_is_refused():
     client, pub = make()
-    assert client.post("/v1/events/video", json={"text": "x"}).status_code == 422
+    assert client.post("/v1/events/video", json={"text": "x"}).status_code == 404
     assert pub.published == []
 
 
@@ -125,9 +125,12 @@ def test_backpressure_is_429_with_retry_after():
 def test_openapi_spec_documents_ingest_bodies_and_errors():
     client, _ = make()
     spec = client.get("/openapi.json").json()
-    op = spec["paths"]["/v1/events/{modality}"]["post"]
+    op = spec["paths"]["/v1/events/image"]["post"]
     assert set(op["requestBody"]["content"]) == {
-        "application/json", "multipart/form-data", "application/octet-stream", "text/plain"}
+        "application/json", "multipart/form-data", "application/octet-stream"}
+    text = spec["paths"]["/v1/events/text"]["post"]["requestBody"]["content"]
+    assert set(text) == {"application/json", "text/plain"}
+    assert text["application/json"]["schema"]["anyOf"][0]["required"] == ["text"]
     assert {"202", "400", "401", "413", "415", "422", "429", "503"} <= set(op["responses"])
     assert "/v1/search" in spec["paths"] and "/v1/embeddings/{model}/{event_id}" in spec["paths"]
 

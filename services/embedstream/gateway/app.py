@@ -15,11 +15,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -36,18 +35,13 @@ from embedstream.gateway.auth import KeyCheck
 from embedstream.gateway.ingest import Limits, Upload, records_from_json, records_from_uploads
 from embedstream.gateway.publisher import EventPublisher
 from embedstream.gateway.query import Searcher, parse_filters
+from embedstream.gateway.spec import ingest_openapi, search_openapi
 from embedstream.metrics import GATEWAY_ROUTES, GatewayMetrics
-from embedstream.settings import Settings
+from embedstream.settings import MODALITIES, Settings
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-
-
-class Modality(StrEnum):
-    text = "text"
-    image = "image"
-    audio = "audio"
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -55,6 +49,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in (
         (400, "Malformed body (not JSON, bad filter)."),
         (401, "Missing or wrong API key."),
+        (404, "Unknown model or stored id, or no model for the query."),
         (413, "Body, envelope or event count over the limit."),
         (415, "Content type not accepted for this modality."),
         (422, "An envelope or field is invalid (code: the envelope reason)."),
@@ -65,50 +60,6 @@ _RETRY: dict[int | str, dict[str, Any]] = {
     429: {"model": schemas.ErrorBody, "description": "Backpressure: retry after the Retry-After "
           "seconds (producer buffer full or broker unreachable)."}
 }
-
-_MULTIPART_FILES = {
-    "type": "object",
-    "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
-        "id": {"type": "string"},
-        "model": {"type": "string"},
-        "metadata": {"type": "string", "description": "A JSON object, as text."},
-    },
-    "required": ["file"],
-}
-_ENVELOPE = schemas.Envelope.model_json_schema()
-_INGEST_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"anyOf": [
-                _ENVELOPE, {"type": "array", "items": _ENVELOPE, "minItems": 1},
-            ]}},
-            "multipart/form-data": {"schema": _MULTIPART_FILES},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "text/plain": {"schema": {"type": "string"}},
-        },
-    }
-}
-_SEARCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": schemas.SearchRequest.model_json_schema()},
-            "multipart/form-data": {"schema": {
-                "type": "object",
-                "properties": {
-                    "file": {"type": "string", "format": "binary"},
-                    "model": {"type": "string"},
-                    "k": {"type": "integer", "minimum": 1},
-                    "filters": {"type": "string", "description": "A JSON object, as text."},
-                },
-                "required": ["file"],
-            }},
-        },
-    }
-}
-
 
 def create_app(
     settings: Settings,
@@ -136,52 +87,22 @@ def create_app(
     _install_handlers(app, metrics)
     auth = [Depends(keys)]
 
-    @app.post(
-        "/v1/events/{modality}", name="ingest", status_code=202, dependencies=auth,
-        response_model=schemas.Accepted, responses={**_ERRORS, **_RETRY},
-        openapi_extra=_INGEST_BODY, summary="Publish events to a modality's topic",
-    )
-    async def ingest(
-        request: Request,
-        modality: Modality,
-        id: str | None = Query(None, description="Event id of a raw-body upload."),
-        model: str | None = Query(None, description="Model of a raw-body upload."),
-        metadata: str | None = Query(None, description="Metadata (JSON object) of a raw-body upload."),
-    ) -> JSONResponse:
-        topic = settings.topic_for(modality.value)
-        served = searcher.served() if searcher is not None else {}
-        body, request = await _read_body(request, settings.gateway_max_request_bytes)
-        ctype = _content_type(request)
-        if ctype == "application/json" or ctype.endswith("+json"):
-            records = records_from_json(body, modality.value, topic, limits, served)
-        elif ctype == "multipart/form-data":
-            uploads, fields = await _multipart(request, settings.gateway_max_request_bytes)
-            records = records_from_uploads(
-                uploads, modality.value, topic, limits, served,
-                id=fields.get("id") or id, model=fields.get("model") or model,
-                metadata=fields.get("metadata") or metadata,
-            )
-        elif _raw_ok(ctype, modality.value):
-            records = records_from_uploads(
-                [Upload(body, content_type=ctype)], modality.value, topic, limits, served,
-                id=id, model=model, metadata=metadata,
-            )
-        else:
-            raise GatewayError(415, "unsupported_media_type",
-                               f"{ctype or 'no content type'} is not accepted for {modality.value} "
-                               "events; send application/json, multipart/form-data or "
-                               f"{_raw_types(modality.value)}")
-        await run_in_threadpool(publisher.publish, topic, records)
-        metrics.accepted.labels(modality.value).inc(len(records))
-        ids = [event_id for event_id, _ in records]
-        return JSONResponse({"ids": ids, "topic": topic, "count": len(ids)}, status_code=202)
+    infos = list(searcher.info.values()) if searcher is not None else []
+    for modality in MODALITIES:
+        served_names = sorted(i.name for i in infos if i.modality == modality)
+        app.post(
+            f"/v1/events/{modality}", name="ingest", status_code=202, dependencies=auth,
+            response_model=schemas.Accepted, responses={**_ERRORS, **_RETRY},
+            openapi_extra=ingest_openapi(modality, served_names, settings.gateway_max_events),
+            summary=f"Publish {modality} events", operation_id=f"ingest_{modality}",
+        )(_ingest_handler(modality, settings, publisher, searcher, metrics, limits))
 
     @app.post(
         "/v1/search", name="search", dependencies=auth, response_model=schemas.SearchResponse,
-        responses={**_ERRORS, 404: {"model": schemas.ErrorBody, "description": "Unknown model "
-                   "or stored id."}, 501: {"model": schemas.ErrorBody, "description":
-                   "No model of the query's modality is served."}},
-        openapi_extra=_SEARCH_BODY, summary="Nearest stored items to a text, a file or a stored id",
+        responses={**_ERRORS, 501: {"model": schemas.ErrorBody, "description":
+                   "The model's modality has no query support in this build."}},
+        openapi_extra=search_openapi(infos, settings.gateway_search_max_k),
+        summary="Nearest stored items to a text, a file or a stored id",
     )
     async def search(request: Request) -> JSONResponse:
         active = _require(searcher)
@@ -248,6 +169,42 @@ def create_app(
 
 
 # ------------------------------------------------------------------ helpers
+def _ingest_handler(modality: str, settings: Settings, publisher: EventPublisher,
+                    searcher: Searcher | None, metrics: GatewayMetrics, limits: Limits) -> Any:
+    topic = settings.topic_for(modality)
+    served = searcher.served() if searcher is not None else {}
+
+    async def ingest(request: Request) -> JSONResponse:
+        body, request = await _read_body(request, settings.gateway_max_request_bytes)
+        ctype = _content_type(request)
+        query = request.query_params
+        if ctype == "application/json" or ctype.endswith("+json"):
+            records = records_from_json(body, modality, topic, limits, served)
+        elif ctype == "multipart/form-data":
+            uploads, fields = await _multipart(request, settings.gateway_max_request_bytes)
+            records = records_from_uploads(
+                uploads, modality, topic, limits, served,
+                id=fields.get("id"), model=fields.get("model") or query.get("model"),
+                metadata=fields.get("metadata"),
+            )
+        elif _raw_ok(ctype, modality):
+            records = records_from_uploads(
+                [Upload(body, content_type=ctype)], modality, topic, limits, served,
+                id=query.get("id"), model=query.get("model"), metadata=None,
+            )
+        else:
+            raise GatewayError(415, "unsupported_media_type",
+                               f"{ctype or 'no content type'} is not accepted for {modality} "
+                               f"events; send application/json, multipart/form-data or "
+                               f"{_raw_types(modality)}")
+        await run_in_threadpool(publisher.publish, topic, records)
+        metrics.accepted.labels(modality).inc(len(records))
+        ids = [event_id for event_id, _ in records]
+        return JSONResponse({"ids": ids, "topic": topic, "count": len(ids)}, status_code=202)
+
+    return ingest
+
+
 def _install_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
     def error(status: int, code: str, detail: str, headers: dict[str, str] | None = None,
               request: Request | None = None) -> JSONResponse:
@@ -388,11 +345,10 @@ async def _search_form(request: Request, settings: Settings,
         raise GatewayError(422, "invalid_field", f"bad form field: {err}") from err
     if req.model is None:
         kind = (uploads[0].content_type or "").split("/", 1)[0]
-        modality = kind if kind in ("image", "audio") else None
-        if modality is None:
-            raise GatewayError(422, "invalid_field",
+        if kind not in ("image", "audio"):
+            raise GatewayError(404, "no_model", f"no model chosen for a {kind or 'typeless'} file: "
                                "name the 'model', or send the file as image/* or audio/*")
-        req.model = searcher.model_for(None, modality).name
+        req.model = searcher.model_for(None, kind).name
     return req, uploads[0].data
 
 

@@ -85,9 +85,11 @@ def validate(envelopes: Iterable[Any], modality: str, topic: str, limits: Limits
              served: dict[str, str]) -> list[tuple[str, bytes]]:
     """Check each envelope with the worker's rules; give each an id if it has none.
 
-    ``served``: model name -> modality of the models the gateway knows (empty:
-    any model name passes, the worker decides).
+    ``served``: model name -> modality of the models the gateway knows. A named
+    model must be one of them when the gateway knows any of ``modality``;
+    otherwise the worker decides (and dead-letters an unknown one).
     """
+    known = {name for name, kind in served.items() if kind == modality}
     records: list[tuple[str, bytes]] = []
     now_ms = int(time.time() * 1000)
     for index, body in enumerate(envelopes):
@@ -107,12 +109,10 @@ def validate(envelopes: Iterable[Any], modality: str, topic: str, limits: Limits
                            limits.max_event_bytes)
         except EnvelopeError as err:
             raise GatewayError(422, err.reason, f"envelope {index}: {err.detail}") from err
-        if event.model is not None and served and served.get(event.model) != modality:
-            raise GatewayError(
-                422, "unknown_model",
-                f"envelope {index}: no {modality} model {event.model!r} here; served: "
-                f"{sorted(n for n, m in served.items() if m == modality)}",
-            )
+        if event.model is not None and known and event.model not in known:
+            raise GatewayError(422, "unknown_model",
+                               f"envelope {index}: no {modality} model {event.model!r} here; "
+                               f"served: {sorted(known)}")
         records.append((event.id, value))
     return records
 

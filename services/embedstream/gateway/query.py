@@ -60,7 +60,7 @@ class Searcher:
             return self.info[name]
         served = sorted(n for n, i in self.info.items() if i.modality == modality)
         if not served:
-            raise GatewayError(501, "no_model",
+            raise GatewayError(404, "no_model",
                                f"no {modality} model served here; served: {sorted(self.info)}")
         default = self._settings.default_text_model
         return self.info[default if default in served else served[0]]
