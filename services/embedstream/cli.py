@@ -88,6 +88,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_connection_flags(search)
     _add_model_flags(search)
 
+    gateway = sub.add_parser("gateway", help="HTTP ingest gateway, search API and search page")
+    gateway.add_argument("--host", dest="gateway_host", help="bind address [EMBEDSTREAM_GATEWAY_HOST]")
+    gateway.add_argument("--port", dest="gateway_port", type=int,
+                         help="port [EMBEDSTREAM_GATEWAY_PORT]")
+    gateway.add_argument("--api-keys-file", dest="gateway_api_keys_file", type=Path,
+                         help="file of API keys, one a line [EMBEDSTREAM_GATEWAY_API_KEYS_FILE]")
+    gateway.add_argument("--no-search", dest="gateway_search", action="store_const", const=False,
+                         help="ingest only: load no models [EMBEDSTREAM_GATEWAY_SEARCH=false]")
+    gateway.add_argument("--models", type=lambda s: s.split(","),
+                         help="models to search, comma-separated (default: all in --model-dir)")
+    _add_connection_flags(gateway)
+    _add_model_flags(gateway)
+
     export = sub.add_parser("export", help="export a checkpoint to an ONNX model directory")
     export.add_argument("checkpoint", nargs="?",
                         help="text: sentence-transformers / transformers checkpoint dir (default: "
@@ -194,6 +207,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if not args.query:
             raise SystemExit("embedstream search: give a query text, --image FILE or --audio FILE")
         return search_text(settings, args.query, k=args.k, model=args.model, as_json=args.json)
+    if args.command == "gateway":
+        from embedstream.commands import gateway
+
+        return gateway(settings)
     if args.command == "export":
         from embedstream.commands import export_model
 

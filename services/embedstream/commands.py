@@ -110,6 +110,17 @@ def _search(
     return 0
 
 
+def gateway(settings: Settings) -> int:
+    try:
+        from embedstream.gateway import run_gateway
+    except ImportError as err:
+        raise SystemExit(
+            f"embedstream: the gateway needs the 'gateway' extra "
+            f"(pip install 'embedstream[gateway]'): {err}"
+        ) from err
+    return run_gateway(settings)
+
+
 def export_model(settings: Settings, args: argparse.Namespace) -> int:
     kind = getattr(args, "kind", "text")
     if kind != "text":

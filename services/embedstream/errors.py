@@ -45,5 +45,31 @@ class SourceError(EmbedstreamError):
     """The broker cannot be reached or refused an operation."""
 
 
+class Backpressure(SourceError):
+    """The broker cannot take events now (producer buffer full, broker unreachable).
+
+    Transient by nature: callers should retry after ``retry_after_s`` seconds
+    (the gateway turns it into ``429`` with a ``Retry-After`` header).
+    """
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class GatewayError(EmbedstreamError):
+    """A request to the gateway cannot be served; ``status`` is the HTTP answer.
+
+    ``code`` is a short, stable machine-readable reason (an envelope reason
+    code for invalid events, e.g. ``invalid_json``; otherwise the gateway's own).
+    """
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
 class DevStackError(EmbedstreamError):
     """The embedded development stack failed to start or stop."""

@@ -112,3 +112,37 @@ class Metrics:
         )
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+
+
+GATEWAY_ROUTES = ("ingest", "search", "embedding", "models", "page", "health", "metrics", "docs", "other")
+
+
+class GatewayMetrics:
+    """The HTTP gateway's instruments (same prefix; ``route`` is a route name, not a path)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_gateway_requests", "HTTP requests answered, by route and status code.",
+            ["route", "status"], registry=reg,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_gateway_request_seconds", "Time to answer a request, by route.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=reg,
+        )
+        self.accepted = Counter(
+            f"{PREFIX}_gateway_events_accepted",
+            "Events confirmed by the broker and answered 202, by modality.",
+            ["modality"], registry=reg,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_gateway_events_rejected",
+            "Ingest requests refused before Kafka, by reason (envelope reason codes, "
+            "too_large, unsupported_media_type, unauthorized, backpressure).",
+            ["reason"], registry=reg,
+        )
+        self.broker_ready = Gauge(
+            f"{PREFIX}_gateway_broker_ready", "1 while the gateway's producer is connected.",
+            registry=reg,
+        )

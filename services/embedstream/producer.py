@@ -11,17 +11,20 @@ import hashlib
 import json
 import logging
 import re
+import threading
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.producer.future import FutureRecordMetadata
 
 from embedstream import envelope
-from embedstream.errors import EnvelopeError, SourceError
+from embedstream.errors import Backpressure, EnvelopeError, SourceError
 from embedstream.settings import Settings
 from embedstream.sources.kafka import client_config, ensure_topics
 
@@ -29,19 +32,40 @@ log = logging.getLogger(__name__)
 
 
 class Producer:
-    """Sends envelopes to the modality topics. Thread-safe; call :meth:`close` (or use ``with``)."""
+    """Sends envelopes to the modality topics. Thread-safe; call :meth:`close` (or use ``with``).
 
-    def __init__(self, settings: Settings, *, create_topics: bool = True) -> None:
+    ``topics`` are created when missing (default: the text topic).
+    ``buffer_bytes`` bounds the bytes sent but not yet confirmed by the
+    broker: :meth:`publish` raises :class:`Backpressure` rather than queue
+    past it (kafka-python 3's own buffer is unbounded). ``connect_timeout_s``
+    bounds how long the constructor waits for the broker.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        create_topics: bool = True,
+        topics: list[str] | None = None,
+        buffer_bytes: int | None = None,
+        connect_timeout_s: float = 30.0,
+        max_block_s: float = 60.0,
+    ) -> None:
         self.settings = settings
         if create_topics:
-            ensure_topics(settings, [settings.topic_for(m) for m in ("text", "image", "audio")])
+            ensure_topics(settings, topics or [settings.topic_for(m) for m in ("text", "image", "audio")])
         try:
             self._producer = KafkaProducer(
-                **client_config(settings), acks="all", linger_ms=5, retries=10
+                **client_config(settings), acks="all", linger_ms=5, retries=10,
+                bootstrap_timeout_ms=int(connect_timeout_s * 1000),
+                max_block_ms=int(max_block_s * 1000),
             )
         except KafkaError as err:
             raise SourceError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
         self.failed = 0
+        self._buffer_bytes = buffer_bytes
+        self._pending = 0
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Producer:
         return self
@@ -111,6 +135,69 @@ class Producer:
             topic, key=key.encode() if key else None, value=value, headers=headers or None
         )
         future.add_errback(self._on_error)
+
+    def publish(
+        self,
+        topic: str,
+        records: Sequence[tuple[str | None, bytes]],
+        *,
+        timeout_s: float,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        """Send ``(key, value)`` records and wait until the broker confirmed all of them.
+
+        Raises :class:`Backpressure` when the buffer is full, the broker is
+        unreachable or does not confirm within ``timeout_s`` (records already
+        queued may still arrive: callers retry with the same ids, and writes are
+        idempotent per id). Any other broker refusal is a :class:`SourceError`.
+        """
+        size = sum(len(value) + len(key or "") for key, value in records)
+        self._reserve(size, retry_after_s)
+        futures: list[FutureRecordMetadata] = []
+        try:
+            for key, value in records:
+                future = self._producer.send(topic, key=key.encode() if key else None, value=value)
+                futures.append(future)
+            deadline = time.monotonic() + timeout_s
+            for future in futures:
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
+        except KafkaError as err:
+            if isinstance(err, KafkaTimeoutError) or err.retriable:
+                raise Backpressure(f"broker did not take the events: {err}", retry_after_s) from err
+            raise SourceError(f"broker refused the events: {err}") from err
+        finally:
+            self._release(size, futures)
+
+    def _reserve(self, size: int, retry_after_s: float) -> None:
+        with self._lock:
+            if self._buffer_bytes is not None and self._pending + size > self._buffer_bytes:
+                raise Backpressure(
+                    f"producer buffer full ({self._pending} of {self._buffer_bytes} bytes "
+                    "await the broker)", retry_after_s,
+                )
+            self._pending += size
+
+    def _release(self, size: int, futures: list[FutureRecordMetadata]) -> None:
+        """Free the reservation once every sent record is settled (now or later)."""
+        remaining = [len(futures)]
+
+        def settled(_: object = None) -> None:
+            with self._lock:
+                remaining[0] -= 1
+                if remaining[0] <= 0:
+                    self._pending -= size
+
+        if not futures:
+            remaining[0] = 1
+            settled()
+        for future in futures:
+            future.add_both(settled)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes sent by :meth:`publish` and not yet confirmed or failed."""
+        with self._lock:
+            return self._pending
 
     def _on_error(self, err: Exception) -> None:
         self.failed += 1

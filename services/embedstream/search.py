@@ -7,6 +7,9 @@ model's keys, which is fine for development-sized data.
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,24 +31,93 @@ class Hit:
     fields: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class TagFilter:
+    """``field`` equals one of ``values`` (a metadata field indexed as ``tag``)."""
+
+    field: str
+    values: tuple[str, ...]
+
+    def query(self) -> str:
+        return f"@{self.field}:{{{' | '.join(_escape_tag(v) for v in self.values)}}}"
+
+    def matches(self, value: str | None) -> bool:
+        return value is not None and value in self.values
+
+
+@dataclass(frozen=True, slots=True)
+class RangeFilter:
+    """``low <= field <= high`` (``None``: unbounded; a metadata field indexed as ``numeric``)."""
+
+    field: str
+    low: float | None = None
+    high: float | None = None
+    low_exclusive: bool = False
+    high_exclusive: bool = False
+
+    def query(self) -> str:
+        low = "-inf" if self.low is None else ("(" if self.low_exclusive else "") + repr(self.low)
+        high = "+inf" if self.high is None else ("(" if self.high_exclusive else "") + repr(self.high)
+        return f"@{self.field}:[{low} {high}]"
+
+    def matches(self, value: str | None) -> bool:
+        try:
+            number = float(value) if value is not None else math.nan
+        except ValueError:
+            return False
+        if math.isnan(number):
+            return False
+        if self.low is not None and (number < self.low or (self.low_exclusive and number == self.low)):
+            return False
+        return not (
+            self.high is not None
+            and (number > self.high or (self.high_exclusive and number == self.high))
+        )
+
+
+Filter = TagFilter | RangeFilter
+
+
+def filter_expression(filters: Sequence[Filter]) -> str:
+    """The RediSearch pre-filter of a hybrid KNN query: ``(@lang:{en} @year:[2000 2020])``."""
+    if not filters:
+        return "*"
+    return "(" + " ".join(f.query() for f in filters) + ")"
+
+
 def search_vector(
-    client: redis.Redis, prefix: str, model: str, vector: np.ndarray, k: int
+    client: redis.Redis,
+    prefix: str,
+    model: str,
+    vector: np.ndarray,
+    k: int,
+    filters: Sequence[Filter] = (),
+    fields: Sequence[str] = (),
 ) -> list[Hit]:
-    """The ``k`` stored items of ``model`` nearest to ``vector``, best first."""
+    """The ``k`` stored items of ``model`` nearest to ``vector``, best first.
+
+    ``filters`` restrict the candidates (all must hold; their fields must be
+    indexed, see :func:`embedstream.sinks.redis.metadata_schema`); ``fields``
+    are hash fields to return besides text, model, modality, created_at, source.
+    """
     query_vec = np.asarray(vector, dtype="<f4").tobytes()
+    wanted = tuple(dict.fromkeys((*_RETURN_FIELDS, *fields)))
     try:
         if has_search(client):
-            return _knn(client, prefix, model, query_vec, k)
-        return _scan(client, prefix, model, np.frombuffer(query_vec, "<f4"), k)
+            return _knn(client, prefix, model, query_vec, k, filters, wanted)
+        return _scan(client, prefix, model, np.frombuffer(query_vec, "<f4"), k, filters, wanted)
     except redis.RedisError as err:
         raise SinkError(f"search in Redis failed: {err}") from err
 
 
-def _knn(client: redis.Redis, prefix: str, model: str, vec: bytes, k: int) -> list[Hit]:
+def _knn(
+    client: redis.Redis, prefix: str, model: str, vec: bytes, k: int,
+    filters: Sequence[Filter], wanted: tuple[str, ...],
+) -> list[Hit]:
     query = (
-        Query(f"*=>[KNN {k} @embedding $vec AS distance]")
+        Query(f"{filter_expression(filters)}=>[KNN {k} @embedding $vec AS distance]")
         .sort_by("distance")
-        .return_fields("distance", *_RETURN_FIELDS)
+        .return_fields("distance", *wanted)
         .paging(0, k)
         .dialect(2)
     )
@@ -53,7 +125,7 @@ def _knn(client: redis.Redis, prefix: str, model: str, vec: bytes, k: int) -> li
     key_start = len(result_key(prefix, model, ""))
     hits = []
     for doc in result.docs:
-        fields = {name: _text(getattr(doc, name, "")) for name in _RETURN_FIELDS}
+        fields = {name: _text(getattr(doc, name, "")) for name in wanted}
         # The index's COSINE metric returns a distance: 1 - cosine similarity.
         score = 1.0 - float(_text(doc.distance))
         key = _text(doc.id)
@@ -61,7 +133,10 @@ def _knn(client: redis.Redis, prefix: str, model: str, vec: bytes, k: int) -> li
     return hits
 
 
-def _scan(client: redis.Redis, prefix: str, model: str, vec: np.ndarray, k: int) -> list[Hit]:
+def _scan(
+    client: redis.Redis, prefix: str, model: str, vec: np.ndarray, k: int,
+    filters: Sequence[Filter], wanted: tuple[str, ...],
+) -> list[Hit]:
     query = vec / (np.linalg.norm(vec) or 1.0)
     key_start = len(result_key(prefix, model, ""))
     scored: list[tuple[float, str, dict[str, str]]] = []
@@ -70,11 +145,25 @@ def _scan(client: redis.Redis, prefix: str, model: str, vec: np.ndarray, k: int)
         stored = np.frombuffer(raw.get(b"embedding", b""), dtype="<f4")
         if stored.shape != query.shape:
             continue
+        if not all(f.matches(_optional_text(raw.get(f.field.encode()))) for f in filters):
+            continue
         score = float(stored @ query / (np.linalg.norm(stored) or 1.0))
-        fields = {name: _text(raw.get(name.encode(), b"")) for name in _RETURN_FIELDS}
+        fields = {name: _text(raw.get(name.encode(), b"")) for name in wanted}
         scored.append((score, _text(key), fields))
     scored.sort(key=lambda hit: hit[0], reverse=True)
     return [Hit(id=key[key_start:], key=key, score=s, fields=f) for s, key, f in scored[:k]]
+
+
+_TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")
+
+
+def _escape_tag(value: str) -> str:
+    """Escape a tag value for a query: every character but letters, digits and _."""
+    return _TAG_SPECIAL.sub(r"\\\1", value)
+
+
+def _optional_text(value: object) -> str | None:
+    return None if value is None else _text(value)
 
 
 def _text(value: object) -> str:

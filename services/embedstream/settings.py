@@ -223,6 +223,65 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Logging level of the entry points.")
 
+    # --- Results stream ----------------------------------------------------
+    publish_results: bool = Field(
+        False, description="After each batch is stored, publish one record per event to "
+        "topic_results ('embedding ready'). Off by default: costs one produce round trip per batch."
+    )
+    topic_results: str = Field(
+        "embedstream.results", description="Topic of 'embedding ready' records (publish_results)."
+    )
+    results_include_vector: bool = Field(
+        False, description="Put the vector (a JSON list of floats) in each results record. "
+        "Off: consumers read it from Redis by the record's 'key'."
+    )
+    metadata_schema: dict[str, Literal["tag", "numeric"]] = Field(
+        default_factory=dict,
+        description="Metadata fields to index for search filters, for every model, e.g. "
+        "'{\"lang\": \"tag\", \"year\": \"numeric\"}'. A model's manifest may add its own "
+        "(extra.metadata_schema). Adding a field to an existing index re-indexes it in the background.",
+    )
+
+    # --- Gateway -----------------------------------------------------------
+    gateway_host: str = Field("0.0.0.0", description="Address the HTTP gateway binds.")
+    gateway_port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP gateway.")
+    gateway_max_request_bytes: int = Field(
+        8 << 20, ge=1024, description="Largest request body the gateway reads (413 above). "
+        "Bounds the memory one request can take."
+    )
+    gateway_max_events: int = Field(
+        1000, ge=1, description="Most envelopes in one ingest request (413 above)."
+    )
+    max_event_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest encoded envelope (the Kafka record value). Keep it "
+        "under the broker's message.max.bytes; base64 makes binary files 4/3 larger."
+    )
+    gateway_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys the gateway accepts (X-API-Key header or 'Authorization: Bearer'). "
+        "Empty with no keys file: no auth. Env: JSON list. Never logged.",
+    )
+    gateway_api_keys_file: Path | None = Field(
+        None, description="File of API keys, one per line ('#' comments), read at start; "
+        "adds to gateway_api_keys. Mount a secret here in Kubernetes."
+    )
+    gateway_publish_timeout_s: float = Field(
+        10.0, gt=0, description="How long an ingest request waits for the broker to confirm "
+        "its events before answering 429 (the 202 means: in Kafka)."
+    )
+    gateway_buffer_bytes: int = Field(
+        32 << 20, ge=1 << 20, description="Memory of the gateway's producer buffer. When it is "
+        "full (the broker is slower than the clients) ingest answers 429."
+    )
+    gateway_retry_after_s: int = Field(
+        2, ge=1, description="Retry-After seconds the gateway suggests with a 429."
+    )
+    gateway_search_max_k: int = Field(100, ge=1, description="Largest k a search may ask for.")
+    gateway_search: bool = Field(
+        True, description="Serve the search API and page (loads the models in model_dir). "
+        "Off: an ingest-only gateway that needs no models."
+    )
+
     @field_validator("auto_offset_reset")
     @classmethod
     def _offset_reset(cls, value: str) -> str:
@@ -247,6 +306,14 @@ class Settings(BaseSettings):
         return {"text": self.topic_text, "image": self.topic_image, "audio": self.topic_audio}[
             modality
         ]
+
+    def api_keys(self) -> list[str]:
+        """Every accepted gateway API key (settings list plus the keys file)."""
+        keys = [k.get_secret_value() for k in self.gateway_api_keys]
+        if self.gateway_api_keys_file is not None:
+            lines = self.gateway_api_keys_file.read_text(encoding="utf-8").splitlines()
+            keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        return [k for k in keys if k]
 
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]

@@ -8,10 +8,10 @@ Integration tests use the real embedded stack instead.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from embedstream.envelope import RawRecord
-from embedstream.errors import SinkError
+from embedstream.errors import Backpressure, SinkError
 from embedstream.models.manifest import Manifest
 from embedstream.sinks.base import Embedded, WriteOutcome
 from embedstream.sources.base import RevokeCallback, TopicPartition
@@ -128,3 +128,49 @@ class MemoryDeadLetters:
 
     def close(self) -> None:
         pass
+
+
+class MemoryResults:
+    """Collects "embedding ready" announcements; ``fail_next`` simulates a broker outage.
+
+    With ``sink``, checks the results contract: nothing is announced before it is stored.
+    """
+
+    def __init__(self, sink: MemorySink | None = None) -> None:
+        self.announced: list[tuple[str, str]] = []
+        self.fail_next = 0
+        self.closed = False
+        self._sink = sink
+
+    def publish(self, results: list[Embedded]) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SinkError("simulated results outage")
+        for result in results:
+            key = (result.model.name, result.event.id)
+            assert self._sink is None or key in self._sink.stored, f"{key} announced unstored"
+            self.announced.append(key)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemoryPublisher:
+    """The gateway's publisher in memory: ``published`` holds (topic, key, value);
+    ``backpressure`` makes every publish raise :class:`Backpressure`."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str | None, bytes]] = []
+        self.backpressure = False
+        self.closed = False
+
+    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes]]) -> None:
+        if self.backpressure:
+            raise Backpressure("simulated full buffer", retry_after_s=3)
+        self.published.extend((topic, key, value) for key, value in records)
+
+    def ready(self) -> bool:
+        return not self.backpressure
+
+    def close(self) -> None:
+        self.closed = True

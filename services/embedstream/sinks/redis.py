@@ -15,6 +15,7 @@ its prefix; without it, vectors are still stored.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from redis.commands.search.field import NumericField, TagField, VectorField
 from redis.commands.search.index_definition import IndexDefinition, IndexType
 from redis.retry import Retry
 
+from embedstream.envelope import RESERVED_FIELDS
 from embedstream.errors import ConfigError, SinkError
 from embedstream.models.manifest import Manifest
 from embedstream.settings import Settings
@@ -55,6 +57,33 @@ def result_key(prefix: str, model: str, event_id: str) -> str:
 
 def index_name(prefix: str, model: str) -> str:
     return f"{prefix}:idx:{model}"
+
+
+# Metadata field names that may be indexed: plain identifiers, so they need no
+# escaping in queries.
+FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+FIELD_TYPES = ("tag", "numeric")
+
+
+def metadata_schema(manifest: Manifest, settings: Settings) -> dict[str, str]:
+    """Metadata fields indexed for ``manifest``'s model: name -> ``tag`` | ``numeric``.
+
+    The manifest's ``extra["metadata_schema"]`` first, then ``settings.metadata_schema``
+    (deployment config wins). Raises :class:`ConfigError` on a bad name or type.
+    """
+    raw = manifest.extra.get("metadata_schema") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model {manifest.name}: extra.metadata_schema must be an object")
+    schema = {**raw, **settings.metadata_schema}
+    for name, kind in schema.items():
+        if not FIELD_NAME.match(name) or name in RESERVED_FIELDS:
+            raise ConfigError(f"model {manifest.name}: cannot index metadata field {name!r}")
+        if kind not in FIELD_TYPES:
+            raise ConfigError(
+                f"model {manifest.name}: metadata field {name!r} has type {kind!r}; "
+                f"use one of {FIELD_TYPES}"
+            )
+    return dict(sorted(schema.items()))
 
 
 def connect(settings: Settings, *, quick: bool = False) -> redis.Redis:
@@ -101,6 +130,7 @@ class RedisSink:
         # readiness probe answers at once while Redis is away.
         self._health = connect(settings, quick=True) if client is None else client
         self._last_ping: tuple[float, bool] = (-1.0, True)
+        self._settings = settings
         self.search_enabled = False
 
     def prepare(self, models: list[Manifest]) -> None:
@@ -117,6 +147,7 @@ class RedisSink:
     def _ensure_index(self, manifest: Manifest) -> None:
         name = index_name(self._prefix, manifest.name)
         search = self._client.ft(name)
+        schema = metadata_schema(manifest, self._settings)
         try:
             info = search.info()
         except redis.ResponseError:
@@ -128,6 +159,7 @@ class RedisSink:
                     f"index {name} holds {existing}-d vectors but model {manifest.name} makes "
                     f"{manifest.dimension}-d ones: give the new model another name"
                 )
+            self._add_fields(search, name, schema, _index_attributes(info))
             return
         search.create_index(
             [
@@ -139,12 +171,23 @@ class RedisSink:
                 TagField("model"),
                 TagField("modality"),
                 NumericField("created_at"),
+                *(_metadata_field(field, kind) for field, kind in schema.items()),
             ],
             definition=IndexDefinition(
                 prefix=[result_key(self._prefix, manifest.name, "")], index_type=IndexType.HASH
             ),
         )
         log.info("created vector index %s (%d-d, HNSW, cosine)", name, manifest.dimension)
+
+    def _add_fields(
+        self, search: Any, name: str, schema: dict[str, str], existing: set[str]
+    ) -> None:
+        """Index metadata fields declared since the index was made (FT.ALTER; the
+        server re-indexes the existing hashes in the background)."""
+        for field, kind in schema.items():
+            if field not in existing:
+                search.alter_schema_add([_metadata_field(field, kind)])
+                log.info("index %s: added %s field %s", name, kind, field)
 
     def write(self, results: list[Embedded]) -> WriteOutcome:
         now = time.time()
@@ -195,6 +238,20 @@ class RedisSink:
     def close(self) -> None:
         self._client.close()
         self._health.close()
+
+
+def _metadata_field(name: str, kind: str) -> TagField | NumericField:
+    return TagField(name) if kind == "tag" else NumericField(name)
+
+
+def _index_attributes(info: dict[Any, Any]) -> set[str]:
+    """The attribute names of an index, from FT.INFO."""
+    names = set()
+    for attribute in info.get("attributes", []):
+        values = [v.decode() if isinstance(v, bytes) else v for v in attribute]
+        pairs = dict(zip(values[::2], values[1::2], strict=False))
+        names.add(str(pairs.get("attribute") or pairs.get("identifier")))
+    return names
 
 
 def _index_dimension(info: dict[Any, Any]) -> int | None:

@@ -45,6 +45,7 @@ from embedstream.runtime.loader import LoadedModel
 from embedstream.runtime.preprocess import Prepared
 from embedstream.settings import Settings
 from embedstream.sinks.base import Embedded, Sink, WriteOutcome
+from embedstream.sinks.results import ResultsPublisher
 from embedstream.sources.base import DeadLetters, Source, TopicPartition
 from embedstream.worker.offsets import OffsetTracker
 
@@ -93,8 +94,10 @@ class Worker:
         sink: Sink,
         dead_letters: DeadLetters,
         metrics: Metrics,
+        results: ResultsPublisher | None = None,
     ) -> None:
         self.settings = settings
+        self.results = results  # "embedding ready" records, after the write, before done
         self.models = models
         self.sink = sink
         self.dead_letters = dead_letters
@@ -259,6 +262,8 @@ class Worker:
         self.source.close()
         self.dead_letters.close()
         self.sink.close()
+        if self.results is not None:
+            self.results.close()
         log.info("worker stopped; %d events left uncommitted for redelivery", in_flight)
         return 1 if self._failure is not None else 0
 
@@ -468,6 +473,8 @@ class Worker:
             outcome = self._write(embedded)
             if outcome is None:
                 return  # abandoned while Redis was away: nothing of it is committed
+            if self.results is not None and not self._announce(embedded):
+                return  # stored but unannounced: uncommitted, so redelivered and announced
             now_ms = time.time() * 1000
             name = result.model.name
             self.metrics.embedded.labels(name).inc(outcome.stored)
@@ -501,6 +508,20 @@ class Worker:
             self.metrics.stage_seconds.labels("sink").observe(time.perf_counter() - started)
             return outcome
         return None
+
+    def _announce(self, embedded: list[Embedded]) -> bool:
+        """Publish the stored batch to the results stream, retried like the write."""
+        assert self.results is not None
+        delay = 0.1
+        while not self._abandon.is_set():
+            try:
+                self.results.publish(embedded)
+                return True
+            except SinkError as err:
+                log.warning("results stream unavailable, retrying in %.1fs: %s", delay, err)
+                self._abandon.wait(delay)
+                delay = min(delay * 2, _SINK_BACKOFF_MAX_S)
+        return False
 
     def _dead_letter(self, record: RawRecord, reason: str, detail: str) -> None:
         position = (record.topic, record.partition, record.offset)

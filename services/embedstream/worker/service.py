@@ -53,6 +53,11 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     topics = sorted({settings.topic_for(m.manifest.modality) for m in models.values()})
     ensure_topics(settings, [*topics, settings.topic_dlq])
     dead_letters = KafkaDeadLetters(settings)
+    results = None
+    if settings.publish_results:
+        from embedstream.sinks.results import KafkaResultsPublisher
+
+        results = KafkaResultsPublisher(settings)
     return Worker(
         settings,
         models,
@@ -60,6 +65,7 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         sink=sink,
         dead_letters=dead_letters,
         metrics=metrics,
+        results=results,
     )
 
 

@@ -1,0 +1,89 @@
+"""The results stream: "embedding ready" records for event-driven applications.
+
+After a batch is stored in Redis, and before its offsets may be committed, the
+worker publishes one record per event to ``settings.topic_results``. Key: the
+event id. Value (UTF-8 JSON)::
+
+    {"id": "doc-42", "model": "all-minilm-l6-v2", "modality": "text", "dim": 384,
+     "key": "embedstream:all-minilm-l6-v2:doc-42", "stored_at": 1767000000.1,
+     "source": "embedstream.text:3:1207", "vector": [0.01, ...]}
+
+``vector`` only with ``results_include_vector``. Contract: a record is
+published only for an event already stored (so "ready" is never announced
+early); the announcement is at-least-once, like the pipeline: a worker that
+crashes after the write but before the commit stores and announces again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Protocol
+
+from embedstream.errors import SinkError, SourceError
+from embedstream.settings import Settings
+from embedstream.sinks.base import Embedded
+from embedstream.sinks.redis import result_key
+
+log = logging.getLogger(__name__)
+
+
+class ResultsPublisher(Protocol):
+    def publish(self, results: list[Embedded]) -> None:
+        """Announce a stored batch; return once the broker confirmed it, or raise
+        :class:`~embedstream.errors.SinkError` (the caller retries)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def result_record(
+    result: Embedded, prefix: str, stored_at: float, include_vector: bool
+) -> dict[str, Any]:
+    """The JSON body of one results record."""
+    event = result.event
+    record = event.record
+    body: dict[str, Any] = {
+        "id": event.id,
+        "model": result.model.name,
+        "modality": result.model.modality,
+        "dim": result.model.dimension,
+        "key": result_key(prefix, result.model.name, event.id),
+        "stored_at": stored_at,
+        "source": f"{record.topic}:{record.partition}:{record.offset}",
+    }
+    if include_vector:
+        body["vector"] = [float(x) for x in result.vector]
+    return body
+
+
+class KafkaResultsPublisher:
+    """Publishes results records with the package's :class:`~embedstream.producer.Producer`."""
+
+    def __init__(self, settings: Settings) -> None:
+        from embedstream.producer import Producer
+
+        self._settings = settings
+        self._producer = Producer(settings, topics=[settings.topic_results])
+
+    def publish(self, results: list[Embedded]) -> None:
+        now = time.time()
+        records = [
+            (
+                r.event.id,
+                json.dumps(
+                    result_record(r, self._settings.key_prefix, now,
+                                  self._settings.results_include_vector),
+                    separators=(",", ":"),
+                ).encode("utf-8"),
+            )
+            for r in results
+        ]
+        try:
+            self._producer.publish(self._settings.topic_results, records, timeout_s=30.0)
+        except SourceError as err:
+            raise SinkError(f"results of {len(results)} events not published: {err}") from err
+
+    def close(self) -> None:
+        self._producer.close()

@@ -1,0 +1,46 @@
+"""The results stream: announced after the write, before the commit, retried."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from test_pipeline import make_worker, model, run_until, text_records  # noqa: F401  (fixture)
+
+from embedstream.envelope import Event
+from embedstream.models.manifest import Manifest
+from embedstream.sinks.base import Embedded
+from embedstream.sinks.results import result_record
+from embedstream.testing import MemoryResults
+
+
+def test_stored_events_are_announced_before_commit(model):  # noqa: F811
+    worker, source, sink, _ = make_worker(model, text_records(["w1", "w2", "w3"]))
+    worker.results = results = MemoryResults(sink)
+    results.fail_next = 2  # the results topic is away for a while: retried, commit waits
+    code = run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 3)
+    assert code == 0
+    assert sorted(results.announced) == [("fake", "p0-0"), ("fake", "p0-1"), ("fake", "p0-2")]
+    assert results.closed
+
+
+def test_unannounced_batches_stay_uncommitted(model):  # noqa: F811
+    worker, source, sink, _ = make_worker(model, text_records(["w1"]))
+    worker.settings = worker.settings.model_copy(update={"shutdown_timeout_s": 0.5})
+    worker.results = results = MemoryResults(sink)
+    results.fail_next = 10**6  # never comes back
+    run_until(worker, lambda: bool(sink.stored), timeout=2)
+    assert sink.stored and not results.announced
+    assert source.committed == {}
+
+
+def test_result_record_format(model):  # noqa: F811
+    event = Event("doc-1", "text", None, "hi", {}, text_records(["w1"])[0])
+    manifest: Manifest = model.manifest
+    body = result_record(Embedded(event, manifest, np.ones(8, np.float32)), "es", 1.5, True)
+    assert body == {
+        "id": "doc-1", "model": "fake", "modality": "text", "dim": 8, "key": "es:fake:doc-1",
+        "stored_at": 1.5, "source": "embedstream.text:0:0", "vector": [1.0] * 8,
+    }
+    assert "vector" not in result_record(Embedded(event, manifest, np.ones(8)), "es", 1.5, False)
+    json.dumps(body)
