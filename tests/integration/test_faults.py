@@ -94,6 +94,12 @@ class RedisServer:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(15)
 
+    def kill(self) -> None:
+        """Cleanup after a failure: nothing may outlive the test."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(15)
+
 
 def _pings(client: redis.Redis) -> bool:
     try:
@@ -158,6 +164,13 @@ class Pool:
         proc.wait(10)
         self.start(name)
 
+    def kill_all(self) -> None:
+        """Cleanup after a failure: nothing may outlive the test."""
+        for proc, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(15)
+
     def stop_all(self) -> list[int | None]:
         for proc, _ in self.procs.values():
             proc.send_signal(signal.SIGTERM)
@@ -169,6 +182,15 @@ def test_kills_outage_rebalance_and_poison_lose_and_duplicate_nothing(
     stack, unique, model_root, tmp_path
 ):
     server = RedisServer(tmp_path)
+    pool = Pool({}, tmp_path)
+    try:
+        _run_fault_suite(stack, unique, model_root, tmp_path, server, pool)
+    finally:
+        pool.kill_all()
+        server.kill()
+
+
+def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, pool: Pool):
     server.start()
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
@@ -195,7 +217,7 @@ def test_kills_outage_rebalance_and_poison_lose_and_duplicate_nothing(
         "EMBEDSTREAM_SHUTDOWN_TIMEOUT_S": "20",
         "EMBEDSTREAM_LOG_LEVEL": "WARNING",
     }
-    pool = Pool(env, tmp_path)
+    pool.env = env
     pool.start("a")
     pool.start("b")
     client = redis.Redis(port=server.port)

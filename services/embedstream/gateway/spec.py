@@ -48,7 +48,7 @@ def envelope_schema(modality: str, models: list[str]) -> dict[str, Any]:
     properties["uri"] = {"type": "string", "minLength": 1,
                          "description": "Where the worker fetches the file."}
     return {"type": "object", "properties": properties, "additionalProperties": False,
-            "anyOf": [{"required": ["data"]}, {"required": ["uri"]}]}
+            "oneOf": [{"required": ["data"]}, {"required": ["uri"]}]}
 
 
 def ingest_openapi(modality: str, models: list[str], max_events: int) -> dict[str, Any]:
