@@ -259,6 +259,7 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     assert pool.status("b", "/healthz") == 200
     time.sleep(3)
     server.start()
+    assert wait_for(lambda: pool.status("b", "/readyz") == 200, 30)  # ready again by itself
 
     assert wait_for(lambda: stored() >= 9000, 180)
     pool.start("c")  # a third member: the group rebalances

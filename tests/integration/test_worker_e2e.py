@@ -195,6 +195,9 @@ def test_worker_processes_share_partitions_and_drain_on_sigterm(stack, unique, m
                     for i in range(2)]
         assert sum(consumed) == 201 and all(c > 0 for c in consumed), consumed
         assert "embedstream_stage_seconds_bucket" in _scrape(port)
+        for i in range(2):  # a healthy worker is ready: models, consumer, broker, Redis
+            with urllib.request.urlopen(f"http://127.0.0.1:{port + i}/readyz", timeout=5) as r:
+                assert r.status == 200 and json.loads(r.read())["ready"] is True
 
         started = time.monotonic()
         pool.send_signal(signal.SIGTERM)

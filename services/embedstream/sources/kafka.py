@@ -9,6 +9,7 @@ that guarantee explicit and testable.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -126,6 +127,8 @@ class KafkaSource:
             raise SourceError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
         self._consumer.subscribe(topics=topics, listener=_Listener(on_revoked))
         self._paused = False
+        self._servers = settings.bootstrap_servers()
+        self._probed: tuple[float, bool] = (-10.0, True)
 
     def poll(self, timeout_s: float) -> list[RawRecord]:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
@@ -174,8 +177,16 @@ class KafkaSource:
             self._paused = False
 
     def connected(self) -> bool:
-        """True when the consumer reaches at least one broker."""
-        return bool(self._consumer.bootstrap_connected())
+        """True when a bootstrap broker accepts a TCP connection (cached for 2 s).
+
+        kafka-python closes its bootstrap connection once it has the cluster's
+        metadata and offers no public "brokers reachable" call, so readiness
+        probes the brokers itself, with a short timeout and never retrying.
+        """
+        now = time.monotonic()
+        if now - self._probed[0] >= 2.0:
+            self._probed = (now, any(_reachable(server) for server in self._servers))
+        return self._probed[1]
 
     def lag(self) -> dict[TopicPartition, int]:
         out = {}
@@ -193,6 +204,15 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
+
+
+def _reachable(server: str, timeout_s: float = 1.0) -> bool:
+    host, _, port = server.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or server, int(port or 9092)), timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _offsets(offsets: dict[TopicPartition, int]) -> dict[KafkaTP, OffsetAndMetadata]:
