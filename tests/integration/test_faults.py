@@ -156,13 +156,23 @@ class Pool:
             pass
         return 0.0
 
-    def kill_mid_batch(self, name: str) -> None:
-        """SIGKILL while the worker holds uncommitted events, then start a new one."""
-        assert wait_for(lambda: self.in_flight(name) > 0, 30, 0.02), f"{name} never busy"
+    def kill_mid_batch(self, *names: str) -> str:
+        """SIGKILL the first of ``names`` seen holding uncommitted events, then start a
+        new one in its place. (After a rebalance a worker may have no work left, so
+        the victim is whichever is busy.)"""
+        busy: list[str] = []
+
+        def someone_busy() -> bool:
+            busy[:] = [n for n in names if self.in_flight(n) > 0]
+            return bool(busy)
+
+        assert wait_for(someone_busy, 30, 0.02), f"none of {names} ever busy"
+        name = busy[0]
         proc, _ = self.procs[name]
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         self.start(name)
+        return name
 
     def kill_all(self) -> None:
         """Cleanup after a failure: nothing may outlive the test."""
@@ -247,7 +257,7 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     started = time.monotonic()
     kills = outages = 0
     assert wait_for(lambda: stored() >= 2000, 180)
-    pool.kill_mid_batch("a")
+    pool.kill_mid_batch("a", "b")
     kills += 1
 
     assert wait_for(lambda: stored() >= 6000, 180)
@@ -265,7 +275,7 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     pool.start("c")  # a third member: the group rebalances
 
     assert wait_for(lambda: stored() >= 12000, 180)
-    pool.kill_mid_batch("b")
+    pool.kill_mid_batch("b", "c", "a")
     kills += 1
 
     dlq_keys: Counter[str] = Counter()
