@@ -42,7 +42,7 @@ import soundfile as sf
 
 from embedstream.errors import ConfigError, EnvelopeError
 from embedstream.models.manifest import Manifest
-from embedstream.runtime.preprocess import Limits, Prepared, register
+from embedstream.runtime.preprocess import Limits, Prepared, prepare_each, register
 
 log = logging.getLogger(__name__)
 
@@ -320,13 +320,7 @@ class AudioPreprocessor:
         return self.frontend.features(self.load(data).wave)
 
     def prepare(self, inputs: Sequence[bytes]) -> list[Prepared | EnvelopeError]:
-        out: list[Prepared | EnvelopeError] = []
-        for data in inputs:
-            try:
-                out.append(self.prepare_one(data))
-            except EnvelopeError as err:
-                out.append(err)
-        return out
+        return prepare_each(self.prepare_one, inputs)
 
     def pack(self, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
         return self.frontend.pack(items)

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from embedstream.errors import ConfigError, EnvelopeError
 from embedstream.models.manifest import Manifest
-from embedstream.runtime.preprocess import Limits, Prepared, register
+from embedstream.runtime.preprocess import Limits, Prepared, prepare_each, register
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,7 @@ class ImagePreprocessor:
         return Prepared(self.transform(decode_image(data, self.max_pixels)), 1)
 
     def prepare(self, inputs: Sequence[bytes]) -> list[Prepared | EnvelopeError]:
-        out: list[Prepared | EnvelopeError] = []
-        for data in inputs:
-            try:
-                out.append(self.prepare_one(data))
-            except EnvelopeError as err:
-                out.append(err)
-        return out
+        return prepare_each(self.prepare_one, inputs)
 
     def pack(self, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
         return {"pixel_values": np.stack([item.value for item in items])}

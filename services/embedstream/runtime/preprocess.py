@@ -75,6 +75,19 @@ PreprocessorFactory = Callable[[Manifest, Path, Limits], Preprocessor]
 PREPROCESSORS: dict[tuple[str, str], PreprocessorFactory] = {}
 
 
+def prepare_each(
+    prepare_one: Callable[[Any], Prepared], inputs: Sequence[Any]
+) -> list[Prepared | EnvelopeError]:
+    """Prepare inputs one by one; a bad one becomes its error, the rest go on."""
+    out: list[Prepared | EnvelopeError] = []
+    for data in inputs:
+        try:
+            out.append(prepare_one(data))
+        except EnvelopeError as err:
+            out.append(err)
+    return out
+
+
 def register(modality: str, kind: str = "") -> Callable[[PreprocessorFactory], PreprocessorFactory]:
     """Class decorator: make a preprocessor available for ``(modality, kind)``."""
 
