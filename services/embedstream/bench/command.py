@@ -125,9 +125,10 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
 
 
 def _model_dirs(settings: Settings, config: BenchConfig) -> tuple[Path, Path]:
-    from embedstream.demo import ensure_model
+    if config.model not in find_models(settings.model_dir):
+        from embedstream.demo import ensure_model  # exports the default model on first use
 
-    ensure_model(settings.model_copy(update={"default_text_model": config.model}))
+        ensure_model(settings.model_copy(update={"default_text_model": config.model}))
     found = find_models(settings.model_dir)
     fp32_dir = found[config.model]
     int8_name = f"{config.model}-int8"
