@@ -108,7 +108,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
         rows.append(row)
     for name, result in pipelines.items():
         row = Row(name, result.items, result.seconds, tokens,
-                  offered_per_s=result.offered_per_s,
+                  offered_per_s=result.offered_per_s, achieved_per_s=result.achieved_per_s,
                   batch_fill=result.mean_batch / config.batch_size,
                   peak_rss_mb=result.peak_rss_mb)
         row.p50_ms, row.p95_ms, row.p99_ms = (

@@ -47,6 +47,8 @@ class PipelineResult:
     peak_rss_mb: float
     latencies_ms: np.ndarray
     offered_per_s: float
+    achieved_per_s: float
+    """Events stored per second over the latency run: below the offered rate, it overloaded."""
 
 
 class WorkerProcess:
@@ -142,12 +144,13 @@ def run_pipeline(
         client = connect(settings)
         vectors = _read_vectors(client, settings.key_prefix, model, ids)
         rate = offered_share * len(texts) / seconds
-        latencies = _offered_load(settings, worker, client, model, texts, rate, latency_s,
-                                  timeout_s)
+        latencies, achieved = _offered_load(
+            settings, worker, client, model, texts, rate, latency_s, timeout_s)
         peak = worker.peak_rss_mb()
     finally:
         worker.stop()
-    return PipelineResult(len(texts), seconds, vectors, mean_batch, peak, latencies, rate)
+    return PipelineResult(len(texts), seconds, vectors, mean_batch, peak, latencies, rate,
+                          achieved)
 
 
 def _time_to_store(worker: WorkerProcess, total: int, timeout_s: float) -> float:
@@ -187,8 +190,8 @@ def _offered_load(
     rate: float,
     duration_s: float,
     timeout_s: float,
-) -> np.ndarray:
-    """Offer events at ``rate``/s for ``duration_s``; return their latencies (ms)."""
+) -> tuple[np.ndarray, float]:
+    """Offer events at ``rate``/s for ``duration_s``; return latencies (ms) and the rate stored."""
     count = max(1, int(rate * duration_s))
     before = worker.stored()
     ids = [f"{settings.key_prefix}-lat-{i}" for i in range(count)]
@@ -208,5 +211,6 @@ def _offered_load(
     pipe = client.pipeline(transaction=False)
     for event_id in ids:
         pipe.hmget(result_key(settings.key_prefix, model, event_id), ["created_at", "event_ts"])
-    rows = pipe.execute()
-    return np.array([float(c) * 1000 - float(e) for c, e in rows])
+    stamps = np.array([(float(c) * 1000, float(e)) for c, e in pipe.execute()])
+    span_s = (stamps[:, 0].max() - stamps[:, 1].min()) / 1000
+    return stamps[:, 0] - stamps[:, 1], count / max(span_s, 1e-9)

@@ -14,6 +14,7 @@ COLUMNS = (
     ("tokens/s", "tokens_per_s", "{:.0f}"),
     ("x peer", "vs_peer", "{:.2f}"),
     ("offered/s", "offered_per_s", "{:.1f}"),
+    ("stored/s", "achieved_per_s", "{:.1f}"),
     ("p50 ms", "p50_ms", "{:.0f}"),
     ("p95 ms", "p95_ms", "{:.0f}"),
     ("p99 ms", "p99_ms", "{:.0f}"),
@@ -36,6 +37,7 @@ class Row:
     tokens_per_s: float = 0.0
     vs_peer: float | None = None
     offered_per_s: float | None = None
+    achieved_per_s: float | None = None
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None

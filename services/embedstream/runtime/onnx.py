@@ -81,6 +81,10 @@ class OrtBackend:
         # One batch at a time per session: parallelism comes from intra-op threads.
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # No busy-waiting between runs: idle intra-op threads that spin take the
+        # cores the worker's other stages (decode, Redis writes, polling) need,
+        # which under light load, many small batches, starves them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         chosen = choose_providers(providers)
         configured = [(p, provider_options(p, onnx_path)) for p in chosen]
         try:

@@ -98,7 +98,8 @@ class Worker:
         self.modality_of = {settings.topic_for(m): m for m in _modalities(models)}
         self.default_model = _default_models(settings, models)
         self.budget = BatchBudget(
-            settings.batch_max_items, settings.batch_max_tokens, settings.batch_max_wait_ms / 1000
+            settings.batch_max_items, settings.batch_max_tokens, settings.batch_max_wait_ms / 1000,
+            settings.batch_max_padding,
         )
         self._max_in_flight = max(
             settings.max_poll_records * 2, settings.batch_max_items * settings.queue_depth * 3
