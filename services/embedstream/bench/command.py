@@ -1,8 +1,8 @@
 """One bench run: the same texts through every row, in one process, interleaved.
 
-Order: round 1 of the in-process rows (peer, raw ORT per precision), then the
-pipeline rows, then the remaining rounds; an in-process row keeps its best
-round (the least disturbed by other load on the machine). Quality is the
+Each round runs every row in turn (peer, raw ORT per precision, then the
+pipeline rows); each row keeps its best round, the least disturbed by other
+load on the machine, and the JSON keeps every round's time. Quality is the
 cosine to the fp32 PyTorch reference (the peer's own vectors).
 """
 
@@ -93,10 +93,12 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
     timings: dict[str, list[Timed]] = {name: [] for name in runners}
     for runner in runners.values():  # warm-up: first-call allocations, lazy init
         runner.run(config.texts[: config.batch_size])
-    _round(runners, config.texts, timings)
-    pipelines = _pipelines(settings, config, int8_dir)
-    for _ in range(config.rounds - 1):
+    pipeline_runs: dict[str, list[Any]] = {}
+    for _ in range(config.rounds):
         _round(runners, config.texts, timings)
+        for name, result in _pipelines(settings, config, int8_dir).items():
+            pipeline_runs.setdefault(name, []).append(result)
+    pipelines = {n: min(runs, key=lambda r: r.seconds) for n, runs in pipeline_runs.items()}
 
     reference = timings["peer"][0].vectors if "peer" in timings else None
     rows: list[Row] = []
@@ -108,6 +110,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
         rows.append(row)
     for name, result in pipelines.items():
         row = Row(name, result.items, result.seconds, tokens,
+                  runs_s=[round(r.seconds, 3) for r in pipeline_runs[name]],
                   offered_per_s=result.offered_per_s, achieved_per_s=result.achieved_per_s,
                   batch_fill=result.mean_batch / config.batch_size,
                   peak_rss_mb=result.peak_rss_mb)
