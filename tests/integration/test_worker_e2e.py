@@ -233,6 +233,7 @@ def test_worker_runtime_imports_neither_torch_nor_transformers(stack, unique, mo
 import sys
 from embedstream.settings import Settings
 import embedstream.cli, embedstream.commands
+from embedstream.worker.service import build_worker
 settings = Settings.model_validate_json({settings.model_dump_json()!r})
 worker = build_worker(settings)
 worker.stop()
