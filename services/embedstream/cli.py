@@ -123,6 +123,36 @@ def _parser() -> argparse.ArgumentParser:
                         "pooled one as token_embeddings)")
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
+    export.add_argument("--no-optimize", action="store_true",
+                        help="keep the exporter's graph (default: fuse it for ONNX Runtime)")
+
+    quantize = sub.add_parser("quantize", help="derive an int8 model (CPU) with a quality gate")
+    quantize.add_argument("model", help="name of an fp32 model under --model-dir")
+    quantize.add_argument("--int8", action="store_true", default=True,
+                          help="int8 dynamic, per-channel weights (the only choice so far)")
+    quantize.add_argument("--name", help="new model name (default <model>-int8)")
+    quantize.add_argument("--model-dir", type=Path, help="models root [EMBEDSTREAM_MODEL_DIR]")
+    quantize.add_argument("--force", action="store_true",
+                          help="keep the result even below the gate (mean cosine 0.99, min 0.98)")
+    quantize.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
+
+    bench = sub.add_parser("bench", help="throughput, latency and quality: peer vs ORT vs pipeline")
+    bench.add_argument("--texts", type=int, default=2000, help="generated texts (default 2000)")
+    bench.add_argument("--file", type=Path, help="your own texts, one per line (instead)")
+    bench.add_argument("--seed", type=int, default=7, help="seed of the generated texts")
+    bench.add_argument("--batch-size", type=int, default=32, help="batch size of every row")
+    bench.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    bench.add_argument("--rows", type=lambda s: s.split(","),
+                       help="comma-separated rows: peer, ort-fp32, ort-int8, pipeline-fp32, "
+                       "pipeline-int8 (default: all)")
+    bench.add_argument("--rounds", type=int, default=2,
+                       help="interleaved rounds of the in-process rows; the best counts")
+    bench.add_argument("--latency-s", type=float, default=20.0,
+                       help="seconds of the offered-load (latency) run per pipeline row")
+    bench.add_argument("--json", type=Path, help="also write the results as JSON here")
+    bench.add_argument("--model", help="fp32 text model (default: the default text model)")
+    bench.add_argument("--model-dir", type=Path, help="models root [EMBEDSTREAM_MODEL_DIR]")
+    bench.add_argument("--smoke", action="store_true", help="tiny run to check the bench works")
 
     replay = sub.add_parser("replay", help="re-drive dead letters, re-embed a topic range")
     replay_sub = replay.add_subparsers(dest="what", required=True)
@@ -215,6 +245,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from embedstream.commands import export_model
 
         return export_model(settings, args)
+    if args.command == "quantize":
+        from embedstream.commands import quantize_model
+
+        return quantize_model(settings, args)
+    if args.command == "bench":
+        from embedstream.bench.command import run_bench_command
+
+        return run_bench_command(settings, args)
     if args.command == "replay":
         from embedstream.commands import replay
 

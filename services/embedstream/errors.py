@@ -73,3 +73,7 @@ class GatewayError(EmbedstreamError):
 
 class DevStackError(EmbedstreamError):
     """The embedded development stack failed to start or stop."""
+
+
+class BenchError(EmbedstreamError):
+    """The benchmark cannot run (a missing extra, a model, or a stage that stalled)."""

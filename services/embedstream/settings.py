@@ -178,6 +178,11 @@ class Settings(BaseSettings):
         8192, ge=16, description="Token budget of one batch, counted padded (items x longest). "
         "Bounds inference memory and time of one batch."
     )
+    batch_max_padding: float = Field(
+        1.5, description="Most padded / real tokens in one batch (0: no limit). A batch closes "
+        "rather than pad short texts to a long one; matters under light load, when a poll "
+        "brings few items of mixed lengths. Lower is less waste but smaller batches.",
+    )
     batch_max_wait_ms: int = Field(
         20, ge=0, description="Longest an event waits for its batch to fill. The latency "
         "floor under light load; 0 sends whatever has arrived."

@@ -356,3 +356,11 @@ def test_import_is_cheap() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_graph_is_fused_for_onnx_runtime(minilm_dir: Path) -> None:
+    """The exported graph uses ONNX Runtime's fused transformer kernels."""
+    fusions = load_manifest(minilm_dir).extra["fusions"]
+    assert fusions == {
+        "EmbedLayerNormalization": 1, "Attention": 6, "SkipLayerNormalization": 12, "BiasGelu": 6,
+    }

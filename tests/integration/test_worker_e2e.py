@@ -237,6 +237,7 @@ import sys
 from embedstream.settings import Settings
 from embedstream.worker.service import build_worker
 import embedstream.cli, embedstream.commands
+from embedstream.worker.service import build_worker
 settings = Settings.model_validate_json({settings.model_dump_json()!r})
 worker = build_worker(settings)
 worker.stop()

@@ -56,3 +56,13 @@ def test_wait_deadline():
 def test_invalid_budget_is_refused():
     with pytest.raises(ValueError):
         BatchBudget(max_items=0, max_tokens=1, max_wait_s=0)
+
+
+def test_padding_limit_keeps_short_items_apart_from_long_ones():
+    budget = BatchBudget(max_items=32, max_tokens=10_000, max_wait_s=1, max_padding=1.5)
+    batcher = Batcher(budget, Clock())
+    closed = batcher.add_many([("q1", 10), ("p1", 250), ("q2", 12), ("q3", 9)])
+    assert [b.items for b in closed] == [["q3", "q1", "q2"]]
+    assert batcher.flush()[0].items == ["p1"]
+    with pytest.raises(ValueError):
+        BatchBudget(max_items=1, max_tokens=1, max_wait_s=0, max_padding=0.5)

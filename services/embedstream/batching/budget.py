@@ -1,9 +1,13 @@
 """Micro-batches packed by explicit budgets: items, padded tokens and wait time.
 
 A batch is closed when one more item would exceed ``max_items`` or the padded
-token count (items x longest, what the model actually computes), or when its
-oldest item has waited ``max_wait_s``. Items added together are sorted by
-length first, so neighbours have similar lengths and padding stays small.
+token count (items x longest, what the model actually computes), or would
+make the padding waste exceed ``max_padding`` (padded / real tokens), or when
+its oldest item has waited ``max_wait_s``. Items added together are sorted by
+length first, so neighbours have similar lengths and padding stays small; the
+padding limit keeps it small under light load too, when a poll brings a few
+items of any length (one 250-token passage would otherwise pad ten 10-token
+queries to 250).
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ class BatchBudget:
     max_items: int
     max_tokens: int
     max_wait_s: float
+    max_padding: float = 0.0
+    """Most padded / real tokens in one batch; 0: no limit."""
 
     def __post_init__(self) -> None:
-        if self.max_items < 1 or self.max_tokens < 1 or self.max_wait_s < 0:
+        if self.max_items < 1 or self.max_tokens < 1 or self.max_wait_s < 0 or (
+            self.max_padding and self.max_padding < 1
+        ):
             raise ValueError(f"invalid batch budget {self}")
 
 
@@ -65,8 +73,11 @@ class Batcher(Generic[T]):
         batch = self._open
         if batch.items:
             longest = max(max(batch.lengths), length)
-            over_tokens = (len(batch) + 1) * longest > self.budget.max_tokens
-            if over_tokens:
+            padded = (len(batch) + 1) * longest
+            over_tokens = padded > self.budget.max_tokens
+            limit = self.budget.max_padding
+            over_padding = bool(limit) and padded > limit * (sum(batch.lengths) + length)
+            if over_tokens or over_padding:
                 closed.append(self._take())
         if not self._open.items:
             self._open.opened_at = self._clock()

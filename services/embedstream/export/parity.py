@@ -109,7 +109,7 @@ def encode_onnx(
 def _encode_reference(
     checkpoint: Path | str, manifest: Manifest, sentences: list[str], batch_size: int
 ) -> np.ndarray:
-    model = _reference_model(checkpoint, manifest)
+    model = reference_model(checkpoint, manifest)
     try:
         vectors = model.encode(
             sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
@@ -119,7 +119,7 @@ def _encode_reference(
     return np.asarray(vectors, dtype=np.float32)
 
 
-def _reference_model(checkpoint: Path | str, manifest: Manifest) -> Any:
+def reference_model(checkpoint: Path | str, manifest: Manifest) -> Any:
     """sentence-transformers as the checkpoint says, or as the manifest says when they differ.
 
     A sentence-transformers checkpoint whose pooling and normalisation were

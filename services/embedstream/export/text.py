@@ -124,6 +124,7 @@ def export_text_model(
     opset: int = 17,
     overwrite: bool = False,
     token_mode: bool = False,
+    optimize: bool = True,
 ) -> Path:
     """Export ``checkpoint`` to ``out_root/<name>/`` and return that directory.
 
@@ -139,6 +140,8 @@ def export_text_model(
     ``name`` defaults to ``all-minilm-l6-v2`` for the default checkpoint and
     to the checkpoint's directory name otherwise.
 
+    With ``optimize`` (the default) the graph is fused for ONNX Runtime
+    (:func:`~embedstream.export.optimize.fuse_text_graph`) before the check.
     The result is checked against sentence-transformers on a fixed sentence
     set; a minimum cosine below 0.9999 fails the export. Raises
     :class:`ExportError` for every expected failure; nothing is left in
@@ -162,6 +165,8 @@ def export_text_model(
         manifest = _write_model_dir(
             staging, name, ckpt, model, hf_tokenizer, pooling, normalize, limit, opset, token_mode
         )
+        if optimize:
+            manifest = _fuse(staging, manifest)
         report = check_parity(staging, ckpt.path, list(PARITY_SENTENCES))
         log.info("parity of %s: min cosine %.6f, mean %.6f over %d sentences",
                  name, report.min_cosine, report.mean_cosine, len(report.cosines))
@@ -236,6 +241,23 @@ def _write_model_dir(
     )
     manifest.write(model_dir)
     return manifest
+
+
+def _fuse(model_dir: Path, manifest: Manifest) -> Manifest:
+    """Fuse the graph in place; record the fusion counts and the new checksum."""
+    from embedstream.export.optimize import fuse_text_graph
+
+    path = manifest.onnx_path(model_dir)
+    extra = manifest.extra
+    stats = fuse_text_graph(
+        path, str(extra.get("model_type", "")),
+        int(extra.get("num_attention_heads", 0)), int(extra.get("hidden_size", 0)),
+    )
+    fused = manifest.model_copy(
+        update={"sha256": file_sha256(path), "extra": {**extra, "fusions": stats}}
+    )
+    fused.write(model_dir)
+    return fused
 
 
 def _model_name(name: str | None, ckpt: TextCheckpoint) -> str:

@@ -112,7 +112,8 @@ class Worker:
             "binary_raw": settings.payload_max_inline_bytes,
         }
         self.budget = BatchBudget(
-            settings.batch_max_items, settings.batch_max_tokens, settings.batch_max_wait_ms / 1000
+            settings.batch_max_items, settings.batch_max_tokens, settings.batch_max_wait_ms / 1000,
+            settings.batch_max_padding,
         )
         self._max_in_flight = max(
             settings.max_poll_records * 2, settings.batch_max_items * settings.queue_depth * 3

@@ -1,0 +1,216 @@
+"""The pipeline row: broker -> worker process -> Redis, measured from outside.
+
+The worker is a real ``embedstream worker`` process (so its peak RSS is its
+own), serving one model with the bench's threads and batch size. Two runs:
+
+* throughput: every text is produced *before* the worker starts; the rate is
+  counted from the first stored event to the last (startup and group join
+  excluded), read from the worker's ``/metrics``;
+* latency: events offered at a fixed rate (half the measured maximum by
+  default); each stored hash carries ``event_ts`` (the Kafka record's
+  create time) and ``created_at`` (the Redis write), their difference is the
+  end-to-end latency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from embedstream.devstack import free_port
+from embedstream.errors import BenchError
+from embedstream.producer import Producer
+from embedstream.settings import Settings
+from embedstream.sinks.redis import connect, result_key
+
+_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineResult:
+    items: int
+    seconds: float
+    vectors: np.ndarray
+    """In input order."""
+    mean_batch: float
+    peak_rss_mb: float
+    latencies_ms: np.ndarray
+    offered_per_s: float
+    achieved_per_s: float
+    """Events stored per second over the latency run: below the offered rate, it overloaded."""
+
+
+class WorkerProcess:
+    """One ``embedstream worker`` subprocess with its metrics endpoint."""
+
+    def __init__(self, settings: Settings, model: str, threads: int, batch_size: int) -> None:
+        self.port = free_port()
+        env = {
+            **os.environ,
+            "EMBEDSTREAM_MODELS": json.dumps([model]),
+            "EMBEDSTREAM_DEFAULT_TEXT_MODEL": model,
+            "EMBEDSTREAM_TOPIC_TEXT": settings.topic_text,
+            "EMBEDSTREAM_TOPIC_DLQ": settings.topic_dlq,
+            "EMBEDSTREAM_GROUP_ID": settings.group_id,
+            "EMBEDSTREAM_KEY_PREFIX": settings.key_prefix,
+            "EMBEDSTREAM_SESSION_TIMEOUT_MS": "6000",
+            "EMBEDSTREAM_HEARTBEAT_INTERVAL_MS": "1000",
+            "EMBEDSTREAM_BATCH_MAX_WAIT_MS": str(settings.batch_max_wait_ms),
+        }
+        cmd = [
+            sys.executable, "-m", "embedstream", "--log-level", "WARNING", "worker",
+            "--kafka-bootstrap", settings.kafka_bootstrap, "--redis-url", settings.redis_url,
+            "--model-dir", str(settings.model_dir), "--metrics-port", str(self.port),
+            "--metrics-host", "127.0.0.1", "--intra-op-threads", str(threads),
+            "--batch-max-items", str(batch_size), "--processes", "1",
+        ]
+        self.proc = subprocess.Popen(cmd, env=env)
+        self._model = model
+
+    def scrape(self) -> dict[str, float]:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value)
+        return values
+
+    def stored(self) -> float:
+        try:
+            return self.scrape().get("embedstream_events_embedded_total", 0.0)
+        except OSError:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the worker exited with {self.proc.returncode}") from None
+            return 0.0
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_pipeline(
+    base: Settings,
+    model: str,
+    texts: list[str],
+    *,
+    threads: int,
+    batch_size: int,
+    latency_s: float,
+    offered_share: float = 0.5,
+    timeout_s: float = 600.0,
+) -> PipelineResult:
+    """Throughput then latency of ``model`` through the whole pipeline."""
+    run = "b" + uuid.uuid4().hex[:8]
+    settings = base.model_copy(update={
+        "topic_text": f"{run}.text", "topic_dlq": f"{run}.dlq", "group_id": f"{run}-group",
+        "key_prefix": run,
+    })
+    ids = [f"{run}-{i}" for i in range(len(texts))]
+    with Producer(settings) as producer:
+        for event_id, text in zip(ids, texts, strict=True):
+            producer.send_text(text, id=event_id)
+        producer.flush()
+    worker = WorkerProcess(settings, model, threads, batch_size)
+    try:
+        seconds = _time_to_store(worker, len(texts), timeout_s)
+        metrics = worker.scrape()
+        mean_batch = metrics.get("embedstream_batch_size_sum", 0.0) / max(
+            1.0, metrics.get("embedstream_batch_size_count", 0.0))
+        client = connect(settings)
+        vectors = _read_vectors(client, settings.key_prefix, model, ids)
+        rate = offered_share * len(texts) / seconds
+        latencies, achieved = _offered_load(
+            settings, worker, client, model, texts, rate, latency_s, timeout_s)
+        peak = worker.peak_rss_mb()
+    finally:
+        worker.stop()
+    return PipelineResult(len(texts), seconds, vectors, mean_batch, peak, latencies, rate,
+                          achieved)
+
+
+def _time_to_store(worker: WorkerProcess, total: int, timeout_s: float) -> float:
+    """Seconds per event between the first stored and the last, scaled to ``total``."""
+    deadline = time.monotonic() + timeout_s
+    first: tuple[float, float] | None = None
+    while time.monotonic() < deadline:
+        count = worker.stored()
+        now = time.perf_counter()
+        if count > 0 and first is None:
+            first = (now, count)
+        if count >= total and first is not None:
+            done = total - first[1]
+            if done <= 0:  # everything landed in the first scrape: too small to time
+                raise BenchError("the pipeline run was too short to time; use more texts")
+            return (now - first[0]) * total / done
+        time.sleep(_POLL_S)
+    raise BenchError(f"the pipeline stored {worker.stored():.0f}/{total} in {timeout_s:.0f}s")
+
+
+def _read_vectors(client: redis.Redis, prefix: str, model: str, ids: list[str]) -> np.ndarray:
+    pipe = client.pipeline(transaction=False)
+    for event_id in ids:
+        pipe.hget(result_key(prefix, model, event_id), "embedding")
+    blobs = pipe.execute()
+    if any(b is None for b in blobs):
+        raise BenchError("some events are missing from Redis after the pipeline run")
+    return np.stack([np.frombuffer(b, dtype="<f4") for b in blobs])
+
+
+def _offered_load(
+    settings: Settings,
+    worker: WorkerProcess,
+    client: redis.Redis,
+    model: str,
+    texts: list[str],
+    rate: float,
+    duration_s: float,
+    timeout_s: float,
+) -> tuple[np.ndarray, float]:
+    """Offer events at ``rate``/s for ``duration_s``; return latencies (ms) and the rate stored."""
+    count = max(1, int(rate * duration_s))
+    before = worker.stored()
+    ids = [f"{settings.key_prefix}-lat-{i}" for i in range(count)]
+    with Producer(settings, create_topics=False) as producer:
+        start = time.perf_counter()
+        for i, event_id in enumerate(ids):
+            wait = start + i / rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            producer.send_text(texts[i % len(texts)], id=event_id)
+        producer.flush()
+    deadline = time.monotonic() + timeout_s
+    while worker.stored() < before + count:
+        if time.monotonic() > deadline:
+            raise BenchError("the latency run did not finish")
+        time.sleep(_POLL_S)
+    pipe = client.pipeline(transaction=False)
+    for event_id in ids:
+        pipe.hmget(result_key(settings.key_prefix, model, event_id), ["created_at", "event_ts"])
+    stamps = np.array([(float(c) * 1000, float(e)) for c, e in pipe.execute()])
+    span_s = (stamps[:, 0].max() - stamps[:, 1].min()) / 1000
+    return stamps[:, 0] - stamps[:, 1], count / max(span_s, 1e-9)

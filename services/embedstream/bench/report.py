@@ -1,0 +1,90 @@
+"""The bench table and its JSON form."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("row", "row", "{}"),
+    ("items/s", "items_per_s", "{:.1f}"),
+    ("tokens/s", "tokens_per_s", "{:.0f}"),
+    ("x peer", "vs_peer", "{:.2f}"),
+    ("offered/s", "offered_per_s", "{:.1f}"),
+    ("stored/s", "achieved_per_s", "{:.1f}"),
+    ("p50 ms", "p50_ms", "{:.0f}"),
+    ("p95 ms", "p95_ms", "{:.0f}"),
+    ("p99 ms", "p99_ms", "{:.0f}"),
+    ("batch fill", "batch_fill", "{:.2f}"),
+    ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+    ("cos min", "cos_min", "{:.4f}"),
+    ("cos mean", "cos_mean", "{:.5f}"),
+)
+
+
+@dataclass(slots=True)
+class Row:
+    """One bench row. ``None`` means "not measured for this row"."""
+
+    row: str
+    items: int
+    seconds: float
+    tokens: int
+    items_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+    vs_peer: float | None = None
+    offered_per_s: float | None = None
+    achieved_per_s: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    batch_fill: float | None = None
+    peak_rss_mb: float | None = None
+    cos_min: float | None = None
+    cos_mean: float | None = None
+    runs_s: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.items_per_s = self.items / self.seconds
+        self.tokens_per_s = self.tokens / self.seconds
+
+
+@dataclass(slots=True)
+class Report:
+    setup: dict[str, Any]
+    rows: list[Row]
+    targets: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> str:
+        cells = [[title for title, _, _ in COLUMNS]]
+        for row in self.rows:
+            values = asdict(row)
+            cells.append([_cell(values[key], fmt) for _, key, fmt in COLUMNS])
+        widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+        lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                            enumerate(zip(r, widths, strict=True))) for r in cells]
+        lines.insert(1, "-|-".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def targets_text(self) -> str:
+        return "\n".join(
+            f"[{'met ' if t['met'] else 'MISS'}] {t['target']}: {t['figure']}" for t in self.targets
+        )
+
+    def write_json(self, path: Path) -> None:
+        data = {"setup": self.setup, "rows": [asdict(r) for r in self.rows],
+                "targets": self.targets}
+        path.write_text(json.dumps(data, indent=2, default=_finite) + "\n", encoding="utf-8")
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def _finite(value: Any) -> Any:
+    return float(value)
