@@ -13,10 +13,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+import e2e_support
 import numpy as np
 import pytest
 import soundfile as sf
@@ -25,12 +25,10 @@ from PIL import Image
 from skimage import data as skdata
 
 from embedstream.envelope import encode
-from embedstream.metrics import Metrics
 from embedstream.producer import Producer, file_event_id, find_files, produce_files
 from embedstream.runtime.loader import load_models
 from embedstream.settings import Settings
 from embedstream.sinks.redis import connect, index_name, result_key
-from embedstream.worker.service import build_worker
 
 DIMS = {"all-minilm-l6-v2": 384, "efficientnet-lite0": 1280, "aisfx": 512, "spacy-en-md": 300,
         "lee-fasttext": 10}
@@ -69,25 +67,11 @@ def audio_bytes(seconds: float, rate: int, fmt: str, freq: float = 440.0, channe
     return buffer.getvalue()
 
 
-class ThreadWorker:
-    def __init__(self, settings: Settings) -> None:
-        self.metrics = Metrics()
-        self.worker = build_worker(settings, self.metrics)
-        self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        self.code = self.worker.run()
-
+class ThreadWorker(e2e_support.ThreadWorker):
     def total(self, name: str) -> float:
+        """A metric summed over all its label sets."""
         return sum(s.value for m in self.metrics.registry.collect() for s in m.samples
                    if s.name == name)
-
-    def stop(self) -> int | None:
-        self.worker.stop()
-        self.thread.join(60)
-        return self.code
 
 
 def wait_for(condition, timeout: float = 90.0) -> bool:
