@@ -18,8 +18,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from embedstream.errors import ExportError
-from embedstream.export.audio import AUDIO_FAMILIES, audio_parity, export_audio_model, sample_clips
-from embedstream.export.image import IMAGE_FAMILIES, export_image_model, image_parity, sample_images
+from embedstream.export.audio import AUDIO_FAMILIES, export_audio_model, sample_clips
+from embedstream.export.common import runtime_parity
+from embedstream.export.image import IMAGE_FAMILIES, export_image_model, sample_images
 from embedstream.export.wordvec import WORDVEC_FORMATS, export_wordvec_model, wordvec_parity
 from embedstream.models.manifest import load_manifest
 from embedstream.runtime.loader import load_model
@@ -41,7 +42,7 @@ def test_efficientnet_lite0_matches_pytorch_on_photos(media_model_root):
     module = IMAGE_FAMILIES["efficientnet-lite"](None).module
     gif = io.BytesIO()
     Image.fromarray(skdata.astronaut()).save(gif, format="GIF")
-    parity = image_parity(directory, module, [*sample_images(), gif.getvalue()])
+    parity = runtime_parity(directory, module, [*sample_images(), gif.getvalue()])
     print(f"\nPARITY image efficientnet-lite0: min cosine {parity.min_cosine:.7f}, "
           f"max |diff| {parity.max_abs_diff:.2e} over {len(parity.cosines)} photos")
     assert parity.min_cosine >= MIN_COSINE
@@ -69,7 +70,7 @@ def test_aisfx_matches_pytorch_on_clips(media_model_root):
     manifest = load_manifest(directory)
     assert (manifest.modality, manifest.dimension) == ("audio", 512)
     module = AUDIO_FAMILIES["aisfx"](None).module
-    parity = audio_parity(directory, module, sample_clips(seconds=6.0))
+    parity = runtime_parity(directory, module, sample_clips(seconds=6.0))
     print(f"\nPARITY audio aisfx: min cosine {parity.min_cosine:.7f}, "
           f"max |diff| {parity.max_abs_diff:.2e} over {len(parity.cosines)} clips")
     assert parity.min_cosine >= MIN_COSINE

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from embedstream.export.audio import AUDIO_FAMILIES, audio_parity, export_audio_model, sample_clips
-from embedstream.export.image import IMAGE_FAMILIES, export_image_model, image_parity, sample_images
+from embedstream.export.audio import AUDIO_FAMILIES, export_audio_model, sample_clips
+from embedstream.export.common import runtime_parity
+from embedstream.export.image import IMAGE_FAMILIES, export_image_model, sample_images
 from embedstream.runtime.loader import load_model
 
 MIN_COSINE = 0.9999
@@ -62,7 +63,7 @@ def test_transformers_vision_encoders_export_with_parity(tmp_path, kind):
     checkpoint = tmp_path / f"tiny-{kind}"
     _vision(kind, checkpoint)
     directory = export_image_model(checkpoint, tmp_path / "models", family="transformers")
-    parity = image_parity(directory, IMAGE_FAMILIES["transformers"](str(checkpoint)).module,
+    parity = runtime_parity(directory, IMAGE_FAMILIES["transformers"](str(checkpoint)).module,
                           sample_images())
     print(f"\nPARITY image transformers/{kind}: min cosine {parity.min_cosine:.7f}")
     assert parity.min_cosine >= MIN_COSINE
@@ -111,7 +112,7 @@ def test_transformers_audio_encoders_export_with_parity(tmp_path, kind):
     _audio(kind, checkpoint)
     directory = export_audio_model(checkpoint, tmp_path / "models", family="transformers")
     clips = sample_clips(seconds=1.0 if kind == "whisper" else 2.0)
-    parity = audio_parity(directory, AUDIO_FAMILIES["transformers"](str(checkpoint)).module, clips)
+    parity = runtime_parity(directory, AUDIO_FAMILIES["transformers"](str(checkpoint)).module, clips)
     print(f"\nPARITY audio transformers/{kind}: min cosine {parity.min_cosine:.7f}")
     assert parity.min_cosine >= MIN_COSINE
 

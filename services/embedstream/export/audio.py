@@ -33,13 +33,12 @@ import torch.nn.functional as F
 from embedstream.errors import ExportError
 from embedstream.export.common import (
     ONNX_FILE,
-    Parity,
     check_name,
-    compare,
     export_onnx,
+    pick_family,
     require_parity,
+    runtime_parity,
     staged_export,
-    torch_embed,
     write_manifest,
 )
 
@@ -194,16 +193,6 @@ def sample_clips(seconds: float = 3.0) -> list[bytes]:
     return clips
 
 
-def audio_parity(model_dir: Path, module: torch.nn.Module, clips: list[bytes]) -> Parity:
-    from embedstream.runtime.loader import load_model
-
-    loaded = load_model(model_dir, providers=["CPUExecutionProvider"], threads=0)
-    prep = loaded.preprocessor
-    feeds = prep.pack([prep.prepare_one(c) for c in clips])  # type: ignore[attr-defined]
-    actual = loaded.backend.embed(feeds)
-    expected = torch_embed(module, *(feeds[n] for n in loaded.manifest.inputs))
-    return compare(actual, expected)
-
 
 def export_audio_model(
     checkpoint: str | Path | None,
@@ -215,10 +204,7 @@ def export_audio_model(
     overwrite: bool = False,
 ) -> Path:
     """Export an audio encoder to ``out_root/<name>/``; return that directory."""
-    try:
-        loader = AUDIO_FAMILIES[family]
-    except KeyError as err:
-        raise ExportError(f"unknown audio family {family!r}; known: {sorted(AUDIO_FAMILIES)}") from err
+    loader = pick_family(AUDIO_FAMILIES, family, "audio")
     src = loader(str(checkpoint) if checkpoint else None)
     name = check_name(name or src.default_name)
     with staged_export(out_root, name, overwrite) as staging:
@@ -231,7 +217,7 @@ def export_audio_model(
         write_manifest(staging, name=name, modality="audio", dimension=dimension, pooling="mean",
                        normalize=True, inputs=src.inputs, opset=opset, source=src.source,
                        extra={**src.frontend, "family": src.family})
-        parity = audio_parity(staging, src.module, sample_clips())
+        parity = runtime_parity(staging, src.module, sample_clips())
         require_parity(name, parity, "clips")
     log.info("exported %s (%s, %d-d) to %s", name, src.family, dimension, Path(out_root) / name)
     return Path(out_root) / name

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -136,3 +136,27 @@ def require_parity(name: str, parity: Parity, what: str) -> None:
 def torch_embed(fn: Callable[..., torch.Tensor], *arrays: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return fn(*(torch.from_numpy(a) for a in arrays)).float().numpy()
+
+
+F = TypeVar("F")
+
+
+def pick_family(families: dict[str, F], family: str, kind: str) -> F:
+    """The loader of an exporter family, or a clear error naming the known ones."""
+    try:
+        return families[family]
+    except KeyError as err:
+        raise ExportError(f"unknown {kind} family {family!r}; known: {sorted(families)}") from err
+
+
+def runtime_parity(model_dir: Path, module: torch.nn.Module, payloads: list[bytes]) -> Parity:
+    """The exported model, fed by the worker's own preprocessor, against ``module``
+    on the very same graph inputs (files -> runtime preprocessing -> both)."""
+    from embedstream.runtime.loader import load_model
+
+    loaded = load_model(model_dir, providers=["CPUExecutionProvider"], threads=0)
+    prep = loaded.preprocessor
+    feeds = prep.pack([prep.prepare_one(p) for p in payloads])  # type: ignore[attr-defined]
+    actual = loaded.backend.embed(feeds)
+    expected = torch_embed(module, *(feeds[n] for n in loaded.manifest.inputs))
+    return compare(actual, expected)

@@ -40,9 +40,10 @@ from embedstream.export.common import (
     ONNX_FILE,
     Parity,
     check_name,
-    compare,
     export_onnx,
+    pick_family,
     require_parity,
+    runtime_parity,
     staged_export,
     torch_embed,
     write_manifest,
@@ -186,16 +187,6 @@ def sample_images() -> list[bytes]:
     return out
 
 
-def image_parity(model_dir: Path, module: torch.nn.Module, images: list[bytes]) -> Parity:
-    """ONNX (through the worker's preprocessor) against ``module`` on the same pixels."""
-    from embedstream.runtime.loader import load_model
-
-    loaded = load_model(model_dir, providers=["CPUExecutionProvider"], threads=0)
-    pixels = loaded.preprocessor.pack([loaded.preprocessor.prepare_one(b) for b in images])  # type: ignore[attr-defined]
-    actual = loaded.backend.embed(pixels)
-    expected = torch_embed(module, pixels["pixel_values"])
-    return compare(actual, expected)
-
 
 def export_image_model(
     checkpoint: str | Path | None,
@@ -207,10 +198,7 @@ def export_image_model(
     overwrite: bool = False,
 ) -> Path:
     """Export an image encoder to ``out_root/<name>/``; return that directory."""
-    try:
-        loader = IMAGE_FAMILIES[family]
-    except KeyError as err:
-        raise ExportError(f"unknown image family {family!r}; known: {sorted(IMAGE_FAMILIES)}") from err
+    loader = pick_family(IMAGE_FAMILIES, family, "image")
     src = loader(str(checkpoint) if checkpoint else None)
     name = check_name(name or src.default_name)
     height, width = src.preprocess["image_size"]
@@ -225,7 +213,7 @@ def export_image_model(
             normalize=True, inputs=["pixel_values"], opset=opset, source=src.source,
             extra={**src.preprocess, "family": src.family},
         )
-        parity = image_parity(staging, src.module, sample_images())
+        parity = runtime_parity(staging, src.module, sample_images())
         require_parity(name, parity, "images")
         _record_parity(staging, parity)
     log.info("exported %s (%s, %d-d) to %s", name, src.family, dimension, Path(out_root) / name)
