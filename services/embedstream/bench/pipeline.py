@@ -4,8 +4,8 @@ The worker is a real ``embedstream worker`` process (so its peak RSS is its
 own), serving one model with the bench's threads and batch size. Two runs:
 
 * throughput: every text is produced *before* the worker starts; the rate is
-  counted from the first stored event to the last (startup and group join
-  excluded), read from the worker's ``/metrics``;
+  counted from the first Redis write to the last (startup and group join
+  excluded), from the write time each hash carries (``created_at``);
 * latency: events offered at a fixed rate (half the measured maximum by
   default); each stored hash carries ``event_ts`` (the Kafka record's
   create time) and ``created_at`` (the Redis write), their difference is the
@@ -34,7 +34,7 @@ from embedstream.producer import Producer
 from embedstream.settings import Settings
 from embedstream.sinks.redis import connect, result_key
 
-_POLL_S = 0.05
+_POLL_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +137,13 @@ def run_pipeline(
         producer.flush()
     worker = WorkerProcess(settings, model, threads, batch_size)
     try:
-        seconds = _time_to_store(worker, len(texts), timeout_s)
+        _wait_stored(worker, len(texts), timeout_s)
         metrics = worker.scrape()
         mean_batch = metrics.get("embedstream_batch_size_sum", 0.0) / max(
             1.0, metrics.get("embedstream_batch_size_count", 0.0))
         client = connect(settings)
-        vectors = _read_vectors(client, settings.key_prefix, model, ids)
+        vectors, written_at = _read_stored(client, settings.key_prefix, model, ids)
+        seconds = _seconds_per_run(written_at)
         rate = offered_share * len(texts) / seconds
         latencies, achieved = _offered_load(
             settings, worker, client, model, texts, rate, latency_s, timeout_s)
@@ -153,32 +154,46 @@ def run_pipeline(
                           achieved)
 
 
-def _time_to_store(worker: WorkerProcess, total: int, timeout_s: float) -> float:
-    """Seconds per event between the first stored and the last, scaled to ``total``."""
+def _wait_stored(worker: WorkerProcess, total: float, timeout_s: float) -> None:
+    """Wait until the worker has stored ``total`` events.
+
+    Polled slowly on purpose: a metrics scrape costs the worker CPU, and the
+    rate comes from the hashes' own write times afterwards, not from here.
+    """
     deadline = time.monotonic() + timeout_s
-    first: tuple[float, float] | None = None
-    while time.monotonic() < deadline:
-        count = worker.stored()
-        now = time.perf_counter()
-        if count > 0 and first is None:
-            first = (now, count)
-        if count >= total and first is not None:
-            done = total - first[1]
-            if done <= 0:  # everything landed in the first scrape: too small to time
-                raise BenchError("the pipeline run was too short to time; use more texts")
-            return (now - first[0]) * total / done
+    while worker.stored() < total:
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"the pipeline stored {worker.stored():.0f}/{total} in {timeout_s:.0f}s")
         time.sleep(_POLL_S)
-    raise BenchError(f"the pipeline stored {worker.stored():.0f}/{total} in {timeout_s:.0f}s")
 
 
-def _read_vectors(client: redis.Redis, prefix: str, model: str, ids: list[str]) -> np.ndarray:
+def _read_stored(
+    client: redis.Redis, prefix: str, model: str, ids: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors (in ``ids`` order) and write times (unix seconds) of stored events."""
     pipe = client.pipeline(transaction=False)
     for event_id in ids:
-        pipe.hget(result_key(prefix, model, event_id), "embedding")
-    blobs = pipe.execute()
-    if any(b is None for b in blobs):
+        pipe.hmget(result_key(prefix, model, event_id), ["embedding", "created_at"])
+    rows = pipe.execute()
+    if any(blob is None for blob, _ in rows):
         raise BenchError("some events are missing from Redis after the pipeline run")
-    return np.stack([np.frombuffer(b, dtype="<f4") for b in blobs])
+    vectors = np.stack([np.frombuffer(blob, dtype="<f4") for blob, _ in rows])
+    return vectors, np.array([float(stamp) for _, stamp in rows])
+
+
+def _seconds_per_run(written_at: np.ndarray) -> float:
+    """Seconds to store all events at the rate between the first write and the last.
+
+    Every write (one per batch) stamps its events with one time, so the events of
+    the first write mark the start; the rest were stored over the span after it.
+    Startup and the group join are excluded this way.
+    """
+    first = written_at.min()
+    after_first = int((written_at > first).sum())
+    if after_first == 0:
+        raise BenchError("the pipeline run was too short to time; use more items")
+    return float(written_at.max() - first) * len(written_at) / after_first
 
 
 def _offered_load(
@@ -204,10 +219,7 @@ def _offered_load(
             producer.send_text(texts[i % len(texts)], id=event_id)
         producer.flush()
     deadline = time.monotonic() + timeout_s
-    while worker.stored() < before + count:
-        if time.monotonic() > deadline:
-            raise BenchError("the latency run did not finish")
-        time.sleep(_POLL_S)
+    _wait_stored(worker, before + count, max(1.0, deadline - time.monotonic()))
     pipe = client.pipeline(transaction=False)
     for event_id in ids:
         pipe.hmget(result_key(settings.key_prefix, model, event_id), ["created_at", "event_ts"])

@@ -116,10 +116,13 @@ class Worker:
             settings.batch_max_padding,
         )
         self._max_in_flight = max(
-            settings.max_poll_records * 2, settings.batch_max_items * settings.queue_depth * 3
+            settings.max_poll_records * 2,
+            settings.batch_sort_window + settings.max_poll_records * 2,
+            settings.batch_max_items * settings.queue_depth * 3,
         )
 
         self._records: queue.Queue[Any] = queue.Queue()
+        self._held: list[Any] = []  # a poll taken from _records but handled next (pre stage)
         self._batches: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
         self._results: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
         # Completed (topic, partition, offset) lists, for the polling thread.
@@ -308,10 +311,7 @@ class Worker:
         while not self._abandon.is_set():
             deadlines = [d for b in batchers.values() if (d := b.deadline()) is not None]
             timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 0.2
-            try:
-                records = self._records.get(timeout=timeout)
-            except queue.Empty:
-                records = None
+            records = self._next_records(timeout)
             if records is _STOP:
                 for name, batcher in batchers.items():
                     self._emit(name, batcher.flush())
@@ -322,6 +322,43 @@ class Worker:
                     self._emit(name, batchers[name].add_many(items))
             for name, batcher in batchers.items():
                 self._emit(name, batcher.due())
+
+    def _next_records(self, timeout: float) -> Any:
+        """The next poll (merged with the text backlog), the stop marker, or None."""
+        if self._held:
+            records = self._held.pop()
+        else:
+            try:
+                records = self._records.get(timeout=timeout)
+            except queue.Empty:
+                return None
+        return records if records is _STOP else self._drain_backlog(records)
+
+    def _drain_backlog(self, records: list[RawRecord]) -> list[RawRecord]:
+        """Merge text polls already queued behind ``records``, up to the sort window.
+
+        Under a backlog the polls queue up while inference is busy; sorting them
+        together packs batches of similar length (less padding). Under light load
+        nothing is queued and this returns ``records`` at once. A queued poll that
+        is not all text, or the stop marker, ends the merge and is handled next
+        (it goes back to the head of the pre stage's input).
+        """
+        if not self._all_text(records):
+            return records
+        merged = list(records)
+        while len(merged) < self.settings.batch_sort_window:
+            try:
+                more = self._records.get_nowait()
+            except queue.Empty:
+                break
+            if more is _STOP or not self._all_text(more):
+                self._held.append(more)
+                break
+            merged.extend(more)
+        return merged
+
+    def _all_text(self, records: list[RawRecord]) -> bool:
+        return all(self.modality_of.get(r.topic) == "text" for r in records)
 
     def _prepare(self, records: list[RawRecord]) -> dict[str, list[tuple[Item, int]]]:
         """Decode and preprocess one poll's records, grouped by model."""
