@@ -153,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="fp32 text model (default: the default text model)")
     bench.add_argument("--model-dir", type=Path, help="models root [EMBEDSTREAM_MODEL_DIR]")
     bench.add_argument("--smoke", action="store_true", help="tiny run to check the bench works")
+    bench.add_argument("--soak", type=float, metavar="SECONDS",
+                       help="instead: a worker under steady load for SECONDS (600 for the "
+                       "10-minute check); reports its memory growth")
+    bench.add_argument("--soak-rate", type=float, default=40.0,
+                       help="events per second offered during the soak (default 40)")
+    bench.add_argument("--soak-sample-s", type=float, default=30.0,
+                       help="seconds between memory samples of the soak (default 30)")
 
     replay = sub.add_parser("replay", help="re-drive dead letters, re-embed a topic range")
     replay_sub = replay.add_subparsers(dest="what", required=True)

@@ -9,6 +9,7 @@ cosine to the fp32 PyTorch reference (the peer's own vectors).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -23,6 +24,7 @@ from embedstream.bench.inputs import file_texts, generated_texts
 from embedstream.bench.pipeline import run_pipeline
 from embedstream.bench.report import Report, Row
 from embedstream.bench.rows import OrtRow, PeerRow, Timed, prepare_texts
+from embedstream.bench.soak import SoakConfig, run_soak
 from embedstream.errors import BenchError
 from embedstream.models.manifest import find_models
 from embedstream.runtime.onnx import default_threads
@@ -46,6 +48,8 @@ class BenchConfig:
 
 
 def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.soak is not None:
+        return _soak_command(settings, args)
     config = _config(settings, args)
     report = run_bench(settings, config)
     print(report.table())
@@ -53,6 +57,36 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
     print(report.targets_text())
     if args.json:
         report.write_json(args.json)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _soak_command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.soak <= 0 or args.soak_rate <= 0 or args.soak_sample_s <= 0:
+        raise BenchError("--soak, --soak-rate and --soak-sample-s must be positive")
+    count = max(1, int(args.soak * args.soak_rate))
+    if args.file:
+        own = file_texts(args.file)
+        texts = [own[i % len(own)] for i in range(count)]
+    else:
+        texts = generated_texts(count, args.seed)
+    model = args.model or settings.default_text_model
+    _model_dirs(settings, model, ("pipeline-fp32",))
+    config = SoakConfig(
+        texts=texts, model=model, rate=args.soak_rate, duration_s=args.soak,
+        sample_s=args.soak_sample_s, warmup_s=min(60.0, args.soak / 5), batch_size=args.batch_size,
+        threads=args.threads or settings.intra_op_threads or default_threads(),
+    )
+    result = run_soak(settings, config)
+    target = result.target()
+    print(result.summary())
+    print(f"[{'met ' if target['met'] else 'MISS'}] {target['target']}: {target['figure']}")
+    if args.json:
+        data = {"setup": {"model": model, "rate": config.rate, "duration_s": config.duration_s,
+                          "sample_s": config.sample_s, "warmup_s": config.warmup_s,
+                          "threads": config.threads, "batch_size": config.batch_size},
+                "soak": result.as_dict(), "targets": [target]}
+        args.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.json}")
     return 0
 
@@ -78,7 +112,7 @@ def _config(settings: Settings, args: argparse.Namespace) -> BenchConfig:
 
 
 def run_bench(settings: Settings, config: BenchConfig) -> Report:
-    fp32_dir, int8_dir = _model_dirs(settings, config)
+    fp32_dir, int8_dir = _model_dirs(settings, config.model, config.rows)
     runners: dict[str, Any] = {}
     if "peer" in config.rows:
         runners["peer"] = PeerRow(fp32_dir, config.threads, config.batch_size)
@@ -126,21 +160,24 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
     return report
 
 
-def _model_dirs(settings: Settings, config: BenchConfig) -> tuple[Path, Path]:
-    if config.model not in find_models(settings.model_dir):
+def _model_dirs(
+    settings: Settings, model: str, rows: tuple[str, ...]
+) -> tuple[Path, Path]:
+    """The fp32 and int8 model directories, exporting / quantizing what the rows need."""
+    if model not in find_models(settings.model_dir):
         from embedstream.export import DEFAULT_TEXT_NAME, default_text_checkpoint, export_text_model
 
-        if config.model != DEFAULT_TEXT_NAME:
-            raise BenchError(f"model {config.model} not found in {settings.model_dir}: export it")
-        export_text_model(default_text_checkpoint(), settings.model_dir, config.model)
+        if model != DEFAULT_TEXT_NAME:
+            raise BenchError(f"model {model} not found in {settings.model_dir}: export it")
+        export_text_model(default_text_checkpoint(), settings.model_dir, model)
     found = find_models(settings.model_dir)
-    fp32_dir = found[config.model]
-    int8_name = f"{config.model}-int8"
-    needs_int8 = any(r.endswith("int8") for r in config.rows)
+    fp32_dir = found[model]
+    int8_name = f"{model}-int8"
+    needs_int8 = any(r.endswith("int8") for r in rows)
     if needs_int8 and int8_name not in found:
         from embedstream.export.optimize import quantize_int8
 
-        log.info("quantizing %s to int8 (first run only)", config.model)
+        log.info("quantizing %s to int8 (first run only)", model)
         quantize_int8(fp32_dir, int8_name)
     return fp32_dir, settings.model_dir / int8_name
 

@@ -97,6 +97,22 @@ class WorkerProcess:
                 raise BenchError(f"the worker exited with {self.proc.returncode}") from None
             return 0.0
 
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        """Wait for ``/readyz`` (model loaded, broker and Redis reachable)."""
+        deadline = time.monotonic() + timeout_s
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"the worker exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise BenchError(f"the worker was not ready within {timeout_s:.0f}s")
+
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -137,7 +153,7 @@ def run_pipeline(
         producer.flush()
     worker = WorkerProcess(settings, model, threads, batch_size)
     try:
-        _wait_stored(worker, len(texts), timeout_s)
+        wait_stored(worker, len(texts), timeout_s)
         metrics = worker.scrape()
         mean_batch = metrics.get("embedstream_batch_size_sum", 0.0) / max(
             1.0, metrics.get("embedstream_batch_size_count", 0.0))
@@ -154,7 +170,7 @@ def run_pipeline(
                           achieved)
 
 
-def _wait_stored(worker: WorkerProcess, total: float, timeout_s: float) -> None:
+def wait_stored(worker: WorkerProcess, total: float, timeout_s: float) -> None:
     """Wait until the worker has stored ``total`` events.
 
     Polled slowly on purpose: a metrics scrape costs the worker CPU, and the
@@ -219,7 +235,7 @@ def _offered_load(
             producer.send_text(texts[i % len(texts)], id=event_id)
         producer.flush()
     deadline = time.monotonic() + timeout_s
-    _wait_stored(worker, before + count, max(1.0, deadline - time.monotonic()))
+    wait_stored(worker, before + count, max(1.0, deadline - time.monotonic()))
     pipe = client.pipeline(transaction=False)
     for event_id in ids:
         pipe.hmget(result_key(settings.key_prefix, model, event_id), ["created_at", "event_ts"])
