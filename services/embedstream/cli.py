@@ -126,14 +126,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--no-optimize", action="store_true",
                         help="keep the exporter's graph (default: fuse it for ONNX Runtime)")
 
-    quantize = sub.add_parser("quantize", help="derive an int8 model (CPU) with a quality gate")
+    quantize = sub.add_parser(
+        "quantize", help="derive an int8 (CPU) or fp16 (GPU) model, with a quality gate")
     quantize.add_argument("model", help="name of an fp32 model under --model-dir")
-    quantize.add_argument("--int8", action="store_true", default=True,
-                          help="int8 dynamic, per-channel weights (the only choice so far)")
-    quantize.add_argument("--name", help="new model name (default <model>-int8)")
+    precision = quantize.add_mutually_exclusive_group()
+    precision.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                           help="int8 dynamic, per-channel weights, for CPUs (the default)")
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           help="fp16 weights and activations, for GPUs")
+    quantize.set_defaults(precision="int8")
+    quantize.add_argument("--name", help="new model name (default <model>-int8 / -fp16)")
     quantize.add_argument("--model-dir", type=Path, help="models root [EMBEDSTREAM_MODEL_DIR]")
     quantize.add_argument("--force", action="store_true",
-                          help="keep the result even below the gate (mean cosine 0.99, min 0.98)")
+                          help="keep the result even below the gate (int8: mean cosine 0.99, min 0.98; "
+                          "fp16: 0.9999, 0.999)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
 
     bench = sub.add_parser("bench", help="throughput, latency and quality: peer vs ORT vs pipeline")

@@ -145,17 +145,16 @@ def export_model(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def quantize_model(settings: Settings, args: argparse.Namespace) -> int:
-    from embedstream.export.optimize import quantize_int8
+    from embedstream.export.optimize import convert_fp16, quantize_int8
     from embedstream.models.manifest import find_models
 
     source = find_models(settings.model_dir).get(args.model)
     if source is None:
         print(f"embedstream: no model {args.model!r} under {settings.model_dir}", file=sys.stderr)
         return 2
-    directory, report = quantize_int8(
-        source, args.name, force=args.force, overwrite=args.overwrite
-    )
-    print(f"quantized {args.model} -> {directory} (int8; cosine to fp32 mean "
+    derive = convert_fp16 if args.precision == "fp16" else quantize_int8
+    directory, report = derive(source, args.name, force=args.force, overwrite=args.overwrite)
+    print(f"quantized {args.model} -> {directory} ({args.precision}; cosine to fp32 mean "
           f"{report.mean_cosine:.4f}, min {report.min_cosine:.4f})")
     return 0
 
