@@ -143,20 +143,25 @@ def _parser() -> argparse.ArgumentParser:
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
 
     bench = sub.add_parser("bench", help="throughput, latency and quality: peer vs ORT vs pipeline")
+    bench.add_argument("--modality", choices=["text", "image", "audio"], default="text",
+                       help="which kind of model to bench (default text)")
     bench.add_argument("--texts", type=int, default=2000, help="generated texts (default 2000)")
-    bench.add_argument("--file", type=Path, help="your own texts, one per line (instead)")
-    bench.add_argument("--seed", type=int, default=7, help="seed of the generated texts")
+    bench.add_argument("--images", type=int, default=400, help="generated images (default 400)")
+    bench.add_argument("--clips", type=int, default=300, help="generated audio clips (default 300)")
+    bench.add_argument("--file", type=Path, help="your own inputs instead: texts one per line, "
+                       "or a directory (or file) of images / audio files")
+    bench.add_argument("--seed", type=int, default=7, help="seed of the generated inputs")
     bench.add_argument("--batch-size", type=int, default=32, help="batch size of every row")
     bench.add_argument("--threads", type=int, help="inference threads (default: all cores)")
     bench.add_argument("--rows", type=lambda s: s.split(","),
                        help="comma-separated rows: peer, ort-fp32, ort-int8, pipeline-fp32, "
-                       "pipeline-int8 (default: all)")
+                       "pipeline-int8 (default: all; images and audio: no int8 rows)")
     bench.add_argument("--rounds", type=int, default=2,
                        help="interleaved rounds of the in-process rows; the best counts")
     bench.add_argument("--latency-s", type=float, default=20.0,
                        help="seconds of the offered-load (latency) run per pipeline row")
     bench.add_argument("--json", type=Path, help="also write the results as JSON here")
-    bench.add_argument("--model", help="fp32 text model (default: the default text model)")
+    bench.add_argument("--model", help="fp32 model (default: the modality's default model)")
     bench.add_argument("--model-dir", type=Path, help="models root [EMBEDSTREAM_MODEL_DIR]")
     bench.add_argument("--smoke", action="store_true", help="tiny run to check the bench works")
     bench.add_argument("--soak", type=float, metavar="SECONDS",

@@ -1,7 +1,9 @@
 """``embedstream bench --smoke``: the whole bench runs and its figures are sane.
 
 Timing targets are not tested here (the machine is shared and tiny runs are
-noise); the structure, the rows and the quality of every row are.
+noise); the structure, the rows and the quality of every row are. The image
+and audio runs start from an empty model root, so they also cover the
+bench's first-run export of the default model.
 """
 
 from __future__ import annotations
@@ -11,24 +13,35 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 MODEL = "all-minilm-l6-v2"
 ROWS = ["peer", "ort-fp32", "ort-int8", "pipeline-fp32", "pipeline-int8"]
 
 
-def test_bench_smoke(model_root: Path, tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    shutil.copytree(model_root / MODEL, models / MODEL)
+MEDIA_ROWS = ["peer", "ort-fp32", "pipeline-fp32"]
+
+
+def _bench(models: Path, tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Run ``embedstream bench --smoke`` in a subprocess; its stdout and its JSON report."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "embedstream", "--log-level", "WARNING", "bench", "--smoke",
-         "--model-dir", str(models), "--json", str(out)],
+         "--model-dir", str(models), "--json", str(out), *args],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "items/s" in proc.stdout and "pipeline-fp32" in proc.stdout
+    return proc.stdout, json.loads(out.read_text())
 
-    report = json.loads(out.read_text())
+
+def test_bench_smoke(model_root: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(model_root / MODEL, models / MODEL)
+    stdout, report = _bench(models, tmp_path)
+    assert "items/s" in stdout and "pipeline-fp32" in stdout
+
     assert report["setup"]["texts"] == 48 and report["setup"]["model"] == MODEL
     rows = {r["row"]: r for r in report["rows"]}
     assert sorted(rows) == sorted(ROWS)
@@ -67,3 +80,71 @@ def test_bench_soak_samples_the_worker_memory_under_load(model_root: Path, tmp_p
     assert soak["growth"] == soak["final_mb"] / soak["baseline_mb"] - 1
     assert [t["target"] for t in report["targets"]] == [
         "worker memory flat under load (growth <= 5%)"]
+
+
+@pytest.mark.parametrize(("modality", "model", "count_key"), [
+    ("image", "efficientnet-lite0", "images"),
+    ("audio", "aisfx", "clips"),
+])
+def test_bench_smoke_media(modality: str, model: str, count_key: str, tmp_path: Path) -> None:
+    stdout, report = _bench(tmp_path / "models", tmp_path, "--modality", modality)
+    assert "pipeline-fp32" in stdout and ("audio s/s" in stdout) == (modality == "audio")
+
+    setup = report["setup"]
+    assert setup["modality"] == modality and setup["model"] == model
+    assert setup[count_key] == 16 and setup["ort_fp32_preprocess_s"] > 0
+    rows = {r["row"]: r for r in report["rows"]}
+    assert sorted(rows) == sorted(MEDIA_ROWS)
+    for row in rows.values():
+        assert row["items_per_s"] > 0 and row["tokens_per_s"] is None
+        if modality == "audio":
+            assert row["audio_s_per_s"] > row["items_per_s"] * 0.5  # clips of 0.5-10 s
+        assert row["cos_min"] >= 0.9999, row
+    pipe = rows["pipeline-fp32"]
+    assert 0 < pipe["p50_ms"] <= pipe["p95_ms"] <= pipe["p99_ms"]
+    assert 0 < pipe["batch_fill"] <= 1 and pipe["peak_rss_mb"] > 50
+    assert len(report["targets"]) == 3 and all("met" in t for t in report["targets"])
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_a_terminated_bench_stops_its_worker_and_stack(model_root: Path, tmp_path: Path) -> None:
+    """SIGTERM mid-run (a CI timeout, kill): nothing the bench started outlives it."""
+    import signal
+    import time
+
+    models = tmp_path / "models"
+    shutil.copytree(model_root / MODEL, models / MODEL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedstream", "--log-level", "WARNING", "bench", "--texts", "200",
+         "--rows", "pipeline-fp32", "--rounds", "1", "--latency-s", "120",
+         "--model-dir", str(models)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while len(started := _children(proc.pid)) < 3:  # broker, Redis and the worker
+            assert proc.poll() is None and time.monotonic() < deadline, "bench did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        gone = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in started) and time.monotonic() < gone:
+            time.sleep(0.2)
+        left = [pid for pid in started if Path(f"/proc/{pid}").exists()
+                and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]]
+        assert left == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,9 +1,10 @@
-"""One bench run: the same texts through every row, in one process, interleaved.
+"""One bench run: the same inputs through every row, in one process, interleaved.
 
 Each round runs every row in turn (peer, raw ORT per precision, then the
 pipeline rows); each row keeps its best round, the least disturbed by other
 load on the machine, and the JSON keeps every round's time. Quality is the
-cosine to the fp32 PyTorch reference (the peer's own vectors).
+cosine to the fp32 PyTorch reference (the peer's own vectors). What differs
+per modality (texts, images, audio clips) is in :mod:`.modalities`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,10 @@ import numpy as np
 
 from embedstream import devstack
 from embedstream.bench.inputs import file_texts, generated_texts
+from embedstream.bench.modalities import MODALITIES, Modality, Work
 from embedstream.bench.pipeline import run_pipeline
 from embedstream.bench.report import Report, Row
-from embedstream.bench.rows import OrtRow, PeerRow, Timed, prepare_texts
+from embedstream.bench.rows import OrtRow, Runner, Timed
 from embedstream.bench.soak import SoakConfig, run_soak
 from embedstream.errors import BenchError
 from embedstream.models.manifest import find_models
@@ -32,12 +35,13 @@ from embedstream.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ROWS = ("peer", "ort-fp32", "ort-int8", "pipeline-fp32", "pipeline-int8")
+ROWS = MODALITIES["text"].rows
 
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
-    texts: list[str]
+    inputs: list[Any]
+    """Texts, or encoded image / audio files."""
     source: str
     batch_size: int
     threads: int
@@ -45,9 +49,17 @@ class BenchConfig:
     rounds: int
     latency_s: float
     model: str
+    modality: str = "text"
+
+    @property
+    def spec(self) -> Modality:
+        return MODALITIES[self.modality]
 
 
 def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the worker process and the
+    # embedded stack the bench started are stopped by their ``finally`` blocks.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.soak is not None:
         return _soak_command(settings, args)
     config = _config(settings, args)
@@ -61,7 +73,13 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _soak_command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.modality != "text":
+        raise BenchError("--soak runs text events; leave out --modality")
     if args.soak <= 0 or args.soak_rate <= 0 or args.soak_sample_s <= 0:
         raise BenchError("--soak, --soak-rate and --soak-sample-s must be positive")
     count = max(1, int(args.soak * args.soak_rate))
@@ -71,7 +89,7 @@ def _soak_command(settings: Settings, args: argparse.Namespace) -> int:
     else:
         texts = generated_texts(count, args.seed)
     model = args.model or settings.default_text_model
-    _model_dirs(settings, model, ("pipeline-fp32",))
+    _model_dirs(settings, MODALITIES["text"], model, ("pipeline-fp32",))
     config = SoakConfig(
         texts=texts, model=model, rate=args.soak_rate, duration_s=args.soak,
         sample_s=args.soak_sample_s, warmup_s=min(60.0, args.soak / 5), batch_size=args.batch_size,
@@ -92,43 +110,45 @@ def _soak_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _config(settings: Settings, args: argparse.Namespace) -> BenchConfig:
-    count = 48 if args.smoke else args.texts
-    rows = tuple(args.rows or ROWS)
-    unknown = sorted(set(rows) - set(ROWS))
+    spec = MODALITIES[args.modality]
+    count = spec.smoke_count if args.smoke else getattr(args, spec.count_arg)
+    rows = tuple(args.rows or spec.rows)
+    unknown = sorted(set(rows) - set(spec.rows))
     if unknown:
-        raise BenchError(f"unknown bench rows {unknown}; known: {', '.join(ROWS)}")
+        raise BenchError(f"unknown {args.modality} bench rows {unknown}; "
+                         f"known: {', '.join(spec.rows)}")
     if args.file:
-        texts, source = file_texts(args.file, count if args.smoke else None), str(args.file)
+        inputs, source = spec.read_file(args.file, count if args.smoke else None), str(args.file)
     else:
-        texts, source = generated_texts(count, args.seed), f"generated (seed {args.seed})"
+        inputs, source = spec.generate(count, args.seed), f"generated (seed {args.seed})"
     return BenchConfig(
-        texts=texts, source=source,
-        batch_size=16 if args.smoke else args.batch_size,
+        inputs=inputs, source=source,
+        batch_size=spec.smoke_batch if args.smoke else args.batch_size,
         threads=args.threads or settings.intra_op_threads or default_threads(),
         rows=rows, rounds=1 if args.smoke else max(1, args.rounds),
         latency_s=3.0 if args.smoke else args.latency_s,
-        model=args.model or settings.default_text_model,
+        model=args.model or spec.default_model(settings), modality=args.modality,
     )
 
 
 def run_bench(settings: Settings, config: BenchConfig) -> Report:
-    fp32_dir, int8_dir = _model_dirs(settings, config.model, config.rows)
-    runners: dict[str, Any] = {}
+    fp32_dir, int8_dir = _model_dirs(settings, config.spec, config.model, config.rows)
+    runners: dict[str, Runner] = {}
     if "peer" in config.rows:
-        runners["peer"] = PeerRow(fp32_dir, config.threads, config.batch_size)
-    ort_fp32 = OrtRow(fp32_dir, config.threads, config.batch_size)
+        runners["peer"] = config.spec.peer(fp32_dir, config.threads, config.batch_size)
+    ort_fp32 = OrtRow(fp32_dir, config.threads, config.batch_size, config.modality)
     if "ort-fp32" in config.rows:
         runners["ort-fp32"] = ort_fp32
     if "ort-int8" in config.rows:
-        runners["ort-int8"] = OrtRow(int8_dir, config.threads, config.batch_size)
-    tokens = sum(item.cost for item in prepare_texts(ort_fp32.model, config.texts))
+        runners["ort-int8"] = OrtRow(int8_dir, config.threads, config.batch_size, config.modality)
+    work = config.spec.measure(ort_fp32.model, config.inputs)
 
     timings: dict[str, list[Timed]] = {name: [] for name in runners}
     for runner in runners.values():  # warm-up: first-call allocations, lazy init
-        runner.run(config.texts[: config.batch_size])
+        runner.run(config.inputs[: config.batch_size])
     pipeline_runs: dict[str, list[Any]] = {}
     for _ in range(config.rounds):
-        _round(runners, config.texts, timings)
+        _round(runners, config.inputs, timings)
         for name, result in _pipelines(settings, config, int8_dir).items():
             pipeline_runs.setdefault(name, []).append(result)
     pipelines = {n: min(runs, key=lambda r: r.seconds) for n, runs in pipeline_runs.items()}
@@ -137,12 +157,12 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
     rows: list[Row] = []
     for name, runs in timings.items():
         best = min(runs, key=lambda t: t.seconds)
-        row = Row(name, len(config.texts), best.seconds, tokens,
+        row = Row(name, len(config.inputs), best.seconds, work.tokens, work.audio_seconds,
                   runs_s=[round(t.seconds, 3) for t in runs])
         _quality(row, best.vectors, reference)
         rows.append(row)
     for name, result in pipelines.items():
-        row = Row(name, result.items, result.seconds, tokens,
+        row = Row(name, result.items, result.seconds, work.tokens, work.audio_seconds,
                   runs_s=[round(r.seconds, 3) for r in pipeline_runs[name]],
                   offered_per_s=result.offered_per_s, achieved_per_s=result.achieved_per_s,
                   batch_fill=result.mean_batch / config.batch_size,
@@ -155,21 +175,17 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
     if "peer" in by_name:
         for row in rows:
             row.vs_peer = row.items_per_s / by_name["peer"].items_per_s
-    report = Report(setup=_setup(settings, config, tokens), rows=rows)
+    report = Report(setup=_setup(settings, config, work, timings), rows=rows)
     report.targets = _targets(by_name, settings, config)
     return report
 
 
 def _model_dirs(
-    settings: Settings, model: str, rows: tuple[str, ...]
+    settings: Settings, spec: Modality, model: str, rows: tuple[str, ...]
 ) -> tuple[Path, Path]:
     """The fp32 and int8 model directories, exporting / quantizing what the rows need."""
     if model not in find_models(settings.model_dir):
-        from embedstream.export import DEFAULT_TEXT_NAME, default_text_checkpoint, export_text_model
-
-        if model != DEFAULT_TEXT_NAME:
-            raise BenchError(f"model {model} not found in {settings.model_dir}: export it")
-        export_text_model(default_text_checkpoint(), settings.model_dir, model)
+        spec.export_default(settings.model_dir, model)
     found = find_models(settings.model_dir)
     fp32_dir = found[model]
     int8_name = f"{model}-int8"
@@ -182,9 +198,10 @@ def _model_dirs(
     return fp32_dir, settings.model_dir / int8_name
 
 
-def _round(runners: dict[str, Any], texts: list[str], timings: dict[str, list[Timed]]) -> None:
+def _round(runners: dict[str, Runner], inputs: list[Any],
+           timings: dict[str, list[Timed]]) -> None:
     for name, runner in runners.items():
-        timings[name].append(runner.run(texts))
+        timings[name].append(runner.run(inputs))
         log.info("%s: %.2fs", name, timings[name][-1].seconds)
 
 
@@ -201,7 +218,7 @@ def _pipelines(settings: Settings, config: BenchConfig, int8_dir: Path) -> dict[
         for row in wanted:
             model = int8_dir.name if row.endswith("int8") else config.model
             results[row] = run_pipeline(
-                base, model, config.texts, threads=config.threads,
+                base, model, config.inputs, modality=config.modality, threads=config.threads,
                 batch_size=config.batch_size, latency_s=config.latency_s,
             )
             log.info("%s: %.2fs", row, results[row].seconds)
@@ -217,18 +234,25 @@ def _quality(row: Row, vectors: np.ndarray, reference: np.ndarray | None) -> Non
     row.cos_min, row.cos_mean = float(cosines.min()), float(cosines.mean())
 
 
-def _setup(settings: Settings, config: BenchConfig, tokens: int) -> dict[str, Any]:
+def _setup(
+    settings: Settings, config: BenchConfig, work: Work, timings: dict[str, list[Timed]]
+) -> dict[str, Any]:
     import onnxruntime
 
-    return {
-        "model": config.model, "texts": len(config.texts), "inputs": config.source,
-        "tokens": tokens, "mean_tokens": round(tokens / len(config.texts), 1),
-        "batch_size": config.batch_size, "threads": config.threads,
+    setup = {
+        "modality": config.modality, "model": config.model, **work.facts,
+        "inputs": config.source, "batch_size": config.batch_size, "threads": config.threads,
         "batch_max_wait_ms": settings.batch_max_wait_ms, "rounds": config.rounds,
         "latency_run_s": config.latency_s, "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
-        "reference": "peer (sentence-transformers fp32)",
+        "reference": config.spec.reference,
+        "timing": "in-process rows time preprocessing and inference together",
     }
+    if timings.get("ort-fp32"):  # how much of the raw row's time was preprocessing
+        best = min(timings["ort-fp32"], key=lambda t: t.seconds)
+        setup["ort_fp32_preprocess_s"] = round(best.prepare_seconds or 0.0, 3)
+        setup["ort_fp32_s"] = round(best.seconds, 3)
+    return setup
 
 
 def _targets(rows: dict[str, Row], settings: Settings, config: BenchConfig) -> list[dict[str, Any]]:

@@ -1,9 +1,11 @@
 """The pipeline row: broker -> worker process -> Redis, measured from outside.
 
 The worker is a real ``embedstream worker`` process (so its peak RSS is its
-own), serving one model with the bench's threads and batch size. Two runs:
+own), serving one model with the bench's threads and batch size. Events are
+texts, or image and audio files sent inline (base64 ``data`` in the JSON
+envelope) to the modality's topic. Two runs:
 
-* throughput: every text is produced *before* the worker starts; the rate is
+* throughput: every event is produced *before* the worker starts; the rate is
   counted from the first Redis write to the last (startup and group join
   excluded), from the write time each hash carries (``created_at``);
 * latency: events offered at a fixed rate (half the measured maximum by
@@ -24,6 +26,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import numpy as np
 import redis
@@ -54,13 +57,16 @@ class PipelineResult:
 class WorkerProcess:
     """One ``embedstream worker`` subprocess with its metrics endpoint."""
 
-    def __init__(self, settings: Settings, model: str, threads: int, batch_size: int) -> None:
+    def __init__(
+        self, settings: Settings, model: str, threads: int, batch_size: int,
+        modality: str = "text",
+    ) -> None:
         self.port = free_port()
         env = {
             **os.environ,
             "EMBEDSTREAM_MODELS": json.dumps([model]),
-            "EMBEDSTREAM_DEFAULT_TEXT_MODEL": model,
-            "EMBEDSTREAM_TOPIC_TEXT": settings.topic_text,
+            f"EMBEDSTREAM_DEFAULT_{modality.upper()}_MODEL": model,
+            f"EMBEDSTREAM_TOPIC_{modality.upper()}": settings.topic_for(modality),
             "EMBEDSTREAM_TOPIC_DLQ": settings.topic_dlq,
             "EMBEDSTREAM_GROUP_ID": settings.group_id,
             "EMBEDSTREAM_KEY_PREFIX": settings.key_prefix,
@@ -132,42 +138,54 @@ class WorkerProcess:
 def run_pipeline(
     base: Settings,
     model: str,
-    texts: list[str],
+    inputs: list[Any],
     *,
+    modality: str = "text",
     threads: int,
     batch_size: int,
     latency_s: float,
     offered_share: float = 0.5,
     timeout_s: float = 600.0,
 ) -> PipelineResult:
-    """Throughput then latency of ``model`` through the whole pipeline."""
+    """Throughput then latency of ``model`` through the whole pipeline.
+
+    ``inputs`` are texts (``modality`` "text") or encoded image / audio files.
+    """
     run = "b" + uuid.uuid4().hex[:8]
     settings = base.model_copy(update={
-        "topic_text": f"{run}.text", "topic_dlq": f"{run}.dlq", "group_id": f"{run}-group",
+        "topic_text": f"{run}.text", "topic_image": f"{run}.image",
+        "topic_audio": f"{run}.audio", "topic_dlq": f"{run}.dlq", "group_id": f"{run}-group",
         "key_prefix": run,
     })
-    ids = [f"{run}-{i}" for i in range(len(texts))]
-    with Producer(settings) as producer:
-        for event_id, text in zip(ids, texts, strict=True):
-            producer.send_text(text, id=event_id)
+    ids = [f"{run}-{i}" for i in range(len(inputs))]
+    with Producer(settings, topics=[settings.topic_for(modality)]) as producer:
+        for event_id, item in zip(ids, inputs, strict=True):
+            _send(producer, modality, item, event_id)
         producer.flush()
-    worker = WorkerProcess(settings, model, threads, batch_size)
+    worker = WorkerProcess(settings, model, threads, batch_size, modality)
     try:
-        wait_stored(worker, len(texts), timeout_s)
+        wait_stored(worker, len(inputs), timeout_s)
         metrics = worker.scrape()
         mean_batch = metrics.get("embedstream_batch_size_sum", 0.0) / max(
             1.0, metrics.get("embedstream_batch_size_count", 0.0))
         client = connect(settings)
         vectors, written_at = _read_stored(client, settings.key_prefix, model, ids)
         seconds = _seconds_per_run(written_at)
-        rate = offered_share * len(texts) / seconds
+        rate = offered_share * len(inputs) / seconds
         latencies, achieved = _offered_load(
-            settings, worker, client, model, texts, rate, latency_s, timeout_s)
+            settings, worker, client, model, modality, inputs, rate, latency_s, timeout_s)
         peak = worker.peak_rss_mb()
     finally:
         worker.stop()
-    return PipelineResult(len(texts), seconds, vectors, mean_batch, peak, latencies, rate,
+    return PipelineResult(len(inputs), seconds, vectors, mean_batch, peak, latencies, rate,
                           achieved)
+
+
+def _send(producer: Producer, modality: str, item: Any, event_id: str) -> None:
+    if modality == "text":
+        producer.send_text(item, id=event_id)
+    else:
+        producer.send_file(cast(Literal["image", "audio"], modality), data=item, id=event_id)
 
 
 def wait_stored(worker: WorkerProcess, total: float, timeout_s: float) -> None:
@@ -217,7 +235,8 @@ def _offered_load(
     worker: WorkerProcess,
     client: redis.Redis,
     model: str,
-    texts: list[str],
+    modality: str,
+    inputs: list[Any],
     rate: float,
     duration_s: float,
     timeout_s: float,
@@ -232,7 +251,7 @@ def _offered_load(
             wait = start + i / rate - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
-            producer.send_text(texts[i % len(texts)], id=event_id)
+            _send(producer, modality, inputs[i % len(inputs)], event_id)
         producer.flush()
     deadline = time.monotonic() + timeout_s
     wait_stored(worker, before + count, max(1.0, deadline - time.monotonic()))

@@ -12,6 +12,7 @@ COLUMNS = (
     ("row", "row", "{}"),
     ("items/s", "items_per_s", "{:.1f}"),
     ("tokens/s", "tokens_per_s", "{:.0f}"),
+    ("audio s/s", "audio_s_per_s", "{:.1f}"),
     ("x peer", "vs_peer", "{:.2f}"),
     ("offered/s", "offered_per_s", "{:.1f}"),
     ("stored/s", "achieved_per_s", "{:.1f}"),
@@ -23,6 +24,8 @@ COLUMNS = (
     ("cos min", "cos_min", "{:.4f}"),
     ("cos mean", "cos_mean", "{:.5f}"),
 )
+# Shown only when some row has a value (audio seconds per second: audio benches only).
+OPTIONAL_COLUMNS = {"audio_s_per_s"}
 
 
 @dataclass(slots=True)
@@ -32,9 +35,13 @@ class Row:
     row: str
     items: int
     seconds: float
-    tokens: int
+    tokens: int | None
+    """Real tokens of the inputs (text); ``None`` where tokens do not apply."""
+    audio_seconds: float | None = None
+    """Seconds of audio in the inputs (audio)."""
     items_per_s: float = 0.0
-    tokens_per_s: float = 0.0
+    tokens_per_s: float | None = None
+    audio_s_per_s: float | None = None
     vs_peer: float | None = None
     offered_per_s: float | None = None
     achieved_per_s: float | None = None
@@ -49,7 +56,10 @@ class Row:
 
     def __post_init__(self) -> None:
         self.items_per_s = self.items / self.seconds
-        self.tokens_per_s = self.tokens / self.seconds
+        if self.tokens is not None:
+            self.tokens_per_s = self.tokens / self.seconds
+        if self.audio_seconds is not None:
+            self.audio_s_per_s = self.audio_seconds / self.seconds
 
 
 @dataclass(slots=True)
@@ -59,11 +69,13 @@ class Report:
     targets: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
-        cells = [[title for title, _, _ in COLUMNS]]
-        for row in self.rows:
-            values = asdict(row)
-            cells.append([_cell(values[key], fmt) for _, key, fmt in COLUMNS])
-        widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+        rows = [asdict(row) for row in self.rows]
+        columns = [c for c in COLUMNS if c[1] not in OPTIONAL_COLUMNS
+                   or any(r[c[1]] is not None for r in rows)]
+        cells = [[title for title, _, _ in columns]]
+        for values in rows:
+            cells.append([_cell(values[key], fmt) for _, key, fmt in columns])
+        widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
         lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                             enumerate(zip(r, widths, strict=True))) for r in cells]
         lines.insert(1, "-|-".join("-" * w for w in widths))

@@ -35,12 +35,14 @@ from embedstream.export.common import (
     ONNX_FILE,
     check_name,
     export_onnx,
+    family_reference,
     pick_family,
     require_parity,
     runtime_parity,
     staged_export,
     write_manifest,
 )
+from embedstream.models.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +170,11 @@ AUDIO_FAMILIES: dict[str, Callable[[str | None], AudioSource]] = {
     "aisfx": _aisfx,
     "transformers": _transformers_audio,
 }
+
+
+def reference_module(manifest: Manifest) -> torch.nn.Module:
+    """The PyTorch module an exported audio model came from (its parity reference)."""
+    return family_reference(AUDIO_FAMILIES, manifest, "audio")
 
 
 def sample_clips(seconds: float = 3.0) -> list[bytes]:

@@ -149,6 +149,17 @@ def pick_family(families: dict[str, F], family: str, kind: str) -> F:
         raise ExportError(f"unknown {kind} family {family!r}; known: {sorted(families)}") from err
 
 
+def family_reference(
+    families: dict[str, Callable[[str | None], Any]], manifest: Manifest, kind: str
+) -> torch.nn.Module:
+    """The PyTorch module ``manifest``'s model was exported from, rebuilt by its family's
+    loader (``extra["family"]``: ``transformers/vit`` is the ``transformers`` family)
+    from its ``source``: the reference :func:`runtime_parity` compared it with."""
+    family = str(manifest.extra.get("family", "")).split("/")[0]
+    module: torch.nn.Module = pick_family(families, family, kind)(manifest.source or None).module
+    return module.eval()
+
+
 def runtime_parity(model_dir: Path, module: torch.nn.Module, payloads: list[bytes]) -> Parity:
     """The exported model, fed by the worker's own preprocessor, against ``module``
     on the very same graph inputs (files -> runtime preprocessing -> both)."""

@@ -41,6 +41,7 @@ from embedstream.export.common import (
     Parity,
     check_name,
     export_onnx,
+    family_reference,
     pick_family,
     require_parity,
     runtime_parity,
@@ -48,7 +49,7 @@ from embedstream.export.common import (
     torch_embed,
     write_manifest,
 )
-from embedstream.models.manifest import load_manifest
+from embedstream.models.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,11 @@ IMAGE_FAMILIES: dict[str, Callable[[str | None], ImageSource]] = {
     "efficientnet-lite": _efficientnet_lite,
     "transformers": _transformers_vision,
 }
+
+
+def reference_module(manifest: Manifest) -> torch.nn.Module:
+    """The PyTorch module an exported image model came from (its parity reference)."""
+    return family_reference(IMAGE_FAMILIES, manifest, "image")
 
 
 def sample_images() -> list[bytes]:
