@@ -196,6 +196,12 @@ class Settings(BaseSettings):
     max_poll_records: int = Field(
         512, ge=1, description="Most records one consumer poll returns."
     )
+    warmup: bool = Field(
+        True, description="Before consuming, run one batch per model of the largest shape "
+        "the batch budgets allow, so memory reaches its high-water mark at startup (a "
+        "budget too big for the node fails there) instead of on the first burst of long "
+        "inputs. Costs about one batch time per model at startup."
+    )
     batch_sort_window: int = Field(
         1024, ge=1, description="Most text records sorted by length together. Under a "
         "backlog, polls that queued while inference was busy are drained into one window, "

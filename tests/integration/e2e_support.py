@@ -30,6 +30,9 @@ def make_settings(stack, unique: str, model_root: Path, **extra) -> Settings:
         heartbeat_interval_ms=1000,
         metrics_port=0,
         topic_partitions=4,
+        # The startup warm-up (a full batch of 256-token texts, ~2 s here) is covered by
+        # the unit tests and every worker process the bench and the demo start.
+        warmup=False,
         **extra,
     )
 

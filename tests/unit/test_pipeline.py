@@ -201,3 +201,21 @@ def test_a_queued_text_backlog_is_sorted_as_one_window(model):
     assert len(worker._next_records(0.1)) == 3  # stop marker held back
     assert worker._next_records(0.1) is _STOP
     assert worker._next_records(0.01) is None
+
+
+def test_warm_up_runs_the_largest_batch_the_budgets_allow(model):
+    from embedstream.runtime.warmup import warm_up
+
+    calls: list[tuple[int, ...]] = []
+    backend = model.backend
+    original = backend.embed
+
+    def recording(inputs):
+        calls.append(inputs["input_ids"].shape)
+        return original(inputs)
+
+    backend.embed = recording
+    # The fake model's token limit is 6: 4 items fit 24 tokens, 3 fit 20.
+    assert warm_up(model, max_items=4, max_tokens=100) == (4, 6)
+    assert warm_up(model, max_items=4, max_tokens=20) == (3, 6)
+    assert calls == [(4, 6), (3, 6)]

@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from embedstream import devstack
 from embedstream.bench.inputs import file_texts, generated_texts
 from embedstream.bench.modalities import MODALITIES, Modality, Work
-from embedstream.bench.pipeline import run_pipeline
+from embedstream.bench.pipeline import bench_stack, run_pipeline
 from embedstream.bench.report import Report, Row
 from embedstream.bench.rows import OrtRow, Runner, Timed
 from embedstream.bench.soak import SoakConfig, run_soak
@@ -209,9 +208,8 @@ def _pipelines(settings: Settings, config: BenchConfig, int8_dir: Path) -> dict[
     wanted = [r for r in config.rows if r.startswith("pipeline-")]
     if not wanted:
         return {}
-    cfg = devstack.DevStackConfig.on_free_ports(Path(".devstack") / "bench")
     results = {}
-    with devstack.embedded_stack(cfg):
+    with bench_stack("bench") as cfg:
         base = settings.model_copy(update={
             "kafka_bootstrap": cfg.bootstrap, "redis_url": cfg.redis_url,
         })

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -31,6 +34,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import redis
 
+from embedstream import devstack
 from embedstream.devstack import free_port
 from embedstream.errors import BenchError
 from embedstream.producer import Producer
@@ -133,6 +137,20 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextmanager
+def bench_stack(kind: str) -> Iterator[devstack.DevStackConfig]:
+    """An embedded broker and Redis for one bench run, on free ports.
+
+    Its state folder is this process's own (``.devstack/<kind>-<pid>``), so two
+    benches, or a bench beside ``embedstream dev up``, never share a stack; the
+    folder (logs included) is removed after a clean run and kept after a failure.
+    """
+    cfg = devstack.DevStackConfig.on_free_ports(Path(".devstack") / f"{kind}-{os.getpid()}")
+    with devstack.embedded_stack(cfg):
+        yield cfg
+    shutil.rmtree(cfg.state_dir, ignore_errors=True)
 
 
 def run_pipeline(

@@ -4,9 +4,9 @@ A real ``embedstream worker`` process serves a steady offered load (unique
 texts at ``--soak-rate`` per second) through the embedded broker and Redis for
 the whole duration, while its resident memory (``VmRSS``) is sampled. Memory
 grows while the process warms up: ONNX Runtime's arena grows to the largest
-batch it has run, so the warm-up runs the largest batch the budgets allow (the
-longest texts, a full batch) before the load starts; tokenizer caches and
-client buffers settle in the first minute. Growth is measured from the first
+batch it has run (the worker runs that batch at startup, see
+``embedstream.runtime.warmup``); tokenizer caches and client buffers settle in
+the first minute. Growth is measured from the first
 sample after that minute (or a fifth of a shorter run) to the last one; the
 target is at most 5%. Every offered event must
 also be stored, or the run fails: a worker that falls behind holds a growing
@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embedstream import devstack
-from embedstream.bench.pipeline import WorkerProcess, wait_stored
+from embedstream.bench.pipeline import WorkerProcess, bench_stack, wait_stored
 from embedstream.errors import BenchError
 from embedstream.producer import Producer
 from embedstream.settings import Settings
@@ -92,8 +91,7 @@ class SoakResult:
 
 def run_soak(base: Settings, config: SoakConfig) -> SoakResult:
     """Run the soak on a fresh embedded stack; raises BenchError if events go missing."""
-    cfg = devstack.DevStackConfig.on_free_ports(Path(".devstack") / "bench-soak")
-    with devstack.embedded_stack(cfg):
+    with bench_stack("bench-soak") as cfg:
         run = "s" + uuid.uuid4().hex[:8]
         settings = base.model_copy(update={
             "kafka_bootstrap": cfg.bootstrap, "redis_url": cfg.redis_url,
@@ -116,10 +114,10 @@ def run_soak(base: Settings, config: SoakConfig) -> SoakResult:
 def _warm_up_events(settings: Settings, config: SoakConfig, run: str) -> int:
     """Queue the warm-up before the worker starts; return how many events it holds.
 
-    One batch of the longest texts (the largest batch the budgets allow, so
-    ONNX Runtime's memory arena reaches its high-water mark before the
-    measurement, not during it) and one batch of ordinary ones. Queued before
-    the worker joins, so its first poll takes them together.
+    One batch of the longest texts and one of ordinary ones, queued before the
+    worker joins: the group join and the first real batches happen before the
+    measurement. (The worker's own warm-up has already run the largest batch
+    shape by then, see ``embedstream.runtime.warmup``.)
     """
     longest = sorted(config.texts, key=len)[-config.batch_size:]
     warm = longest + config.texts[: config.batch_size]

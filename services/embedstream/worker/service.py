@@ -20,6 +20,7 @@ from embedstream.metrics import Metrics
 from embedstream.runtime.loader import load_models
 from embedstream.runtime.onnx import default_threads
 from embedstream.runtime.preprocess import Limits
+from embedstream.runtime.warmup import warm_up
 from embedstream.settings import Settings
 from embedstream.sinks.redis import RedisSink
 from embedstream.sources.kafka import KafkaDeadLetters, KafkaSource, ensure_topics
@@ -48,6 +49,8 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     for model in models.values():
         m = model.manifest
         metrics.model_info.labels(m.name, m.modality, str(m.dimension), model.backend.provider).set(1)
+        if settings.warmup:
+            warm_up(model, settings.batch_max_items, settings.batch_max_tokens)
     sink = RedisSink(settings)
     sink.prepare([m.manifest for m in models.values()])
     topics = sorted({settings.topic_for(m.manifest.modality) for m in models.values()})
