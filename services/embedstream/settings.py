@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         "this much latency at low load; Kafka answers as soon as data arrives. Lower: less "
         "latency, more idle fetch requests."
     )
+    kafka_max_partition_fetch_bytes: int = Field(
+        8 << 20, ge=1 << 16, description="Most bytes one fetch takes from one partition. "
+        "Image and audio events are hundreds of KB: at Kafka's 1 MiB default a poll brings "
+        "two or three per partition, too few to fill a batch. Memory: up to this much per "
+        "assigned partition is buffered."
+    )
     auto_offset_reset: str = Field(
         "earliest", description="Where a new group starts: 'earliest' or 'latest'."
     )

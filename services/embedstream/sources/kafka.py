@@ -123,6 +123,7 @@ class KafkaSource:
                 max_poll_interval_ms=settings.max_poll_interval_ms,
                 max_poll_records=settings.max_poll_records,
                 fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+                max_partition_fetch_bytes=settings.kafka_max_partition_fetch_bytes,
             )
         except KafkaError as err:
             raise SourceError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
