@@ -54,6 +54,12 @@ def test_bench_smoke(model_root: Path, tmp_path: Path) -> None:
         row = rows[name]
         assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert 0 < row["batch_fill"] <= 1 and row["peak_rss_mb"] > 50
+        # Where the time went: real processes' CPU and the worker's own stage clocks.
+        b = row["breakdown"]
+        assert b["wall_s"] > 0 and b["worker_cores"] > 0 and "broker_cores" in b
+        assert 0 < b["inference_s"] and 0 < b["tokenize_s"] < b["inference_s"]
+        assert b["padded_tokens"] >= report["setup"]["tokens"] and b["raw_padded_tokens"] > 0
+    assert "cores used: worker" in stdout
     assert report["targets"] and all("met" in t for t in report["targets"])
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from embedstream.bench.inputs import file_texts, generated_texts
 from embedstream.bench.modalities import MODALITIES, Modality, Work
-from embedstream.bench.pipeline import bench_stack, run_pipeline
+from embedstream.bench.pipeline import bench_stack, run_pipeline, stack_pids
 from embedstream.bench.report import Report, Row
 from embedstream.bench.rows import OrtRow, Runner, Timed
 from embedstream.bench.soak import SoakConfig, run_soak
@@ -65,6 +65,9 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
     report = run_bench(settings, config)
     print(report.table())
     print()
+    if breakdown := report.breakdown_text():
+        print(breakdown)
+        print()
     print(report.targets_text())
     if args.json:
         report.write_json(args.json)
@@ -165,7 +168,10 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
                   runs_s=[round(r.seconds, 3) for r in pipeline_runs[name]],
                   offered_per_s=result.offered_per_s, achieved_per_s=result.achieved_per_s,
                   batch_fill=result.mean_batch / config.batch_size,
-                  peak_rss_mb=result.peak_rss_mb)
+                  peak_rss_mb=result.peak_rss_mb, breakdown=dict(result.breakdown))
+        raw = runners.get(name.replace("pipeline-", "ort-"))
+        if isinstance(raw, OrtRow) and config.modality == "text" and row.breakdown:
+            row.breakdown["raw_padded_tokens"] = raw.padded_cost
         row.p50_ms, row.p95_ms, row.p99_ms = (
             float(np.percentile(result.latencies_ms, q)) for q in (50, 95, 99))
         _quality(row, result.vectors, reference)
@@ -209,15 +215,16 @@ def _pipelines(settings: Settings, config: BenchConfig, int8_dir: Path) -> dict[
     if not wanted:
         return {}
     results = {}
-    with bench_stack("bench") as cfg:
+    with bench_stack("bench") as stack:
         base = settings.model_copy(update={
-            "kafka_bootstrap": cfg.bootstrap, "redis_url": cfg.redis_url,
+            "kafka_bootstrap": stack.bootstrap, "redis_url": stack.redis_url,
         })
         for row in wanted:
             model = int8_dir.name if row.endswith("int8") else config.model
             results[row] = run_pipeline(
                 base, model, config.inputs, modality=config.modality, threads=config.threads,
                 batch_size=config.batch_size, latency_s=config.latency_s,
+                stack_pids=stack_pids(stack),
             )
             log.info("%s: %.2fs", row, results[row].seconds)
     return results

@@ -56,6 +56,8 @@ class PipelineResult:
     offered_per_s: float
     achieved_per_s: float
     """Events stored per second over the latency run: below the offered rate, it overloaded."""
+    breakdown: dict[str, float]
+    """Where the throughput run's time went (see :func:`_breakdown`)."""
 
 
 class WorkerProcess:
@@ -96,7 +98,10 @@ class WorkerProcess:
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
-                values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value)
+                bare = name.split("{")[0]
+                values[bare] = values.get(bare, 0.0) + float(value)
+                if bare != name:  # also each labelled series, e.g. stage="inference"
+                    values[name] = float(value)
         return values
 
     def stored(self) -> float:
@@ -140,7 +145,7 @@ class WorkerProcess:
 
 
 @contextmanager
-def bench_stack(kind: str) -> Iterator[devstack.DevStackConfig]:
+def bench_stack(kind: str) -> Iterator[devstack.RunningStack]:
     """An embedded broker and Redis for one bench run, on free ports.
 
     Its state folder is this process's own (``.devstack/<kind>-<pid>``), so two
@@ -148,8 +153,8 @@ def bench_stack(kind: str) -> Iterator[devstack.DevStackConfig]:
     folder (logs included) is removed after a clean run and kept after a failure.
     """
     cfg = devstack.DevStackConfig.on_free_ports(Path(".devstack") / f"{kind}-{os.getpid()}")
-    with devstack.embedded_stack(cfg):
-        yield cfg
+    with devstack.embedded_stack(cfg) as stack:
+        yield stack
     shutil.rmtree(cfg.state_dir, ignore_errors=True)
 
 
@@ -164,6 +169,7 @@ def run_pipeline(
     latency_s: float,
     offered_share: float = 0.5,
     timeout_s: float = 600.0,
+    stack_pids: dict[str, int] | None = None,
 ) -> PipelineResult:
     """Throughput then latency of ``model`` through the whole pipeline.
 
@@ -181,8 +187,12 @@ def run_pipeline(
             _send(producer, modality, item, event_id)
         producer.flush()
     worker = WorkerProcess(settings, model, threads, batch_size, modality)
+    processes = {"worker": worker.proc.pid, **(stack_pids or {})}
     try:
+        wait_stored(worker, 1, timeout_s)
+        cpu_before, wall_before = _cpu_seconds(processes), time.perf_counter()
         wait_stored(worker, len(inputs), timeout_s)
+        cpu_after, wall = _cpu_seconds(processes), time.perf_counter() - wall_before
         metrics = worker.scrape()
         mean_batch = metrics.get("embedstream_batch_size_sum", 0.0) / max(
             1.0, metrics.get("embedstream_batch_size_count", 0.0))
@@ -195,8 +205,45 @@ def run_pipeline(
         peak = worker.peak_rss_mb()
     finally:
         worker.stop()
+    breakdown = _breakdown(metrics, cpu_before, cpu_after, wall)
     return PipelineResult(len(inputs), seconds, vectors, mean_batch, peak, latencies, rate,
-                          achieved)
+                          achieved, breakdown)
+
+
+def stack_pids(stack: devstack.RunningStack) -> dict[str, int]:
+    """The broker's and Redis's process ids (for their CPU time)."""
+    state = stack.status()
+    return {svc.name: svc.pid for svc in (state.broker, state.redis) if svc.pid is not None}
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds so far of each process (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _breakdown(
+    metrics: dict[str, float], before: dict[str, float], after: dict[str, float], wall: float
+) -> dict[str, float]:
+    """Cores each process used over the throughput run (first store to last), and the
+    worker's stage times over the whole run (inference, decode, tokenize, sink, commit)
+    with the padded tokens it computed."""
+    out = {"wall_s": wall}
+    for name in after:
+        out[f"{name}_cores"] = (after[name] - before.get(name, 0.0)) / max(wall, 1e-9)
+    for stage in ("decode", "tokenize", "preprocess", "inference", "sink", "commit"):
+        key = f'embedstream_stage_seconds_sum{{stage="{stage}"}}'
+        if key in metrics:
+            out[f"{stage}_s"] = metrics[key]
+    out["padded_tokens"] = metrics.get("embedstream_batch_tokens_sum", 0.0)
+    return out
 
 
 def _send(producer: Producer, modality: str, item: Any, event_id: str) -> None:

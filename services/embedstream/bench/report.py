@@ -53,6 +53,8 @@ class Row:
     cos_min: float | None = None
     cos_mean: float | None = None
     runs_s: list[float] = field(default_factory=list)
+    breakdown: dict[str, float] | None = None
+    """Pipeline rows: cores per process and stage seconds of the throughput run."""
 
     def __post_init__(self) -> None:
         self.items_per_s = self.items / self.seconds
@@ -79,6 +81,24 @@ class Report:
         lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                             enumerate(zip(r, widths, strict=True))) for r in cells]
         lines.insert(1, "-|-".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def breakdown_text(self) -> str:
+        """Where each pipeline row's throughput run spent its time, one line per row."""
+        lines = []
+        for row in self.rows:
+            b = row.breakdown
+            if not b:
+                continue
+            cores = ", ".join(f"{k.removesuffix('_cores')} {v:.2f}" for k, v in b.items()
+                              if k.endswith("_cores"))
+            stages = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in b.items()
+                               if k.endswith("_s") and k != "wall_s" and v > 0)
+            line = f"{row.row}: {b['wall_s']:.1f} s; cores used: {cores}; stage s: {stages}"
+            if b.get("padded_tokens") and b.get("raw_padded_tokens"):
+                line += (f"; padded tokens {b['padded_tokens']:.0f} "
+                         f"({b['padded_tokens'] / b['raw_padded_tokens']:.2f}x the raw row's)")
+            lines.append(line)
         return "\n".join(lines)
 
     def targets_text(self) -> str:

@@ -99,11 +99,17 @@ class OrtRow:
             raise BenchError(f"{self.model.name} is a {self.model.modality} model, "
                              f"not a {modality} one")
         self._batch_size = batch_size
+        self.padded_cost = 0
+        """Padded cost (tokens for text) of its batches in the last run: items x costliest."""
 
     def run(self, inputs: list[Any]) -> Timed:
         started = time.perf_counter()
         items = prepare_inputs(self.model.preprocessor, inputs, self.model.name)
         prepared = time.perf_counter()
+        costs = sorted(item.cost for item in items)
+        self.padded_cost = sum(
+            max(costs[i : i + self._batch_size]) * len(costs[i : i + self._batch_size])
+            for i in range(0, len(costs), self._batch_size))
         out = embed_sorted(items, self._batch_size, self.model.manifest.dimension,
                            self.model.embed_prepared)
         ended = time.perf_counter()

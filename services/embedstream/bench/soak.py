@@ -91,10 +91,10 @@ class SoakResult:
 
 def run_soak(base: Settings, config: SoakConfig) -> SoakResult:
     """Run the soak on a fresh embedded stack; raises BenchError if events go missing."""
-    with bench_stack("bench-soak") as cfg:
+    with bench_stack("bench-soak") as stack:
         run = "s" + uuid.uuid4().hex[:8]
         settings = base.model_copy(update={
-            "kafka_bootstrap": cfg.bootstrap, "redis_url": cfg.redis_url,
+            "kafka_bootstrap": stack.bootstrap, "redis_url": stack.redis_url,
             "topic_text": f"{run}.text", "topic_dlq": f"{run}.dlq",
             "group_id": f"{run}-group", "key_prefix": run,
         })
