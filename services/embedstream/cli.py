@@ -32,6 +32,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime providers, comma-separated [EMBEDSTREAM_PROVIDERS]")
     p.add_argument("--intra-op-threads", type=int,
                    help="inference threads per process [EMBEDSTREAM_INTRA_OP_THREADS]")
+    p.add_argument("--inference-instances", type=int,
+                   help="model instances per process, each on its own inference thread "
+                   "[EMBEDSTREAM_INFERENCE_INSTANCES]")
 
 
 def _parser() -> argparse.ArgumentParser:

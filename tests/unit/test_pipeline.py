@@ -219,3 +219,28 @@ def test_warm_up_runs_the_largest_batch_the_budgets_allow(model):
     assert warm_up(model, max_items=4, max_tokens=100) == (4, 6)
     assert warm_up(model, max_items=4, max_tokens=20) == (3, 6)
     assert calls == [(4, 6), (3, 6)]
+
+
+def test_model_instances_share_the_batches_and_stop_together(model, tmp_path):
+    """inference_instances: each thread runs its own model instance; every event is
+    stored once, both instances work, and the worker still drains and exits 0."""
+    replica = LoadedModel(model.manifest, model.directory, FakeBackend(), model.preprocessor)
+    records = text_records([f"w{i % 50} w{(i * 7) % 50}" for i in range(200)])
+    settings = Settings(batch_max_items=4, batch_max_wait_ms=5, shutdown_timeout_s=5)
+    sink, dlq = MemorySink(), MemoryDeadLetters()
+    holder: dict[str, MemorySource] = {}
+
+    def factory(on_revoked):
+        holder["source"] = MemorySource(records, on_revoked)
+        return holder["source"]
+
+    slow = model.backend.embed
+    model.backend.embed = lambda inputs: (time.sleep(0.002), slow(inputs))[1]
+    worker = Worker(settings, {"fake": model}, factory, sink, dlq, Metrics(),
+                    replicas=[{"fake": replica}])
+    code = run_until(worker, lambda: holder["source"].committed.get(("embedstream.text", 0)) == 200)
+    assert code == 0
+    assert len(sink.stored) == 200
+    assert model.backend.calls > 0 and replica.backend.calls > 0
+    assert model.backend.calls + replica.backend.calls >= 200 // 4
+    assert not any(t.is_alive() for t in worker._threads)

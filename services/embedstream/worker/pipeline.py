@@ -10,8 +10,10 @@ Threads and what they own::
                             images/audio), pack budgeted batches; bad events
                             go to the dead-letter topic with their reason
       | batches queue (bounded)
-    inference thread        backend.embed(batch); a failing batch is retried
-                            item by item so one bad item never fails the rest
+    inference thread(s)     backend.embed(batch); a failing batch is retried
+                            item by item so one bad item never fails the rest;
+                            with inference_instances > 1, one thread per model
+                            instance, taking batches from the same queue
       | results queue (bounded)
     sink thread             one pipelined Redis write per batch, retried with
                             bounded backoff while Redis is away
@@ -26,6 +28,7 @@ waiting for a dead thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -95,10 +98,16 @@ class Worker:
         dead_letters: DeadLetters,
         metrics: Metrics,
         results: ResultsPublisher | None = None,
+        replicas: list[dict[str, LoadedModel]] | None = None,
     ) -> None:
         self.settings = settings
         self.results = results  # "embedding ready" records, after the write, before done
         self.models = models
+        # One model set per inference thread: ``models`` first, then the replicas
+        # (same models, sessions of their own).
+        self._instances = [models, *(replicas or [])]
+        self._inference_running = len(self._instances)
+        self._inference_lock = threading.Lock()
         self.sink = sink
         self.dead_letters = dead_letters
         self.metrics = metrics
@@ -273,11 +282,12 @@ class Worker:
 
     # ------------------------------------------------------------------- stages
     def _start_stages(self) -> None:
-        for name, target in (
-            ("pre", self._pre_stage),
-            ("inference", self._inference_stage),
-            ("sink", self._sink_stage),
-        ):
+        stages: list[tuple[str, Callable[[], None]]] = [("pre", self._pre_stage)]
+        for index in range(len(self._instances)):
+            name = "inference" if index == 0 else f"inference-{index}"
+            stages.append((name, functools.partial(self._inference_stage, index)))
+        stages.append(("sink", self._sink_stage))
+        for name, target in stages:
             thread = threading.Thread(
                 target=self._supervised, args=(name, target), name=f"embedstream-{name}",
                 daemon=True,
@@ -443,17 +453,24 @@ class Worker:
         for batch in batches:
             self._put(self._batches, WorkBatch(self.models[name], batch.items, batch.padded_tokens))
 
-    def _inference_stage(self) -> None:
+    def _inference_stage(self, instance: int = 0) -> None:
+        """One inference thread, running its own instance of each model."""
+        models = self._instances[instance]
         while not self._abandon.is_set():
             try:
                 work = self._batches.get(timeout=0.1)
             except queue.Empty:
                 continue
             if work is _STOP:
-                self._put(self._results, _STOP)
+                self._put(self._batches, _STOP)  # for the other inference threads
+                with self._inference_lock:
+                    self._inference_running -= 1
+                    last = self._inference_running == 0
+                if last:  # the sink stops after every inference thread has
+                    self._put(self._results, _STOP)
                 return
             started = time.perf_counter()
-            result = self._embed(work)
+            result = self._embed(work, models[work.model.name])
             self.metrics.stage_seconds.labels("inference").observe(time.perf_counter() - started)
             self.metrics.batch_size.labels(work.model.name).observe(len(work.items))
             self.metrics.batch_tokens.labels(work.model.name).observe(work.padded_tokens)
@@ -468,9 +485,9 @@ class Worker:
             return model.embed_prepared_tokens(prepared)
         return model.embed_prepared(prepared), None
 
-    def _embed(self, work: WorkBatch) -> ResultBatch:
-        """Embed a batch; on failure retry one by one and dead-letter the failures."""
-        model = work.model
+    def _embed(self, work: WorkBatch, model: LoadedModel) -> ResultBatch:
+        """Embed a batch with ``model`` (this thread's instance of ``work.model``); on
+        failure retry one by one and dead-letter the failures."""
         try:
             return ResultBatch(model, work.items, *self._run_model(model, work.items))
         except ModelError as err:

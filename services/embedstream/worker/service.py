@@ -39,13 +39,21 @@ def threads_per_process(settings: Settings) -> int:
 def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     """Load models, prepare Redis and topics, and join the group."""
     metrics = metrics or Metrics()
-    models = load_models(
-        settings.model_dir,
-        settings.models,
-        providers=settings.providers,
-        threads=threads_per_process(settings),
-        limits=Limits.from_settings(settings),
-    )
+    instances = [
+        load_models(
+            settings.model_dir,
+            settings.models,
+            providers=settings.providers,
+            threads=max(1, threads_per_process(settings) // settings.inference_instances),
+            limits=Limits.from_settings(settings),
+        )
+        for _ in range(settings.inference_instances)
+    ]
+    models = instances[0]
+    for replica in instances[1:]:
+        for model in replica.values():
+            if settings.warmup:
+                warm_up(model, settings.batch_max_items, settings.batch_max_tokens)
     for model in models.values():
         m = model.manifest
         metrics.model_info.labels(m.name, m.modality, str(m.dimension), model.backend.provider).set(1)
@@ -69,6 +77,7 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         dead_letters=dead_letters,
         metrics=metrics,
         results=results,
+        replicas=instances[1:],
     )
 
 
