@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--models", type=lambda s: s.split(","),
                         help="models to serve, comma-separated (default: all in --model-dir)")
     worker.add_argument("--group-id", help="consumer group [EMBEDSTREAM_GROUP_ID]")
+    worker.add_argument("--kafka-client", choices=["kafka-python", "confluent"],
+                        help="Kafka client library of the consumer and dead letters; "
+                        "confluent needs the confluent extra [EMBEDSTREAM_KAFKA_CLIENT]")
     worker.add_argument("--processes", type=int, help="worker processes [EMBEDSTREAM_PROCESSES]")
     worker.add_argument("--metrics-port", type=int,
                         help="port of /metrics /healthz /readyz, 0 = off [EMBEDSTREAM_METRICS_PORT]")
