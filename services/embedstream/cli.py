@@ -156,6 +156,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="fp32 text model (default: the default text model)")
     bench.add_argument("--model-dir", type=Path, help="models root [EMBEDSTREAM_MODEL_DIR]")
     bench.add_argument("--smoke", action="store_true", help="tiny run to check the bench works")
+    bench.add_argument("--clients", action="store_true",
+                       help="Kafka client ceilings instead: produce and consume msg/s of each "
+                       "client library and of our Sources, no model (README: Performance)")
+    bench.add_argument("--messages", type=int, default=100_000,
+                       help="--clients: messages per client and value size (default 100000; "
+                       "--smoke: 2000)")
 
     replay = sub.add_parser("replay", help="re-drive dead letters, re-embed a topic range")
     replay_sub = replay.add_subparsers(dest="what", required=True)

@@ -42,3 +42,29 @@ def test_bench_smoke(model_root: Path, tmp_path: Path) -> None:
         assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert 0 < row["batch_fill"] <= 1 and row["peak_rss_mb"] > 50
     assert report["targets"] and all("met" in t for t in report["targets"])
+
+
+def test_bench_clients_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "clients.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedstream", "--log-level", "WARNING", "bench", "--clients",
+         "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "msg/s" in proc.stdout and "ConfluentSource.poll" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["setup"]["messages"] == 2000 and report["setup"]["value_bytes"] == [200, 1024]
+    rows = report["rows"]
+    seen = {(r["client"], r["op"], r["value_bytes"]) for r in rows}
+    for size in (200, 1024):
+        for client in ("kafka-python", "confluent-kafka"):
+            assert {(client, "produce", size), (client, "consume", size)} <= seen
+        assert {("KafkaSource.poll", "consume", size), ("ConfluentSource.poll", "consume", size)} <= seen
+    for row in rows:
+        assert row["messages"] == 2000, row  # every message produced, and every one consumed
+        assert row["msg_per_s"] > 0 and row["mb_per_s"] > 0 and row["cpu_us_per_msg"] > 0, row
+        assert 0 < row["timed"] <= row["messages"]
+    assert report["unavailable"].get("aiokafka") in (None, "not installed")
+    assert len(report["verdicts"]) == sum(r["op"] == "consume" for r in rows)

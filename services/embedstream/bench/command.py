@@ -46,6 +46,10 @@ class BenchConfig:
 
 
 def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
+    if getattr(args, "clients", False):
+        from embedstream.bench.clients import run_clients_command
+
+        return run_clients_command(settings, args)
     config = _config(settings, args)
     report = run_bench(settings, config)
     print(report.table())
