@@ -360,15 +360,13 @@ class ConfluentDeadLetters:
 
 
 def _record(msg: Message) -> RawRecord:
+    # Once per record on the polling thread: positional and cast-free, it costs
+    # about 1.5 us instead of 2.5 (README: Kafka client ceilings). A consumed
+    # record always has its topic, partition and offset.
     _kind, timestamp = msg.timestamp()
     return RawRecord(
-        topic=cast(str, msg.topic()),
-        partition=cast(int, msg.partition()),
-        offset=cast(int, msg.offset()),
-        key=msg.key(),
-        value=msg.value(),
-        timestamp_ms=timestamp,
-        headers=tuple(cast(list[tuple[str, bytes]], msg.headers() or ())),
+        msg.topic(), msg.partition(), msg.offset(),  # type: ignore[arg-type]
+        msg.key(), msg.value(), timestamp, tuple(msg.headers() or ()),  # type: ignore[arg-type]
     )
 
 
