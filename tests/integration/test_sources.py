@@ -1,4 +1,4 @@
-"""The Source contract (sources/base.py) against the real embedded broker, for every
+"""The Source contract (sources/base.py) against the real embedded broker, per
 Kafka client library: records as sent, partition order, a revoke that commits inside
 ``poll`` before another member takes over, pause/resume, synchronous commits, and a
 close that commits nothing.
@@ -66,7 +66,9 @@ def committed(settings: Settings, topic: str) -> dict[int, int]:
     return out
 
 
-@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+# kafka-python passes this test too (about 21 s here, against 13 s); it is left out to keep
+# the suite short: the worker tests and the fault suite exercise that source already.
+@pytest.mark.parametrize("client", ["confluent"])
 def test_the_source_contract_on_the_real_broker(stack, unique, client):
     settings = Settings(kafka_bootstrap=stack.bootstrap, group_id=f"{unique}-group",
                         session_timeout_ms=6000, heartbeat_interval_ms=1000,
@@ -120,7 +122,7 @@ def test_the_source_contract_on_the_real_broker(stack, unique, client):
 
     # A commits its share; B leaves without committing: its records go to A again.
     # (B, not A, leaves: with kafka-python on the embedded broker, a group whose
-    # leader leaves never settles again; librdkafka's groups do.)
+    # leader left did not settle again within 30 s here; librdkafka's groups do.)
     assert a.commit(ends(got["a"]))
     b_records = got["b"]
     b.close()
