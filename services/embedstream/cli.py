@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--models", type=lambda s: s.split(","),
                         help="models to serve, comma-separated (default: all in --model-dir)")
     worker.add_argument("--group-id", help="consumer group [EMBEDSTREAM_GROUP_ID]")
+    worker.add_argument("--kafka-client", choices=["kafka-python", "confluent"],
+                        help="Kafka client library of the consumer and dead letters; "
+                        "confluent needs the confluent extra [EMBEDSTREAM_KAFKA_CLIENT]")
     worker.add_argument("--processes", type=int, help="worker processes [EMBEDSTREAM_PROCESSES]")
     worker.add_argument("--metrics-port", type=int,
                         help="port of /metrics /healthz /readyz, 0 = off [EMBEDSTREAM_METRICS_PORT]")
@@ -174,6 +177,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="events per second offered during the soak (default 40)")
     bench.add_argument("--soak-sample-s", type=float, default=30.0,
                        help="seconds between memory samples of the soak (default 30)")
+    bench.add_argument("--clients", action="store_true",
+                       help="Kafka client ceilings instead: produce and consume msg/s of each "
+                       "client library and of our Sources, no model (README: Performance)")
+    bench.add_argument("--messages", type=int, default=100_000,
+                       help="--clients: messages per client and value size (default 100000; "
+                       "--smoke: 2000)")
 
     replay = sub.add_parser("replay", help="re-drive dead letters, re-embed a topic range")
     replay_sub = replay.add_subparsers(dest="what", required=True)

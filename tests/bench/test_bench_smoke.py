@@ -57,7 +57,7 @@ def test_bench_smoke(model_root: Path, tmp_path: Path) -> None:
         # Where the time went: real processes' CPU and the worker's own stage clocks.
         b = row["breakdown"]
         assert b["wall_s"] > 0 and b["worker_cores"] > 0 and "broker_cores" in b
-        assert 0 < b["inference_s"] and 0 < b["tokenize_s"] < b["inference_s"]
+        assert b["inference_s"] > 0 and 0 < b["tokenize_s"] < b["inference_s"]
         assert b["padded_tokens"] >= report["setup"]["tokens"] and b["raw_padded_tokens"] > 0
     assert "cores used: worker" in stdout
     assert report["targets"] and all("met" in t for t in report["targets"])
@@ -154,3 +154,29 @@ def test_a_terminated_bench_stops_its_worker_and_stack(model_root: Path, tmp_pat
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_bench_clients_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "clients.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedstream", "--log-level", "WARNING", "bench", "--clients",
+         "--smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "msg/s" in proc.stdout and "ConfluentSource.poll" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["setup"]["messages"] == 2000 and report["setup"]["value_bytes"] == [200, 1024]
+    rows = report["rows"]
+    seen = {(r["client"], r["op"], r["value_bytes"]) for r in rows}
+    for size in (200, 1024):
+        for client in ("kafka-python", "confluent-kafka"):
+            assert {(client, "produce", size), (client, "consume", size)} <= seen
+        assert {("KafkaSource.poll", "consume", size), ("ConfluentSource.poll", "consume", size)} <= seen
+    for row in rows:
+        assert row["messages"] == 2000, row  # every message produced, and every one consumed
+        assert row["msg_per_s"] > 0 and row["mb_per_s"] > 0 and row["cpu_us_per_msg"] > 0, row
+        assert 0 < row["timed"] <= row["messages"]
+    assert report["unavailable"].get("aiokafka") in (None, "not installed")
+    assert len(report["verdicts"]) == sum(r["op"] == "consume" for r in rows)

@@ -89,6 +89,8 @@ def test_schema_rejects_bad_values():
         with pytest.raises(helm.HelmValuesError, match="typo"):
             chart.validate_schema({"workerPools": [{"name": "x", "modality": "text",
                                                     "models": ["m"], "typo": 1}]})
+        with pytest.raises(helm.HelmValuesError, match="kafkaClient"):
+            chart.validate_schema({"worker": {"kafkaClient": "librdkafka"}})
     report = helm.lint(CHART, bad)
     assert report["messages"], "lint must report a schema violation"
 
@@ -178,6 +180,8 @@ def test_pods_are_hardened_probed_and_drain_before_sigkill(rendered, values_file
         pool = next(p for p in values["workerPools"]
                     if p["name"] == dep["metadata"]["labels"]["embedstream.io/pool"])
         assert json.loads(env["EMBEDSTREAM_MODELS"]) == pool["models"]
+        default_client = values.get("worker", {}).get("kafkaClient", "kafka-python")
+        assert env["EMBEDSTREAM_KAFKA_CLIENT"] == pool.get("kafkaClient", default_client)
 
 
 def test_keda_scales_each_pool_on_its_own_group_and_topic(rendered):

@@ -143,6 +143,7 @@ def test_runtime_images_are_non_root_healthchecked_and_torch_free(path: Path, st
     runs = " ".join(v for k, v in body if k == "RUN")
     assert "[export]" not in runs and "torch" not in runs
     assert "-c /tmp/constraints.txt" in runs  # every Python package pinned
+    assert "[confluent]" in runs  # both Kafka clients (EMBEDSTREAM_KAFKA_CLIENT) work
     env = " ".join(v for k, v in body if k == "ENV")
     assert "EMBEDSTREAM_PROCESSES=1" in env and "EMBEDSTREAM_MODEL_DIR=/models" in env
     if stage == "runtime-gpu":

@@ -34,8 +34,9 @@ from embedstream.settings import Settings
 from embedstream.sinks.redis import connect, index_name, result_key
 
 
-def test_events_flow_from_kafka_to_searchable_redis(stack, unique, model_root):
-    settings = make_settings(stack, unique, model_root, batch_max_items=16)
+@pytest.mark.parametrize("kafka_client", ["kafka-python", "confluent"])
+def test_events_flow_from_kafka_to_searchable_redis(stack, unique, model_root, kafka_client):
+    settings = make_settings(stack, unique, model_root, batch_max_items=16, kafka_client=kafka_client)
     texts = [f"Sentence number {i} about {topic}." for i, topic in
              enumerate(["rockets", "cooking", "football", "music"] * 30)]
     texts.append("word " * 400)  # over the 256-token limit: truncated, still stored
@@ -93,13 +94,18 @@ def test_events_flow_from_kafka_to_searchable_redis(stack, unique, model_root):
         assert worker.stop() == 0
 
     # Everything consumed was committed before the worker left the group.
+    assert_all_committed(settings, len(texts) + 5)
+
+
+def assert_all_committed(settings: Settings, records: int) -> None:
+    """The group's committed offsets are the ends of every partition, which hold ``records``."""
     ends = partition_ends(settings.kafka_bootstrap, settings.topic_text, 4)
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                              group_id=settings.group_id, enable_auto_commit=False)
     committed = {tp: consumer.committed(tp) or 0 for tp in ends}
     consumer.close()
     assert committed == ends
-    assert sum(ends.values()) == len(texts) + 5
+    assert sum(ends.values()) == records
 
 
 def partition_ends(bootstrap: str, topic: str, partitions: int) -> dict[TopicPartition, int]:
@@ -136,6 +142,53 @@ def test_librdkafka_client_event_reaches_redis(stack, unique, model_root):
         assert text == b"produced by librdkafka"
     finally:
         assert worker.stop() == 0
+
+
+def test_confluent_workers_split_partitions_and_one_leaves_without_loss(stack, unique, model_root):
+    """Two workers on confluent-kafka share the group; one drains and leaves mid-stream.
+
+    Nothing is lost, nothing is stored twice as new (a redelivered event is a
+    recognised duplicate), and every offset is committed once both have left.
+    """
+    settings = make_settings(stack, unique, model_root, kafka_client="confluent",
+                             batch_max_wait_ms=5, intra_op_threads=1)
+    client = connect(settings)
+    sent: list[str] = []
+    workers = [ThreadWorker(settings), ThreadWorker(settings)]
+    leaving = workers[1]
+
+    def consumed(worker: ThreadWorker) -> float:
+        return worker.value("embedstream_events_consumed_total", topic=settings.topic_text)
+
+    def embedded(name: str) -> float:
+        return sum(w.value(name, model=MODEL) for w in workers)
+
+    try:
+        with Producer(settings) as producer:
+            def wave(count: int) -> None:
+                start = len(sent)
+                sent.extend(producer.send_text(f"event {i} of the stream", id=f"e{i}")
+                            for i in range(start, start + count))
+                producer.flush()
+
+            # Small waves until the group has settled with a share for each worker.
+            deadline = time.monotonic() + 60
+            while not all(consumed(w) > 0 for w in workers):
+                assert time.monotonic() < deadline, [consumed(w) for w in workers]
+                wave(8)
+                time.sleep(0.5)
+            wave(100)
+            assert leaving.stop() == 0  # drains what it holds, commits it, leaves
+            wave(50)
+        assert wait_for(lambda: len(stored_ids(client, unique)) >= len(sent), timeout=90)
+    finally:
+        codes = [w.stop() for w in workers]
+    assert codes == [0, 0]
+    assert stored_ids(client, unique) == set(sent)
+    assert embedded("embedstream_events_embedded_total") == len(sent)  # each stored once
+    # The staying worker's revoke forgets what it had in flight: only those come again.
+    assert embedded("embedstream_events_duplicate_total") <= 100
+    assert_all_committed(settings, len(sent))
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen[str]:

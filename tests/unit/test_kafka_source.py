@@ -2,7 +2,7 @@
 
 import socket
 
-from embedstream.sources.kafka import _reachable
+from embedstream.sources.common import reachable as _reachable
 
 
 def test_reachable_only_while_something_listens():

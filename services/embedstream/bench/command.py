@@ -59,6 +59,10 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
     # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the worker process and the
     # embedded stack the bench started are stopped by their ``finally`` blocks.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if args.clients:
+        from embedstream.bench.clients import run_clients_command
+
+        return run_clients_command(settings, args)
     if args.soak is not None:
         return _soak_command(settings, args)
     config = _config(settings, args)

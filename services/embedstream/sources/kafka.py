@@ -9,9 +9,7 @@ that guarantee explicit and testable.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,9 +21,10 @@ from kafka.structs import TopicPartition as KafkaTP
 
 from embedstream import __version__
 from embedstream.envelope import RawRecord
-from embedstream.errors import ConfigError, SourceError
+from embedstream.errors import SourceError
 from embedstream.settings import Settings
 from embedstream.sources.base import RevokeCallback, TopicPartition
+from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter_headers
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +36,9 @@ def client_config(settings: Settings) -> dict[str, Any]:
         "client_id": f"embedstream-{__version__}",
         "security_protocol": settings.kafka_security_protocol,
     }
+    check_sasl(settings)
     if settings.kafka_security_protocol.startswith("SASL"):
-        if not (settings.kafka_sasl_mechanism and settings.kafka_sasl_username
-                and settings.kafka_sasl_password):
-            raise ConfigError(
-                f"{settings.kafka_security_protocol} needs kafka_sasl_mechanism, "
-                "kafka_sasl_username and kafka_sasl_password"
-            )
+        assert settings.kafka_sasl_password is not None  # checked by check_sasl
         config.update(
             sasl_mechanism=settings.kafka_sasl_mechanism,
             sasl_plain_username=settings.kafka_sasl_username,
@@ -129,8 +124,7 @@ class KafkaSource:
             raise SourceError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
         self._consumer.subscribe(topics=topics, listener=_Listener(on_revoked))
         self._paused = False
-        self._servers = settings.bootstrap_servers()
-        self._probed: tuple[float, bool] = (-10.0, True)
+        self._probe = BrokerProbe(settings.bootstrap_servers())
 
     def poll(self, timeout_s: float) -> list[RawRecord]:
         batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
@@ -179,16 +173,8 @@ class KafkaSource:
             self._paused = False
 
     def connected(self) -> bool:
-        """True when a bootstrap broker accepts a TCP connection (cached for 2 s).
-
-        kafka-python closes its bootstrap connection once it has the cluster's
-        metadata and offers no public "brokers reachable" call, so readiness
-        probes the brokers itself, with a short timeout and never retrying.
-        """
-        now = time.monotonic()
-        if now - self._probed[0] >= 2.0:
-            self._probed = (now, any(_reachable(server) for server in self._servers))
-        return self._probed[1]
+        """True when a bootstrap broker accepts a TCP connection (see :class:`BrokerProbe`)."""
+        return self._probe()
 
     def lag(self) -> dict[TopicPartition, int]:
         out = {}
@@ -206,15 +192,6 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
-
-
-def _reachable(server: str, timeout_s: float = 1.0) -> bool:
-    host, _, port = server.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]") or server, int(port or 9092)), timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 def _offsets(offsets: dict[TopicPartition, int]) -> dict[KafkaTP, OffsetAndMetadata]:
@@ -246,17 +223,9 @@ class KafkaDeadLetters:
         on_done: Callable[[], None],
         on_error: Callable[[Exception], None],
     ) -> None:
-        headers = [
-            ("embedstream.reason", reason.encode()),
-            ("embedstream.error", detail[:1000].encode("utf-8", "replace")),
-            ("embedstream.source.topic", record.topic.encode()),
-            ("embedstream.source.partition", str(record.partition).encode()),
-            ("embedstream.source.offset", str(record.offset).encode()),
-            ("embedstream.failed_at", str(int(time.time() * 1000)).encode()),
-            *[(k, v) for k, v in record.headers if not k.startswith("embedstream.")],
-        ]
         future = self._producer.send(
-            self.topic, key=record.key, value=record.value or b"", headers=headers
+            self.topic, key=record.key, value=record.value or b"",
+            headers=dead_letter_headers(record, reason, detail),
         )
         future.add_callback(lambda _meta: on_done())
         # Errbacks run on the producer's I/O thread: hand them to a thread of

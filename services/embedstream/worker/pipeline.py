@@ -244,9 +244,10 @@ class Worker:
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         """Before partitions move: commit what is finished, forget the rest.
 
-        Runs on the Kafka client's I/O thread while the polling thread waits
-        inside ``poll``, so it must not block: it applies the completions so
-        far and sends their commit without waiting. Events still in flight
+        Runs inside ``poll``: on kafka-python's I/O thread while the polling
+        thread waits (confluent-kafka runs it on the polling thread itself),
+        so it must not block: it applies the completions so far and sends
+        their commit without waiting. Events still in flight
         are redelivered to the new owner; those already stored by then are
         recognised there as duplicates (same version).
         """

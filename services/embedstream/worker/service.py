@@ -23,7 +23,7 @@ from embedstream.runtime.preprocess import Limits
 from embedstream.runtime.warmup import warm_up
 from embedstream.settings import Settings
 from embedstream.sinks.redis import RedisSink
-from embedstream.sources.kafka import KafkaDeadLetters, KafkaSource, ensure_topics
+from embedstream.sources.registry import kafka_client
 from embedstream.worker.http import StatusServer
 from embedstream.worker.pipeline import Worker
 
@@ -37,7 +37,11 @@ def threads_per_process(settings: Settings) -> int:
 
 
 def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
-    """Load models, prepare Redis and topics, and join the group."""
+    """Load models, prepare Redis and topics, and join the group.
+
+    The Kafka client library (consumer, dead letters, topic admin) is the one
+    ``settings.kafka_client`` names (:mod:`embedstream.sources.registry`).
+    """
     metrics = metrics or Metrics()
     instances = [
         load_models(
@@ -62,8 +66,9 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     sink = RedisSink(settings)
     sink.prepare([m.manifest for m in models.values()])
     topics = sorted({settings.topic_for(m.manifest.modality) for m in models.values()})
-    ensure_topics(settings, [*topics, settings.topic_dlq])
-    dead_letters = KafkaDeadLetters(settings)
+    client = kafka_client(settings.kafka_client)
+    client.ensure_topics(settings, [*topics, settings.topic_dlq])
+    dead_letters = client.dead_letters(settings)
     results = None
     if settings.publish_results:
         from embedstream.sinks.results import KafkaResultsPublisher
@@ -72,7 +77,7 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     return Worker(
         settings,
         models,
-        source_factory=lambda on_revoked: KafkaSource(settings, topics, on_revoked),
+        source_factory=lambda on_revoked: client.source(settings, topics, on_revoked),
         sink=sink,
         dead_letters=dead_letters,
         metrics=metrics,

@@ -1,0 +1,66 @@
+"""Kafka client libraries by name. ``Settings.kafka_client`` picks one.
+
+Each entry builds the three things the worker needs from a client library:
+topic admin, the consumer (:class:`~embedstream.sources.base.Source`) and the
+dead-letter producer (:class:`~embedstream.sources.base.DeadLetters`). A
+library is imported only when chosen, so a missing optional one fails with a
+:class:`ConfigError` that says what to install, never an ImportError at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from embedstream.errors import ConfigError
+from embedstream.settings import Settings
+from embedstream.sources.base import DeadLetters, RevokeCallback, Source
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaClient:
+    """One client library behind the source interfaces."""
+
+    name: str
+    ensure_topics: Callable[[Settings, list[str]], list[str]]
+    """Create the missing topics; return those created."""
+    source: Callable[[Settings, list[str], RevokeCallback], Source]
+    """A consumer-group member subscribed to the topics."""
+    dead_letters: Callable[[Settings], DeadLetters]
+    """The dead-letter producer (to ``settings.topic_dlq``)."""
+
+
+def _kafka_python() -> KafkaClient:
+    from embedstream.sources import kafka
+
+    return KafkaClient("kafka-python", kafka.ensure_topics, kafka.KafkaSource, kafka.KafkaDeadLetters)
+
+
+def _confluent() -> KafkaClient:
+    try:
+        from embedstream.sources import confluent
+    except ModuleNotFoundError as err:
+        if err.name is None or not err.name.startswith("confluent_kafka"):
+            raise
+        raise ConfigError(
+            "kafka_client 'confluent' needs the confluent-kafka package: "
+            "pip install 'embedstream[confluent]' (or choose kafka_client 'kafka-python')"
+        ) from err
+    return KafkaClient(
+        "confluent", confluent.ensure_topics, confluent.ConfluentSource, confluent.ConfluentDeadLetters
+    )
+
+
+CLIENTS: dict[str, Callable[[], KafkaClient]] = {
+    "kafka-python": _kafka_python,
+    "confluent": _confluent,
+}
+
+
+def kafka_client(name: str) -> KafkaClient:
+    """The client library called ``name`` (imported now); ConfigError if unknown or missing."""
+    try:
+        factory = CLIENTS[name]
+    except KeyError as err:
+        raise ConfigError(f"unknown kafka_client {name!r}; known: {sorted(CLIENTS)}") from err
+    return factory()
