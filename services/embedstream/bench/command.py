@@ -251,7 +251,9 @@ def _setup(
     setup = {
         "modality": config.modality, "model": config.model, **work.facts,
         "inputs": config.source, "batch_size": config.batch_size, "threads": config.threads,
-        "batch_max_wait_ms": settings.batch_max_wait_ms, "rounds": config.rounds,
+        "batch_max_wait_ms": settings.batch_max_wait_ms,
+        "batch_max_tokens": settings.batch_max_tokens,
+        "inference_instances": settings.inference_instances, "rounds": config.rounds,
         "latency_run_s": config.latency_s, "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
         "reference": config.spec.reference,
