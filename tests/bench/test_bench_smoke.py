@@ -56,7 +56,8 @@ def test_bench_smoke(model_root: Path, tmp_path: Path) -> None:
         assert 0 < row["batch_fill"] <= 1 and row["peak_rss_mb"] > 50
         # Where the time went: real processes' CPU and the worker's own stage clocks.
         b = row["breakdown"]
-        assert b["wall_s"] > 0 and b["worker_cores"] > 0 and "broker_cores" in b
+        # A smoke run's window is a fraction of a second: CPU ticks (10 ms) may read 0.
+        assert b["wall_s"] > 0 and b["worker_cores"] >= 0 and "broker_cores" in b
         assert b["inference_s"] > 0 and 0 < b["tokenize_s"] < b["inference_s"]
         assert b["padded_tokens"] >= report["setup"]["tokens"] and b["raw_padded_tokens"] > 0
     assert "cores used: worker" in stdout
