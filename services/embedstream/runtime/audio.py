@@ -226,14 +226,20 @@ class AisfxBlocks(FrontEnd):
         return Prepared(blocks, blocks.shape[0] * self.block)
 
     def pack(self, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
-        most = max(item.value.shape[0] for item in items)
-        shape = items[0].value.shape[1:]
-        features = np.zeros((len(items), most, *shape), np.float32)
-        mask = np.zeros((len(items), most), np.float32)
-        for row, item in enumerate(items):
-            features[row, : item.value.shape[0]] = item.value
-            mask[row, : item.value.shape[0]] = 1.0
+        features, mask = _pad_rows(items, np.float32)
         return {"features": features, "block_mask": mask}
+
+
+def _pad_rows(items: Sequence[Prepared], mask_dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Items' float32 values zero-padded along their first axis to the longest, and the
+    mask of real positions (1) against padding (0), in ``mask_dtype``."""
+    longest = max(item.value.shape[0] for item in items)
+    values = np.zeros((len(items), longest, *items[0].value.shape[1:]), np.float32)
+    mask = np.zeros((len(items), longest), mask_dtype)
+    for row, item in enumerate(items):
+        values[row, : item.value.shape[0]] = item.value
+        mask[row, : item.value.shape[0]] = 1
+    return values, mask
 
 
 class Waveform(FrontEnd):
@@ -250,12 +256,7 @@ class Waveform(FrontEnd):
         return Prepared(wave.astype(np.float32), max(1, wave.shape[0] // self.frame))
 
     def pack(self, items: Sequence[Prepared]) -> dict[str, np.ndarray]:
-        longest = max(item.value.shape[0] for item in items)
-        values = np.zeros((len(items), longest), np.float32)
-        mask = np.zeros((len(items), longest), np.int64)
-        for row, item in enumerate(items):
-            values[row, : item.value.shape[0]] = item.value
-            mask[row, : item.value.shape[0]] = 1
+        values, mask = _pad_rows(items, np.int64)
         return {"input_values": values, "attention_mask": mask}
 
 

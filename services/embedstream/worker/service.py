@@ -54,15 +54,13 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         for _ in range(settings.inference_instances)
     ]
     models = instances[0]
-    for replica in instances[1:]:
-        for model in replica.values():
-            if settings.warmup:
-                warm_up(model, settings.batch_max_items, settings.batch_max_tokens)
     for model in models.values():
         m = model.manifest
         metrics.model_info.labels(m.name, m.modality, str(m.dimension), model.backend.provider).set(1)
-        if settings.warmup:
-            warm_up(model, settings.batch_max_items, settings.batch_max_tokens)
+    if settings.warmup:
+        for instance in instances:
+            for model in instance.values():
+                warm_up(model, settings.batch_max_items, settings.batch_max_tokens)
     sink = RedisSink(settings)
     sink.prepare([m.manifest for m in models.values()])
     topics = sorted({settings.topic_for(m.manifest.modality) for m in models.values()})
