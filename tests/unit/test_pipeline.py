@@ -68,7 +68,8 @@ def text_records(texts: list[str], partition: int = 0, start: int = 0) -> list[R
 
 
 def make_worker(model: LoadedModel, records: list[RawRecord], **overrides):
-    settings = Settings(batch_max_items=4, batch_max_wait_ms=5, shutdown_timeout_s=5, **overrides)
+    settings = Settings(**{"batch_max_items": 4, "batch_max_wait_ms": 5, "shutdown_timeout_s": 5,
+                           **overrides})
     sink, dlq = MemorySink(), MemoryDeadLetters()
     holder: dict[str, MemorySource] = {}
 
@@ -209,6 +210,29 @@ def test_a_queued_text_backlog_is_sorted_as_one_window(model):
     assert len(worker._next_records(0.1)) == 3  # stop marker held back
     assert worker._next_records(0.1) is _STOP
     assert worker._next_records(0.01) is None
+
+
+def test_a_full_poll_waits_briefly_for_the_backlog_behind_it(model):
+    """A full poll means a backlog: the next one is awaited (up to the max wait) and
+    merged; a poll that is not full is a light load and waits for nothing."""
+    worker, *_ = make_worker(model, [], batch_sort_window=100, max_poll_records=3,
+                             batch_max_wait_ms=2000)
+    texts = text_records(["w1"] * 8)
+    worker._records.put(texts[0:3])  # full
+    late = threading.Timer(0.2, worker._records.put, args=(texts[3:5],))
+    late.start()
+    started = time.monotonic()
+    merged = worker._next_records(0.1)
+    assert [r.offset for r in merged] == [0, 1, 2, 3, 4]  # the late poll was awaited
+    assert time.monotonic() - started < 1.5  # and, not full, ends the wait
+
+    worker._records.put(texts[5:7])  # not full: a light load
+    late = threading.Timer(0.5, worker._records.put, args=(texts[0:3],))
+    late.start()
+    started = time.monotonic()
+    assert [r.offset for r in worker._next_records(0.1)] == [5, 6]
+    assert time.monotonic() - started < 0.4  # did not wait for the next poll
+    late.join()
 
 
 def test_warm_up_runs_the_largest_batch_the_budgets_allow(model):

@@ -346,26 +346,36 @@ class Worker:
         return records if records is _STOP else self._drain_backlog(records)
 
     def _drain_backlog(self, records: list[RawRecord]) -> list[RawRecord]:
-        """Merge text polls already queued behind ``records``, up to the sort window.
+        """Merge text polls queued behind ``records``, up to the sort window.
 
         Under a backlog the polls queue up while inference is busy; sorting them
-        together packs batches of similar length (less padding). Under light load
-        nothing is queued and this returns ``records`` at once. A queued poll that
-        is not all text, or the stop marker, ends the merge and is handled next
-        (it goes back to the head of the pre stage's input).
+        together packs batches of similar length (less padding). A full poll
+        (``max_poll_records``) is the sign of a backlog: the next poll is then
+        awaited for up to ``batch_max_wait_ms`` (the consumer usually has it
+        fetched already), so the first window after a start or a pause is full
+        too, not one poll. Under light load polls are not full and this returns
+        what is queued at once. A queued poll that is not all text, or the stop
+        marker, ends the merge and is handled next (it goes back to the head of
+        the pre stage's input).
         """
         if not self._all_text(records):
             return records
         merged = list(records)
+        deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000
+        backlog = len(records) >= self.settings.max_poll_records
         while len(merged) < self.settings.batch_sort_window:
             try:
-                more = self._records.get_nowait()
+                if backlog:
+                    more = self._records.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    more = self._records.get_nowait()
             except queue.Empty:
                 break
             if more is _STOP or not self._all_text(more):
                 self._held.append(more)
                 break
             merged.extend(more)
+            backlog = len(more) >= self.settings.max_poll_records
         return merged
 
     def _all_text(self, records: list[RawRecord]) -> bool:
