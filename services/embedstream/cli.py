@@ -33,7 +33,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intra-op-threads", type=int,
                    help="inference threads per process [EMBEDSTREAM_INTRA_OP_THREADS]")
     p.add_argument("--inference-instances", type=int,
-                   help="model instances per process, each on its own inference thread "
+                   help="model instances per process, each on its own inference thread; 0: auto "
+                   "(2 on CPU with 2+ threads, else 1) "
                    "[EMBEDSTREAM_INFERENCE_INSTANCES]")
 
 

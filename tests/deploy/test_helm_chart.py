@@ -121,6 +121,7 @@ def test_gpu_pools_get_gpus_and_cpu_pools_do_not(rendered):
         limits = worker["resources"]["limits"]
         if name == "text-cpu":
             assert "nvidia.com/gpu" not in limits and "EMBEDSTREAM_PROVIDERS" not in env
+            assert "EMBEDSTREAM_INFERENCE_INSTANCES" not in env  # auto
             assert "runtimeClassName" not in pod
             continue
         assert limits["nvidia.com/gpu"] == 1
@@ -131,6 +132,8 @@ def test_gpu_pools_get_gpus_and_cpu_pools_do_not(rendered):
         assert "CUDAExecutionProvider" in json.loads(env["EMBEDSTREAM_PROVIDERS"])
         assert "embedstream-gpu" in worker["image"]
         assert env["EMBEDSTREAM_INTRA_OP_THREADS"] == "4"  # the CPU limit
+    gpu_env = env_of(workers["text-gpu"]["spec"]["template"]["spec"]["containers"][0])
+    assert gpu_env["EMBEDSTREAM_INFERENCE_INSTANCES"] == "2"
     trt = workers["text-trt"]["spec"]["template"]["spec"]
     assert json.loads(env_of(trt["containers"][0])["EMBEDSTREAM_PROVIDERS"])[0] == (
         "TensorrtExecutionProvider")

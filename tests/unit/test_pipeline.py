@@ -276,3 +276,19 @@ def test_model_instances_share_the_batches_and_stop_together(model, tmp_path):
     assert model.backend.calls > 0 and replica.backend.calls > 0
     assert model.backend.calls + replica.backend.calls >= 200 // 4
     assert not any(t.is_alive() for t in worker._threads)
+
+
+def test_auto_instances_are_two_on_a_multi_core_cpu_and_one_otherwise(monkeypatch):
+    """inference_instances 0 (the default) picks 2 on CPU with 2+ threads, 1 on one
+    thread or a GPU; a number set by the user always wins."""
+    from embedstream.worker import service
+
+    cpu = Settings(providers=["CPUExecutionProvider"])
+    assert cpu.inference_instances == 0
+    assert service.instances_per_process(cpu, threads=2) == 2
+    assert service.instances_per_process(cpu, threads=8) == 2
+    assert service.instances_per_process(cpu, threads=1) == 1
+    assert service.instances_per_process(cpu.model_copy(update={"inference_instances": 3}),
+                                         threads=1) == 3
+    monkeypatch.setattr(service, "choose_providers", lambda requested: ["CUDAExecutionProvider"])
+    assert service.instances_per_process(Settings(), threads=8) == 1

@@ -31,6 +31,7 @@ from embedstream.errors import BenchError
 from embedstream.models.manifest import find_models
 from embedstream.runtime.onnx import default_threads
 from embedstream.settings import Settings
+from embedstream.worker.service import instances_per_process
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,8 @@ def _setup(
         "inputs": config.source, "batch_size": config.batch_size, "threads": config.threads,
         "batch_max_wait_ms": settings.batch_max_wait_ms,
         "batch_max_tokens": settings.batch_max_tokens,
-        "inference_instances": settings.inference_instances, "rounds": config.rounds,
+        "inference_instances": instances_per_process(settings, config.threads),
+        "rounds": config.rounds,
         "latency_run_s": config.latency_s, "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
         "reference": config.spec.reference,

@@ -21,6 +21,7 @@ PREFERRED_PROVIDERS = (
     "CUDAExecutionProvider",
     "CPUExecutionProvider",
 )
+GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
 
 
 def choose_providers(requested: list[str]) -> list[str]:
@@ -95,7 +96,7 @@ class OrtBackend:
         self._output = self._session.get_outputs()[0].name
         # On a GPU, bind inputs and the output explicitly (I/O binding): ORT
         # then copies each once instead of staging through its own buffers.
-        self._bind = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self._bind = self.provider in GPU_PROVIDERS
         log.info(
             "loaded %s on %s with %d threads",
             onnx_path, self.provider, options.intra_op_num_threads,

@@ -18,7 +18,7 @@ from types import FrameType
 from embedstream.errors import EmbedstreamError
 from embedstream.metrics import Metrics
 from embedstream.runtime.loader import load_models
-from embedstream.runtime.onnx import default_threads
+from embedstream.runtime.onnx import GPU_PROVIDERS, choose_providers, default_threads
 from embedstream.runtime.preprocess import Limits
 from embedstream.runtime.warmup import warm_up
 from embedstream.settings import Settings
@@ -36,6 +36,16 @@ def threads_per_process(settings: Settings) -> int:
     return max(1, default_threads() // settings.processes)
 
 
+def instances_per_process(settings: Settings, threads: int) -> int:
+    """Model instances per worker process: ``inference_instances``, or when it is 0 (auto),
+    2 on CPU with at least 2 threads (two 1-thread sessions lose less to the other
+    stages and to synchronising threads than one 2-thread session), else 1."""
+    if settings.inference_instances:
+        return settings.inference_instances
+    on_gpu = choose_providers(settings.providers)[0] in GPU_PROVIDERS
+    return 1 if on_gpu or threads < 2 else 2
+
+
 def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     """Load models, prepare Redis and topics, and join the group.
 
@@ -43,16 +53,19 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     ``settings.kafka_client`` names (:mod:`embedstream.sources.registry`).
     """
     metrics = metrics or Metrics()
+    threads = threads_per_process(settings)
+    count = instances_per_process(settings, threads)
     instances = [
         load_models(
             settings.model_dir,
             settings.models,
             providers=settings.providers,
-            threads=max(1, threads_per_process(settings) // settings.inference_instances),
+            threads=max(1, threads // count),
             limits=Limits.from_settings(settings),
         )
-        for _ in range(settings.inference_instances)
+        for _ in range(count)
     ]
+    log.info("%d model instance(s) of %d thread(s) each", count, max(1, threads // count))
     models = instances[0]
     for model in models.values():
         m = model.manifest
