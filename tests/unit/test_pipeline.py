@@ -212,6 +212,21 @@ def test_a_queued_text_backlog_is_sorted_as_one_window(model):
     assert worker._next_records(0.01) is None
 
 
+def test_queued_audio_polls_merge_into_a_window_of_a_few_batches(model):
+    """Audio polls (a few large clips each) merge with queued audio polls, up to four
+    batches' worth of records; a text poll ends the merge and is not lost."""
+    worker, *_ = make_worker(model, [], batch_max_items=2)  # window: 4 x 2 = 8 records
+    worker.modality_of["embedstream.audio"] = "audio"
+    clips = [RawRecord("embedstream.audio", 0, i, None, b"{}", 0) for i in range(12)]
+    texts = text_records(["w1"])
+    for poll in (clips[0:3], clips[3:6], clips[6:9], texts, clips[9:12]):
+        worker._records.put(poll)
+
+    assert [r.offset for r in worker._next_records(0.1)] == list(range(9))  # window reached
+    assert worker._next_records(0.1) == texts
+    assert [r.offset for r in worker._next_records(0.1)] == [9, 10, 11]
+
+
 def test_a_full_poll_waits_briefly_for_the_backlog_behind_it(model):
     """A full poll means a backlog: the next one is awaited (up to the max wait) and
     merged; a poll that is not full is a light load and waits for nothing."""

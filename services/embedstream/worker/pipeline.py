@@ -54,6 +54,7 @@ from embedstream.worker.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
 
+_AUDIO_WINDOW_BATCHES = 4
 _STOP = object()  # end-of-stream marker passed down the stage queues
 _LAG_INTERVAL_S = 5.0
 _SINK_BACKOFF_MAX_S = 5.0
@@ -124,6 +125,13 @@ class Worker:
             settings.batch_max_items, settings.batch_max_tokens, settings.batch_max_wait_ms / 1000,
             settings.batch_max_padding,
         )
+        # Records sorted by length together under a backlog, per modality. Audio's
+        # window is a few batches: a clip takes ~10 ms to decode here, so a window
+        # of 2,048 would keep the first batch waiting for seconds.
+        self._sort_windows = {
+            "text": settings.batch_sort_window,
+            "audio": min(settings.batch_sort_window, _AUDIO_WINDOW_BATCHES * settings.batch_max_items),
+        }
         self._max_in_flight = max(
             settings.max_poll_records * 2,
             settings.batch_sort_window + settings.max_poll_records * 2,
@@ -346,24 +354,26 @@ class Worker:
         return records if records is _STOP else self._drain_backlog(records)
 
     def _drain_backlog(self, records: list[RawRecord]) -> list[RawRecord]:
-        """Merge text polls queued behind ``records``, up to the sort window.
+        """Merge polls of the same kind queued behind ``records``, up to its sort window.
 
         Under a backlog the polls queue up while inference is busy; sorting them
-        together packs batches of similar length (less padding). A full poll
-        (``max_poll_records``) is the sign of a backlog: the next poll is then
-        awaited for up to ``batch_max_wait_ms`` (the consumer usually has it
-        fetched already), so the first window after a start or a pause is full
-        too, not one poll. Under light load polls are not full and this returns
-        what is queued at once. A queued poll that is not all text, or the stop
-        marker, ends the merge and is handled next (it goes back to the head of
-        the pre stage's input).
+        together packs batches of similar length (less padding) and fills them
+        (a poll of large audio files holds a few clips only). Text and audio
+        polls merge with their own kind; image polls never do, their inputs have
+        one size. A full poll (``max_poll_records``) is the sign of a backlog:
+        the next poll is then awaited for up to ``batch_max_wait_ms`` (the
+        consumer usually has it fetched already), so the first window after a
+        start or a pause is full too, not one poll. Under light load polls are
+        not full and this returns what is queued at once. A queued poll of
+        another kind, or the stop marker, ends the merge and is handled next
+        (it goes back to the head of the pre stage's input).
         """
-        if not self._all_text(records):
-            return records
+        kind = self._kind(records)
+        window = self._sort_windows.get(kind, 0) if kind is not None else 0
         merged = list(records)
         deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000
         backlog = len(records) >= self.settings.max_poll_records
-        while len(merged) < self.settings.batch_sort_window:
+        while len(merged) < window:
             try:
                 if backlog:
                     more = self._records.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -371,15 +381,17 @@ class Worker:
                     more = self._records.get_nowait()
             except queue.Empty:
                 break
-            if more is _STOP or not self._all_text(more):
+            if more is _STOP or self._kind(more) != kind:
                 self._held.append(more)
                 break
             merged.extend(more)
             backlog = len(more) >= self.settings.max_poll_records
         return merged
 
-    def _all_text(self, records: list[RawRecord]) -> bool:
-        return all(self.modality_of.get(r.topic) == "text" for r in records)
+    def _kind(self, records: list[RawRecord]) -> str | None:
+        """The modality of every record of a poll, or None for a mixed poll."""
+        kinds = {self.modality_of.get(r.topic) for r in records}
+        return kinds.pop() if len(kinds) == 1 else None
 
     def _prepare(self, records: list[RawRecord]) -> dict[str, list[tuple[Item, int]]]:
         """Decode and preprocess one poll's records, grouped by model."""
