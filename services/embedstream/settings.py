@@ -151,10 +151,10 @@ class Settings(BaseSettings):
         0, ge=0, description="Model instances per process, each with its own ONNX Runtime "
         "session and inference thread, splitting intra_op_threads between them: batches run "
         "side by side instead of one at a time. 0 (auto): 2 on CPU when the process has 2 or "
-        "more threads, else 1; 1 on a GPU. On the 2-core bench machine 2 x 1 thread embedded "
-        "7% (fp32) to 27% (int8) more per second than 1 x 2 under load, at about 1.7x the peak "
-        "memory; a batch alone then takes twice as long. Memory: one copy of the weights and "
-        "one activation arena per instance."
+        "more threads, else 1; 1 on a GPU. On the 2-core bench machine 2 x 1 thread took the "
+        "pipeline from 0.92x to 0.93x (fp32) and 0.84x to 0.95x (int8) of the raw model's "
+        "rate, at about 1.7x the peak memory; a batch alone then takes twice as long. "
+        "Memory: one copy of the weights and one activation arena per instance."
     )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per worker process. 0: the cores this "
@@ -229,8 +229,9 @@ class Settings(BaseSettings):
         "backlog, polls that queued while inference was busy are drained into one window, "
         "so batches pack texts of similar length (less padding; measured ~9% less "
         "inference time on the bench texts than sorting one 512-record poll at a time). "
-        "Raises the records in flight to the window plus two polls. Image and audio "
-        "polls are not merged: their inputs have one size.",
+        "Raises the records in flight to the window plus two polls. Audio polls merge "
+        "too, up to 4 batches' worth (min of this and 4 x batch_max_items); image polls "
+        "never do: their inputs have one size.",
     )
     queue_depth: int = Field(
         4, ge=1, description="Batches in flight between stages (decode, inference, store). "
