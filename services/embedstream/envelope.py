@@ -17,6 +17,7 @@ sends such events to the dead-letter topic.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,15 @@ REASONS = (
     "invalid_audio",
     "audio_empty",
     "audio_too_long",
+    # metadata over metadata_max_fields / metadata_max_bytes
+    "metadata_too_large",
+    # the store refused this item's write (a data error, not an outage)
+    "store_rejected",
+    # worker processes died repeatedly with this record in flight; not processed again
+    "poison_quarantined",
+    # anything else that went wrong with this one record (exception type and message in
+    # the dead letter's embedstream.error header)
+    "internal_error",
 )
 
 # The raw-bytes form: the record value is the file itself and these headers
@@ -57,11 +67,27 @@ HEADER_MODEL = "embedstream.model"
 HEADER_METADATA = "embedstream.metadata"
 
 MAX_ID_LENGTH = 512
+# A JSON escape of a UTF-16 surrogate (\ud800 to \udfff). Alone it decodes to a str that
+# is not valid Unicode text: tokenizers refuse it, Redis clients cannot encode it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # Hash fields the sink writes itself; metadata may not overwrite them.
 RESERVED_FIELDS = frozenset(
     {"id", "text", "embedding", "model", "modality", "dim", "created_at", "event_ts", "source",
      "version"}
 )
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataLimits:
+    """Bounds on an event's metadata, checked at decode time (``metadata_too_large``).
+
+    Metadata becomes hash fields in the store: these keep one event from writing
+    thousands of fields or megabytes of them.
+    """
+
+    max_fields: int = 256
+    max_bytes: int = 64 << 10
+    """UTF-8 bytes of every name and (serialised) value together."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,34 +127,33 @@ def stable_id(record: RawRecord) -> str:
     return f"{record.topic}:{record.partition}:{record.offset}"
 
 
-def decode(record: RawRecord, modality: str, max_bytes: int = 1 << 20) -> Event:
+def decode(
+    record: RawRecord,
+    modality: str,
+    max_bytes: int = 1 << 20,
+    metadata_limits: MetadataLimits | None = None,
+) -> Event:
     """Parse and validate a record of ``modality``. Raises :class:`EnvelopeError`.
 
     Text events are JSON envelopes. Image and audio events are JSON envelopes
     with ``data`` (base64) or ``uri``, or records in the raw-bytes form
-    (see :data:`HEADER_CONTENT_TYPE`).
+    (see :data:`HEADER_CONTENT_TYPE`). Every string that can reach the model or
+    the store is valid Unicode text when this returns.
     """
+    limits = metadata_limits or MetadataLimits()
     value = record.value or b""
     if modality != "text" and _is_raw(record):
-        return _decode_raw(record, modality, max_bytes)
+        return _decode_raw(record, modality, max_bytes, limits)
     if len(value) > max_bytes:
         raise EnvelopeError(
             "payload_too_large", f"value is {len(value)} bytes, limit {max_bytes}"
         )
-    try:
-        text_value = value.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise EnvelopeError("invalid_utf8", f"value is not UTF-8: {err}") from err
-    try:
-        body = json.loads(text_value)
-    except json.JSONDecodeError as err:
-        raise EnvelopeError("invalid_json", f"value is not JSON: {err.msg} at {err.pos}") from err
-    if not isinstance(body, dict):
-        raise EnvelopeError("not_an_object", f"envelope is a JSON {type(body).__name__}")
+    body = _parse_object(value, "value")
+    strict = _SURROGATE_ESCAPE.search(value) is not None
 
     event_id = _event_id(body, record)
     model = _optional_str(body, "model")
-    metadata = _metadata(body)
+    metadata = _metadata(body, limits)
     data_b64 = _optional_str(body, "data")
     uri = _optional_str(body, "uri")
     version = _version(body, record)
@@ -140,7 +165,10 @@ def decode(record: RawRecord, modality: str, max_bytes: int = 1 << 20) -> Event:
             raise EnvelopeError("invalid_field", f"'text' is a {type(text).__name__}, not a string")
         if not text.strip():
             raise EnvelopeError("empty_text", "'text' is empty")
-    else:
+    if strict:
+        _check_unicode({"id": event_id, "model": model, "text": text, "data": data_b64,
+                        "uri": uri, **{f"metadata {k!r}": v for k, v in metadata.items()}})
+    if modality != "text":
         if data_b64 is None and uri is None:
             raise EnvelopeError("missing_data", f"an {modality} event needs 'data' or 'uri'")
         if data_b64 is not None and uri is not None:
@@ -156,6 +184,40 @@ def decode(record: RawRecord, modality: str, max_bytes: int = 1 << 20) -> Event:
         uri=uri,
         version=version,
     )
+
+
+def _parse_object(value: bytes, what: str) -> dict[str, Any]:
+    """``value`` as a JSON object, or the :class:`EnvelopeError` that says why not."""
+    try:
+        text_value = value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise EnvelopeError("invalid_utf8", f"{what} is not UTF-8: {err}") from err
+    try:
+        body = json.loads(text_value)
+    except json.JSONDecodeError as err:
+        raise EnvelopeError("invalid_json", f"{what} is not JSON: {err.msg} at {err.pos}") from err
+    except RecursionError as err:
+        raise EnvelopeError("invalid_json", f"{what} is nested too deeply to parse") from err
+    except ValueError as err:  # e.g. an integer literal over Python's digit limit
+        raise EnvelopeError("invalid_json", f"{what} is not usable JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise EnvelopeError("not_an_object", f"envelope is a JSON {type(body).__name__}")
+    return body
+
+
+def _check_unicode(fields: dict[str, Any]) -> None:
+    """Raise ``invalid_field`` for the first string holding a lone surrogate."""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise EnvelopeError(
+                "invalid_field",
+                f"{name} holds a lone UTF-16 surrogate (U+{ord(value[err.start]):04X}) at "
+                f"character {err.start}: not valid Unicode text",
+            ) from err
 
 
 def _version(body: dict[str, Any], record: RawRecord) -> int:
@@ -184,7 +246,9 @@ def _is_raw(record: RawRecord) -> bool:
     return content_type is not None and not content_type.lower().startswith(b"application/json")
 
 
-def _decode_raw(record: RawRecord, modality: str, max_bytes: int) -> Event:
+def _decode_raw(
+    record: RawRecord, modality: str, max_bytes: int, limits: MetadataLimits
+) -> Event:
     """A raw-bytes record: the value is the file; id, model, metadata come from headers."""
     value = record.value or b""
     if len(value) > max_bytes:
@@ -202,19 +266,23 @@ def _decode_raw(record: RawRecord, modality: str, max_bytes: int) -> Event:
             )
             if raw is not None
         }
-        metadata = json.loads(fields["metadata"]) if "metadata" in fields else None
     except UnicodeDecodeError as err:
         raise EnvelopeError("invalid_utf8", f"a header is not UTF-8: {err}") from err
-    except json.JSONDecodeError as err:
-        raise EnvelopeError("invalid_json", f"{HEADER_METADATA} is not JSON: {err.msg}") from err
+    raw_metadata = header(record, HEADER_METADATA)
+    metadata = (
+        _parse_object(raw_metadata, HEADER_METADATA) if raw_metadata is not None else None
+    )
     body: dict[str, Any] = {"id": fields.get("id"), "model": fields.get("model"),
                             "metadata": metadata}
+    parsed = _metadata(body, limits)
+    if raw_metadata is not None and _SURROGATE_ESCAPE.search(raw_metadata):
+        _check_unicode({f"metadata {k!r}": v for k, v in parsed.items()})
     return Event(
         id=_event_id(body, record),
         modality=modality,
         model=_optional_str(body, "model"),
         text=None,
-        metadata=_metadata(body),
+        metadata=parsed,
         record=record,
         raw=value,
         content_type=fields.get("content_type"),
@@ -251,23 +319,45 @@ def _optional_str(body: dict[str, Any], name: str) -> str | None:
     return value
 
 
-def _metadata(body: dict[str, Any]) -> dict[str, str]:
-    """Metadata becomes hash fields: flat, string-valued, no reserved names."""
+def _metadata(body: dict[str, Any], limits: MetadataLimits) -> dict[str, str]:
+    """Metadata becomes hash fields: flat, string-valued, no reserved names, bounded."""
     raw = body.get("metadata")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise EnvelopeError("invalid_field", "'metadata' must be a JSON object")
+    if len(raw) > limits.max_fields:
+        raise EnvelopeError(
+            "metadata_too_large", f"metadata has {len(raw)} fields, limit {limits.max_fields}"
+        )
     out: dict[str, str] = {}
+    size = 0
     for key, value in raw.items():
         if key in RESERVED_FIELDS:
             raise EnvelopeError("invalid_field", f"metadata field {key!r} is reserved")
         if isinstance(value, str):
-            out[key] = value
-        elif isinstance(value, bool | int | float) or value is None:
-            out[key] = json.dumps(value)
+            text = value
         else:
-            out[key] = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            try:
+                text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+            except (RecursionError, ValueError) as err:
+                raise EnvelopeError(
+                    "metadata_too_large", f"metadata field {key!r} is nested too deeply"
+                ) from err
+        # Characters bound bytes from below; exact UTF-8 sizes only near the limit.
+        size += len(key) + len(text)
+        if size > limits.max_bytes:
+            raise EnvelopeError(
+                "metadata_too_large", f"metadata is over {limits.max_bytes} bytes"
+            )
+        out[key] = text
+    if size * 4 > limits.max_bytes:  # non-ASCII can take up to 4 bytes a character
+        exact = sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+                    for k, v in out.items())
+        if exact > limits.max_bytes:
+            raise EnvelopeError(
+                "metadata_too_large", f"metadata is {exact} bytes, limit {limits.max_bytes}"
+            )
     return out
 
 

@@ -37,8 +37,23 @@ class ExportError(EmbedstreamError):
     """A checkpoint cannot be exported to ONNX."""
 
 
+class ModelUnavailable(ModelError):
+    """The model fails on a known-good input too: the fault is the model's or the
+    device's, not an event's. The worker stops (and is restarted) rather than
+    dead-letter the events it holds."""
+
+
 class SinkError(EmbedstreamError):
-    """Results could not be written to the store (usually transient)."""
+    """The store could not take a batch now (unreachable, busy, failing over):
+    transient and about the world, never about one item. The caller retries the
+    whole batch; versioned writes make the retry idempotent."""
+
+
+class StoreFull(SinkError):
+    """The store refused writes for lack of memory (``OOM`` under ``noeviction``).
+
+    About the world, not the items: the worker pauses, reports not-ready and
+    commits nothing until an operator makes room."""
 
 
 class SourceError(EmbedstreamError):
@@ -69,6 +84,10 @@ class GatewayError(EmbedstreamError):
         self.status = status
         self.code = code
         self.detail = detail
+
+
+class Cancelled(EmbedstreamError):
+    """A retry loop gave up because its caller is shutting down."""
 
 
 class DevStackError(EmbedstreamError):

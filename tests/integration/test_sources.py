@@ -19,7 +19,7 @@ from kafka import TopicPartition as KafkaTP
 
 from embedstream.envelope import RawRecord
 from embedstream.settings import Settings
-from embedstream.sources.base import Source, TopicPartition
+from embedstream.sources.base import IgnoreRebalances, Source, TopicPartition
 from embedstream.sources.registry import kafka_client
 
 PARTITIONS = 4
@@ -80,13 +80,18 @@ def test_the_source_contract_on_the_real_broker(stack, unique, client):
     produce(settings, topic, 10, "old")
 
     revokes: list[tuple[str, set[TopicPartition]]] = []
+    assigns: list[set[TopicPartition]] = []
 
-    def on_revoked_a(tps: set[TopicPartition]) -> None:
-        revokes.append((threading.current_thread().name, tps))
-        a.commit_nowait({tp: off for tp, off in ends(got["a"]).items() if tp in tps})
+    class ListenerA:
+        def revoked(self, tps: set[TopicPartition]) -> None:
+            revokes.append((threading.current_thread().name, tps))
+            a.commit_nowait({tp: off for tp, off in ends(got["a"]).items() if tp in tps})
+
+        def assigned(self, tps: set[TopicPartition]) -> None:
+            assigns.append(tps)
 
     got: dict[str, list[RawRecord]] = {}
-    a = kit.source(settings, [topic], on_revoked_a)
+    a = kit.source(settings, [topic], ListenerA())
     poll_until({"a": a}, lambda: len(got["a"]) == 40, got)
     first = got["a"][0]
     assert first.key is not None and first.key.startswith(b"old-") and first.topic == topic
@@ -96,8 +101,11 @@ def test_the_source_contract_on_the_real_broker(stack, unique, client):
     assert a.connected() and all(lag >= 0 for lag in a.lag().values())
 
     # A second member joins: A's revoke commits what A consumed, inside A's poll.
-    b = kit.source(settings, [topic], lambda tps: None)
+    b = kit.source(settings, [topic], IgnoreRebalances())
     poll_until({"a": a, "b": b}, lambda: assigned(a) == assigned(b) == PARTITIONS // 2, got)
+    # After the revoke, the new (smaller) assignment is announced in full.
+    assert assigns[0] == {(topic, p) for p in range(PARTITIONS)}
+    assert assigns[-1] == {(tp.topic, tp.partition) for tp in a._consumer.assignment()}
     assert not got["b"], "B re-read records A had consumed and committed on revoke"
     produce(settings, topic, 10, "new")
     poll_until({"a": a, "b": b},

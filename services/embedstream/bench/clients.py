@@ -45,6 +45,7 @@ from embedstream import devstack
 from embedstream.errors import BenchError
 from embedstream.settings import Settings
 from embedstream.sources import kafka as kafka_python_source
+from embedstream.sources.base import IgnoreRebalances
 from embedstream.sources.registry import kafka_client
 
 log = logging.getLogger(__name__)
@@ -388,7 +389,7 @@ def _consume_source(settings: Settings, client: str, topic: str, count: int) -> 
     """Our Source, as the worker's polling thread uses it: RawRecords per poll."""
     source = kafka_client(client).source(
         settings.model_copy(update={"group_id": _group(client), "max_poll_records": _BATCH}),
-        [topic], lambda _revoked: None,
+        [topic], IgnoreRebalances(),
     )
     try:
         return _drain(lambda _most: len(source.poll(0.1)), count)

@@ -4,25 +4,29 @@ Each takes the parsed URI and the limits and returns the bytes, or raises
 :class:`~embedstream.errors.EnvelopeError`: ``uri_forbidden`` for what
 configuration does not allow (a path outside ``uri_roots``, a host not in
 ``uri_allowed_hosts``, a redirect elsewhere), ``uri_unreachable`` for what
-is allowed but failed, ``payload_too_large`` past ``fetch_max_bytes``.
+is allowed but failed (any network or protocol error: refused, reset, a
+truncated or malformed response), ``payload_too_large`` past
+``fetch_max_bytes``. Never another exception: a fetch runs in the worker's
+pre stage, per event.
 """
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import socket
+import ssl
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from embedstream.errors import EnvelopeError
 
 _CHUNK = 1 << 16
+_MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,70 +79,115 @@ def _host_allowed(uri: urllib.parse.SplitResult, hosts: frozenset[str]) -> bool:
     return host in hosts or (uri.port is not None and f"{host}:{uri.port}" in hosts)
 
 
-def _check_host(uri: urllib.parse.SplitResult, limits: FetchLimits) -> None:
-    """Raise ``uri_forbidden`` unless the host is allowed and, where it resolves to a
-    non-public address (loopback, private, link-local, ...), private ones are allowed."""
+def _address(uri: urllib.parse.SplitResult, limits: FetchLimits) -> str:
+    """The one address the fetch connects to, resolved once (no DNS-rebinding gap
+    between the check and the connection).
+
+    Raises ``uri_forbidden`` unless the host is allowed and, unless private
+    networks are, every address it resolves to is public (not loopback, private,
+    link-local, ...).
+    """
     if not _host_allowed(uri, limits.hosts):
         raise EnvelopeError("uri_forbidden", f"host {uri.hostname!r} is not in uri_allowed_hosts")
-    if limits.allow_private:
-        return
     try:
         infos = socket.getaddrinfo(uri.hostname or "", uri.port or 443, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as err:
+    except (socket.gaierror, UnicodeError, ValueError) as err:
         raise EnvelopeError("uri_unreachable", f"cannot resolve {uri.hostname!r}: {err}") from err
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-        if not address.is_global:
-            raise EnvelopeError(
-                "uri_forbidden",
-                f"{uri.hostname!r} resolves to non-public address {address} "
-                "(set uri_allow_private_networks to allow it)",
-            )
+    addresses = [str(info[4][0]).split("%", 1)[0] for info in infos]
+    if not limits.allow_private:
+        for address in addresses:
+            if not ipaddress.ip_address(address).is_global:
+                raise EnvelopeError(
+                    "uri_forbidden",
+                    f"{uri.hostname!r} resolves to non-public address {address} "
+                    "(set uri_allow_private_networks to allow it)",
+                )
+    if not addresses:
+        raise EnvelopeError("uri_unreachable", f"{uri.hostname!r} resolves to no address")
+    return addresses[0]
 
 
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow a redirect only to an allowed host (and address)."""
+class _PinnedHTTP(http.client.HTTPConnection):
+    """Talks to ``host`` (Host header) at an address resolved beforehand."""
 
-    def __init__(self, limits: FetchLimits) -> None:
-        self.limits = limits
+    def __init__(self, host: str, port: int | None, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
 
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> Any:
-        target = urllib.parse.urlsplit(newurl)
-        if not _host_allowed(target, self.limits.hosts):
-            raise EnvelopeError("uri_forbidden", f"redirect to a host not allowed: {newurl}")
-        _check_host(target, self.limits)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """TLS to an address resolved beforehand, verified against ``host`` (SNI, certificate)."""
+
+    def __init__(self, host: str, port: int | None, address: str, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
 def fetch_http(uri: urllib.parse.SplitResult, limits: FetchLimits) -> bytes:
-    """GET from an allowed host, at most ``max_bytes`` within ``timeout_s`` in all."""
-    _check_host(uri, limits)
-    opener = urllib.request.build_opener(_CheckedRedirects(limits))
+    """GET from an allowed host, at most ``max_bytes`` within ``timeout_s`` in all,
+    following up to a few redirects to allowed hosts."""
     deadline = time.monotonic() + limits.timeout_s
-    chunks: list[bytes] = []
-    size = 0
+    for _hop in range(_MAX_REDIRECTS + 1):
+        location = None
+        try:
+            body, location = _get(uri, _address(uri, limits), limits, deadline)
+        except EnvelopeError:
+            raise
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            raise EnvelopeError("uri_unreachable",
+                                f"cannot fetch from {uri.hostname}: {type(err).__name__}: {err}") from err
+        if location is None:
+            return body
+        target = urllib.parse.urlsplit(urllib.parse.urljoin(urllib.parse.urlunsplit(uri), location))
+        if target.scheme.lower() not in ("http", "https") or not _host_allowed(target, limits.hosts):
+            raise EnvelopeError("uri_forbidden", f"redirect to a host not allowed: {location}")
+        uri = target
+    raise EnvelopeError("uri_unreachable", f"more than {_MAX_REDIRECTS} redirects")
+
+
+def _get(
+    uri: urllib.parse.SplitResult, address: str, limits: FetchLimits, deadline: float
+) -> tuple[bytes, str | None]:
+    """One GET: (body, None), or (b"", location) for a redirect."""
+    remaining = max(0.1, deadline - time.monotonic())
+    kind = _PinnedHTTPS if uri.scheme.lower() == "https" else _PinnedHTTP
+    conn = kind(uri.hostname or "", uri.port, address, remaining)
     try:
-        with opener.open(urllib.parse.urlunsplit(uri), timeout=limits.timeout_s) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-                raise EnvelopeError(
-                    "payload_too_large", f"{declared} bytes declared, limit {limits.max_bytes}"
-                )
-            while chunk := response.read(_CHUNK):
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise EnvelopeError("payload_too_large", f"body over {limits.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise EnvelopeError("uri_unreachable", f"fetch over {limits.timeout_s}s")
-                chunks.append(chunk)
-    except EnvelopeError:
-        raise
-    except urllib.error.HTTPError as err:
-        raise EnvelopeError("uri_unreachable", f"HTTP {err.code} from {uri.hostname}") from err
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise EnvelopeError("uri_unreachable", f"cannot fetch from {uri.hostname}: {err}") from err
-    return b"".join(chunks)
+        path = urllib.parse.urlunsplit(("", "", uri.path or "/", uri.query, ""))
+        conn.request("GET", path, headers={"User-Agent": "embedstream", "Accept-Encoding": "identity"})
+        response = conn.getresponse()
+        if response.status in _REDIRECTS and response.getheader("Location"):
+            return b"", response.getheader("Location")
+        if response.status != 200:
+            raise EnvelopeError("uri_unreachable", f"HTTP {response.status} from {uri.hostname}")
+        declared = response.getheader("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+            raise EnvelopeError(
+                "payload_too_large", f"{declared} bytes declared, limit {limits.max_bytes}"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := response.read(_CHUNK):
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise EnvelopeError("payload_too_large", f"body over {limits.max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise EnvelopeError("uri_unreachable", f"fetch over {limits.timeout_s}s")
+            chunks.append(chunk)
+        if declared and declared.isdigit() and size != int(declared):
+            # http.client returns a body cut short by a closed connection without a word
+            raise EnvelopeError("uri_unreachable",
+                                f"truncated response: {size} of {declared} bytes")
+        return b"".join(chunks), None
+    finally:
+        conn.close()
 
 
 Fetcher = Callable[[urllib.parse.SplitResult, FetchLimits], bytes]

@@ -1,7 +1,8 @@
 """Redis sink: one HASH per embedding, one vector index per model.
 
 Key ``<prefix>:<model>:<id>`` holds ``embedding`` (float32 little-endian
-bytes), ``version`` (writes never replace a newer version), ``id``,
+bytes), ``version`` (writes never replace a newer version; equal versions
+are ordered by the record's offset, then partition), ``id``,
 ``model``, ``modality``, ``dim``, ``created_at`` (unix seconds), ``event_ts``
 (the record's timestamp, ms), ``source`` (topic:partition:offset), ``text``
 (text events, unless ``store_text`` is off), the event's metadata fields and,
@@ -10,6 +11,12 @@ bytes) and ``token_count``. Each batch is one
 pipelined round trip. Where the server has the search module (Redis 8,
 Redis Stack, Valkey + RediSearch) each model gets an HNSW/COSINE index over
 its prefix; without it, vectors are still stored.
+
+Failures are classified once, here: a reply about one item's data (a script
+error, ``WRONGTYPE``, a value the client cannot encode) rejects that item
+and the rest of the batch is stored; a reply about the server (unreachable,
+``BUSY``, ``LOADING``, ``TRYAGAIN``, ``CLUSTERDOWN``, a failover) raises
+:class:`SinkError`; a full server (``OOM``) raises :class:`StoreFull`.
 """
 
 from __future__ import annotations
@@ -26,29 +33,73 @@ from redis.commands.search.index_definition import IndexDefinition, IndexType
 from redis.retry import Retry
 
 from embedstream.envelope import RESERVED_FIELDS
-from embedstream.errors import ConfigError, SinkError
+from embedstream.errors import ConfigError, SinkError, StoreFull
 from embedstream.models.manifest import Manifest
 from embedstream.settings import Settings
-from embedstream.sinks.base import Embedded, WriteOutcome
+from embedstream.sinks.base import Embedded, Rejected, WriteOutcome
 
 log = logging.getLogger(__name__)
 
 # Versioned, idempotent write of one result: KEYS[1] the key, ARGV[1] the
-# version, ARGV[2..] field/value pairs. Returns 1 stored, 2 duplicate (this
-# version is there already), 0 stale (a newer version is there). DEL first so
-# metadata fields of an older version do not linger.
+# version, ARGV[2] the record's partition, ARGV[3] its offset, ARGV[4..]
+# field/value pairs. Returns 1 stored, 2 duplicate (this very record is there
+# already), 0 stale (a newer one is there). Equal versions (two updates in one
+# millisecond, a LogAppendTime batch) are ordered by offset, then partition, read
+# back from the stored ``source`` (topic:partition:offset): processing order
+# never decides. DEL first so metadata fields of an older version do not linger;
+# HSET in slices, as Lua's unpack() has a small limit on results.
 _WRITE_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], 'version')
+local current = redis.call('HMGET', KEYS[1], 'version', 'source')
 local version = tonumber(ARGV[1])
-if current then
-  local stored = tonumber(current)
+local partition = tonumber(ARGV[2])
+local offset = tonumber(ARGV[3])
+if current[1] then
+  local stored = tonumber(current[1])
   if stored > version then return 0 end
-  if stored == version then return 2 end
+  if stored == version then
+    local p, o = -1, -1
+    if current[2] then
+      local sp, so = string.match(current[2], ':(%d+):(%d+)$')
+      if sp then p = tonumber(sp); o = tonumber(so) end
+    end
+    if o > offset or (o == offset and p > partition) then return 0 end
+    if o == offset and p == partition then return 2 end
+  end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'version', ARGV[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], 'version', ARGV[1])
+for i = 4, #ARGV, 256 do
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 255, #ARGV)))
+end
 return 1
 """
+
+# Replies that are about the server, not the item: retry the batch later.
+_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
+    redis.exceptions.NoScriptError, redis.exceptions.ReadOnlyError,
+    redis.exceptions.AuthenticationError, redis.exceptions.NoPermissionError,
+    redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError,
+    redis.exceptions.MasterDownError, redis.exceptions.AskError, redis.exceptions.MovedError,
+    redis.exceptions.ExecAbortError, redis.exceptions.ClusterError,
+)
+_TRANSIENT_CODES = frozenset({"BUSY", "NOREPLICAS", "UNBLOCKED", "LOADING", "TRYAGAIN",
+                              "CLUSTERDOWN", "MASTERDOWN", "READONLY", "NOSCRIPT"})
+
+
+def classify(err: Exception) -> str:
+    """``full`` (out of memory), ``transient`` (about the server) or ``item``.
+
+    Anything not known to be about the server is about the item: a reply the
+    server would give again for that item alone.
+    """
+    message = str(err)
+    if isinstance(err, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in message:
+        return "full"
+    if isinstance(err, _TRANSIENT_ERRORS):
+        return "transient"
+    code = getattr(err, "status_code", None) or message.split(" ", 1)[0]
+    return "transient" if code in _TRANSIENT_CODES else "item"
 
 
 def result_key(prefix: str, model: str, event_id: str) -> str:
@@ -86,18 +137,21 @@ def metadata_schema(manifest: Manifest, settings: Settings) -> dict[str, str]:
     return dict(sorted(schema.items()))
 
 
-def connect(settings: Settings, *, quick: bool = False) -> redis.Redis:
+def connect(settings: Settings, *, quick: bool = False, retries: bool = True) -> redis.Redis:
     """A client for ``settings.redis_url``; the password field overrides the URL's.
 
     ``quick``: one-second timeouts and no retries, for health checks.
+    ``retries=False``: redis-py retries nothing, for callers that retry
+    themselves (the worker's sink), so two retry loops never stack.
     """
+    timeout = settings.redis_socket_timeout_s
     kwargs: dict[str, Any] = {
-        "socket_timeout": 1.0 if quick else 10.0,
-        "socket_connect_timeout": 1.0 if quick else 5.0,
+        "socket_timeout": 1.0 if quick else timeout,
+        "socket_connect_timeout": 1.0 if quick else min(timeout, 5.0),
         "health_check_interval": 30,
         "protocol": 2,
     }
-    if quick:
+    if quick or not retries:
         kwargs["retry"] = Retry(NoBackoff(), 0)
     if settings.redis_username is not None:
         kwargs["username"] = settings.redis_username
@@ -121,7 +175,7 @@ class RedisSink:
     """See :class:`~embedstream.sinks.base.Sink`."""
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
-        self._client = client if client is not None else connect(settings)
+        self._client = client if client is not None else connect(settings, retries=False)
         self._prefix = settings.key_prefix
         self._create_index = settings.create_index
         self._store_text = settings.store_text
@@ -190,39 +244,77 @@ class RedisSink:
                 log.info("index %s: added %s field %s", name, kind, field)
 
     def write(self, results: list[Embedded]) -> WriteOutcome:
+        """Store ``results`` in one pipelined round trip.
+
+        Items the server (or the client's encoder) refuses for their own data
+        come back in ``WriteOutcome.rejected``; everything else is stored.
+        Raises :class:`StoreFull` or :class:`SinkError` for failures about the
+        server: then any part of the batch may be stored, and a retry of the
+        whole batch is safe (those items come back as duplicates).
+        """
         now = time.time()
+        encoder = self._client.get_encoder()
         pipe = self._client.pipeline(transaction=False)
-        for result in results:
-            event = result.event
-            record = event.record
-            fields: dict[str, Any] = dict(event.metadata)
-            fields.update(
-                id=event.id,
-                embedding=result.vector.astype("<f4", copy=False).tobytes(),
-                model=result.model.name,
-                modality=result.model.modality,
-                dim=result.model.dimension,
-                created_at=now,
-                event_ts=record.timestamp_ms,
-                source=f"{record.topic}:{record.partition}:{record.offset}",
-            )
-            if self._store_text and event.text is not None:
-                fields["text"] = event.text
-            if result.tokens is not None:
-                fields["token_embeddings"] = result.tokens.astype("<f4", copy=False).tobytes()
-                fields["token_count"] = int(result.tokens.shape[0])
-            args: list[Any] = [event.version]
-            for name, value in fields.items():
-                args.extend((name, value))
-            key = result_key(self._prefix, result.model.name, event.id)
+        sent: list[int] = []  # index in ``results`` of each command in the pipeline
+        rejected: list[Rejected] = []
+        for index, result in enumerate(results):
+            try:
+                args = [encoder.encode(a) for a in self._script_args(result, now)]
+            except (redis.DataError, UnicodeError, ValueError, TypeError) as err:
+                rejected.append(Rejected(index, f"cannot encode a field: {err}"))
+                continue
+            key = result_key(self._prefix, result.model.name, result.event.id)
             self._script(keys=[key], args=args, client=pipe)
+            sent.append(index)
+        if not sent:
+            return WriteOutcome(rejected=tuple(rejected))
         try:
-            codes = pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as err:
-            raise SinkError(f"Redis write of {len(results)} results failed: {err}") from err
+            raise self._failure(err, len(results)) from err
+        codes: list[int] = []
+        for index, reply in zip(sent, replies, strict=True):
+            if not isinstance(reply, Exception):
+                codes.append(int(reply))
+            elif classify(reply) == "item":
+                rejected.append(Rejected(index, f"Redis refused the write: {reply}"))
+            else:
+                raise self._failure(reply, len(results)) from reply
         return WriteOutcome(
-            stored=codes.count(1), duplicates=codes.count(2), stale=codes.count(0)
+            stored=codes.count(1), duplicates=codes.count(2), stale=codes.count(0),
+            rejected=tuple(sorted(rejected, key=lambda r: r.index)),
         )
+
+    def _script_args(self, result: Embedded, now: float) -> list[Any]:
+        """ARGV of the write script: version, partition, offset, then field/value pairs."""
+        event = result.event
+        record = event.record
+        fields: dict[str, Any] = dict(event.metadata)
+        fields.update(
+            id=event.id,
+            embedding=result.vector.astype("<f4", copy=False).tobytes(),
+            model=result.model.name,
+            modality=result.model.modality,
+            dim=result.model.dimension,
+            created_at=now,
+            event_ts=record.timestamp_ms,
+            source=f"{record.topic}:{record.partition}:{record.offset}",
+        )
+        if self._store_text and event.text is not None:
+            fields["text"] = event.text
+        if result.tokens is not None:
+            fields["token_embeddings"] = result.tokens.astype("<f4", copy=False).tobytes()
+            fields["token_count"] = int(result.tokens.shape[0])
+        args: list[Any] = [event.version, max(0, record.partition), max(0, record.offset)]
+        for name, value in fields.items():
+            args.extend((name, value))
+        return args
+
+    @staticmethod
+    def _failure(err: Exception, size: int) -> SinkError:
+        if classify(err) == "full":
+            return StoreFull(f"Redis is out of memory; {size} results not written: {err}")
+        return SinkError(f"Redis write of {size} results failed: {err}")
 
     def ping(self) -> bool:
         """A quick, cached liveness check (one round trip a second at most)."""

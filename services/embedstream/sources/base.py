@@ -3,9 +3,15 @@
 Contract: :meth:`Source.poll` returns records in partition order;
 :meth:`Source.commit` records the *next* offset to read per partition and is
 called only for offsets whose events are stored or dead-lettered. The
-``on_revoked`` callback given at construction runs inside ``poll`` (on the
-polling thread) before partitions move to another worker; it is the last
-chance to commit them.
+:class:`RebalanceListener` given at construction hears of rebalances, inside
+``poll`` (on the polling thread, or on a client thread while the polling
+thread waits in ``poll``): ``revoked`` before partitions may move (the last
+chance to commit them), then ``assigned`` with the new assignment. A
+partition revoked and assigned again to the same consumer may continue from
+the client's fetch position (kafka-python keeps it) or from the committed
+offset (librdkafka): records the worker polled before the revoke are not
+necessarily delivered again, so the worker forgets only the partitions that
+did not come back.
 """
 
 from __future__ import annotations
@@ -16,7 +22,26 @@ from typing import Protocol
 from embedstream.envelope import RawRecord
 
 TopicPartition = tuple[str, int]
-RevokeCallback = Callable[[set[TopicPartition]], None]
+
+
+class RebalanceListener(Protocol):
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        """These partitions may move to another member: commit what is finished."""
+        ...
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        """The new assignment (complete, possibly empty), after every ``revoked``."""
+        ...
+
+
+class IgnoreRebalances:
+    """A listener for consumers that commit nothing on a rebalance (tools, benchmarks)."""
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        pass
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        pass
 
 
 class Source(Protocol):
@@ -27,7 +52,7 @@ class Source(Protocol):
         ...
 
     def commit_nowait(self, offsets: dict[TopicPartition, int]) -> None:
-        """Send a commit without waiting for it (safe inside ``on_revoked``)."""
+        """Send a commit without waiting for it (safe inside ``revoked``)."""
         ...
 
     def pause(self) -> None:
@@ -50,8 +75,15 @@ class Source(Protocol):
 
 
 class DeadLetters(Protocol):
-    """Where rejected events go. ``send`` is asynchronous: ``on_done`` runs once
-    the dead letter is durably written, ``on_error`` if it cannot be."""
+    """Where rejected events go.
+
+    ``send`` never raises and never blocks for long: it is asynchronous, and
+    exactly one of ``on_done`` (the letter is durably written) or ``on_error``
+    (it was not; the caller may send again) runs later, possibly on the
+    producer's own thread, so neither callback may block. A letter always
+    fits the producer's limits: a record too large to copy is sent as a
+    reference to its source position (header ``embedstream.value: reference``).
+    """
 
     def send(
         self,

@@ -7,12 +7,28 @@ incomplete settings, same "broker reachable" answer, byte-identical headers.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import socket
 import time
+from dataclasses import dataclass
 
 from embedstream.envelope import RawRecord
 from embedstream.errors import ConfigError
 from embedstream.settings import Settings
+
+# Room left in a dead letter for the record framing a producer adds around key, value
+# and headers (a few dozen bytes per record and per header; generous on purpose).
+_LETTER_MARGIN = 8 << 10
+# Bytes of the original value a reference letter carries, to recognise it by.
+_PREFIX_BYTES = 512
+# A reference letter keeps the original key and headers only while they are this small.
+_KEEP_KEY_BYTES = 4 << 10
+_KEEP_HEADER_BYTES = 16 << 10
+HEADER_VALUE_KIND = "embedstream.value"
+"""Dead-letter header: ``original`` (the value is the record's own) or ``reference``
+(the record was too large to copy; the value is a JSON reference to it)."""
 
 # Cache of the readiness probe: /readyz may be scraped often, the probe opens sockets.
 _PROBE_TTL_S = 2.0
@@ -66,6 +82,10 @@ def dead_letter_headers(record: RawRecord, reason: str, detail: str) -> list[tup
     The record's own ``embedstream.*`` headers are dropped so a re-driven event
     that fails again carries only its latest reason.
     """
+    return [*_own_headers(record, reason, detail), *_original_headers(record)]
+
+
+def _own_headers(record: RawRecord, reason: str, detail: str) -> list[tuple[str, bytes]]:
     return [
         ("embedstream.reason", reason.encode()),
         ("embedstream.error", detail[:1000].encode("utf-8", "replace")),
@@ -73,5 +93,63 @@ def dead_letter_headers(record: RawRecord, reason: str, detail: str) -> list[tup
         ("embedstream.source.partition", str(record.partition).encode()),
         ("embedstream.source.offset", str(record.offset).encode()),
         ("embedstream.failed_at", str(int(time.time() * 1000)).encode()),
-        *[(k, v) for k, v in record.headers if not k.startswith("embedstream.")],
     ]
+
+
+def _original_headers(record: RawRecord) -> list[tuple[str, bytes]]:
+    return [(k, v) for k, v in record.headers if not k.startswith("embedstream.")]
+
+
+@dataclass(frozen=True, slots=True)
+class Letter:
+    """A dead letter as produced: what the record's key, value and headers become."""
+
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    reference: bool
+
+
+def dead_letter(
+    record: RawRecord, reason: str, detail: str, max_bytes: int, *, minimal: bool = False
+) -> Letter:
+    """The dead letter of ``record``, sized to fit a producer limited to ``max_bytes``.
+
+    A letter carries the original key, value and headers untouched when they fit;
+    otherwise (or with ``minimal``, after a producer refused the letter for its
+    size anyway) its value is a JSON reference to the original instead: source
+    topic, partition and offset, sizes, the SHA-256 and the first bytes of the
+    value, marked ``embedstream.value: reference``. The original then stays
+    readable at its source position for as long as the topic retains it.
+    """
+    own = _own_headers(record, reason, detail)
+    original = _original_headers(record)
+    value = record.value or b""
+    headers = [*own, (HEADER_VALUE_KIND, b"original"), *original]
+    if not minimal and _size(record.key, value, headers) <= max_bytes - _LETTER_MARGIN:
+        return Letter(record.key, value, headers, reference=False)
+    key = record.key if record.key is not None and len(record.key) <= _KEEP_KEY_BYTES else None
+    keep_headers = not minimal and _size(None, b"", original) <= _KEEP_HEADER_BYTES
+    body = {
+        "reference": "embedstream.dead-letter/1",
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp_ms": record.timestamp_ms,
+        "value_bytes": len(value),
+        "value_sha256": hashlib.sha256(value).hexdigest(),
+        "value_prefix_b64": base64.b64encode(value[:_PREFIX_BYTES]).decode("ascii"),
+        "key_bytes": None if record.key is None else len(record.key),
+        "key_kept": key is not None or record.key is None,
+        "headers": len(original),
+        "headers_kept": keep_headers,
+    }
+    if record.key is not None and key is None:
+        body["key_sha256"] = hashlib.sha256(record.key).hexdigest()
+    headers = [*own, (HEADER_VALUE_KIND, b"reference"), *(original if keep_headers else [])]
+    return Letter(key, json.dumps(body, separators=(",", ":")).encode(), headers, reference=True)
+
+
+def _size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    return (len(key or b"") + len(value)
+            + sum(len(k.encode("utf-8", "replace")) + len(v or b"") + 16 for k, v in headers))

@@ -11,8 +11,9 @@ The same contract as :mod:`embedstream.sources.kafka` (see
   the polling thread, as the Source contract says; blocking calls are allowed
   there, and :meth:`ConfluentSource.commit_nowait` is safe too.
 - The assignment is eager (``range``), like kafka-python's: every partition is
-  revoked before the next assignment, so ``on_revoked`` sees them all and can
-  commit what is finished before another worker takes over.
+  revoked before the next assignment, so ``revoked`` sees them all and can
+  commit what is finished before another worker takes over; a partition
+  assigned again restarts from the committed offset.
 - Offsets move only by explicit commits (``enable.auto.commit`` and
   ``enable.auto.offset.store`` off); ``close`` commits nothing.
 
@@ -37,8 +38,8 @@ from embedstream import __version__
 from embedstream.envelope import RawRecord
 from embedstream.errors import SourceError
 from embedstream.settings import Settings
-from embedstream.sources.base import RevokeCallback, TopicPartition
-from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter_headers
+from embedstream.sources.base import RebalanceListener, TopicPartition
+from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,8 @@ class ConfluentSource:
     revoke callback runs on that thread, inside :meth:`poll`.
     """
 
-    def __init__(self, settings: Settings, topics: list[str], on_revoked: RevokeCallback) -> None:
-        self._on_revoked = on_revoked
+    def __init__(self, settings: Settings, topics: list[str], listener: RebalanceListener) -> None:
+        self._listener = listener
         self._closing = False
         self._max_records = settings.max_poll_records
         self._paused: set[TopicPartition] = set()
@@ -198,14 +199,16 @@ class ConfluentSource:
 
     # ----------------------------------------------------------- rebalances
     def _assigned(self, _consumer: Consumer, partitions: list[KafkaTP]) -> None:
-        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in partitions))
+        tps = {(tp.topic, tp.partition) for tp in partitions}
+        log.info("partitions assigned: %s", sorted(tps))
+        self._listener.assigned(tps)
 
     def _revoked(self, _consumer: Consumer, partitions: list[KafkaTP]) -> None:
         tps = {(tp.topic, tp.partition) for tp in partitions}
         self._paused -= tps
         if tps and not self._closing:  # close() commits nothing, so it revokes silently
             log.info("partitions revoked: %s", sorted(tps))
-            self._on_revoked(tps)
+            self._listener.revoked(tps)
 
     # -------------------------------------------------------------- polling
     def poll(self, timeout_s: float) -> list[RawRecord]:
@@ -304,17 +307,18 @@ class ConfluentDeadLetters:
     Records and headers are exactly those of
     :class:`~embedstream.sources.kafka.KafkaDeadLetters`. librdkafka runs
     delivery callbacks inside ``poll``: a thread of this object polls, so
-    ``on_done`` comes without the caller polling; ``on_error`` gets a thread of
-    its own so a retrying caller never blocks the producer.
+    ``on_done`` and ``on_error`` come without the caller polling, on that thread.
     """
 
     def __init__(self, settings: Settings, topic: str | None = None) -> None:
         self.topic = topic or settings.topic_dlq
+        self._max_bytes = settings.dlq_max_record_bytes
         self._producer = Producer({
             **client_config(settings),
             "acks": "all",
             "linger.ms": 5,
             "delivery.timeout.ms": 120_000,
+            "message.max.bytes": settings.dlq_max_record_bytes,
             "error_cb": _log_error,
             "logger": _rdkafka_log,
         })
@@ -334,23 +338,41 @@ class ConfluentDeadLetters:
         on_done: Callable[[], None],
         on_error: Callable[[Exception], None],
     ) -> None:
-        def fail(err: Exception) -> None:
-            threading.Thread(target=on_error, args=(err,), daemon=True).start()
+        self._send(record, reason, detail, on_done, on_error, minimal=False)
+
+    def _send(
+        self,
+        record: RawRecord,
+        reason: str,
+        detail: str,
+        on_done: Callable[[], None],
+        on_error: Callable[[Exception], None],
+        *,
+        minimal: bool,
+    ) -> None:
+        def failed(code: int | None, err: object) -> None:
+            if code == KafkaError.MSG_SIZE_TOO_LARGE and not minimal:
+                # Refused for its size after all: the smallest form always fits.
+                self._send(record, reason, detail, on_done, on_error, minimal=True)
+            else:
+                on_error(SourceError(f"dead letter not written: {err}"))
 
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             if err is None:
                 on_done()
             else:
-                fail(SourceError(f"dead letter not written: {err}"))
+                failed(err.code(), err)
 
+        letter = dead_letter(record, reason, detail, self._max_bytes, minimal=minimal)
         try:
             self._producer.produce(
-                self.topic, value=record.value or b"", key=record.key,
-                headers=cast(Any, dead_letter_headers(record, reason, detail)),
-                on_delivery=delivered,
+                self.topic, value=letter.value, key=letter.key,
+                headers=cast(Any, letter.headers), on_delivery=delivered,
             )
-        except (BufferError, KafkaException) as err:  # local queue full, or refused at once
-            fail(SourceError(f"dead letter not queued: {err}"))
+        except KafkaException as err:  # refused at once (too large, unknown topic)
+            failed(_code(err), err)
+        except (BufferError, RuntimeError, TypeError, ValueError) as err:  # queue full, closed
+            failed(None, err)
 
     def flush(self, timeout_s: float) -> None:
         self._producer.flush(timeout_s)

@@ -9,13 +9,17 @@ that guarantee explicit and testable.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 from kafka.structs import TopicPartition as KafkaTP
 
@@ -23,10 +27,13 @@ from embedstream import __version__
 from embedstream.envelope import RawRecord
 from embedstream.errors import SourceError
 from embedstream.settings import Settings
-from embedstream.sources.base import RevokeCallback, TopicPartition
-from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter_headers
+from embedstream.sources.base import RebalanceListener, TopicPartition
+from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter
 
 log = logging.getLogger(__name__)
+
+# A commit waits at most this long for the coordinator (then it is retried with the next).
+_COMMIT_TIMEOUT_MS = 10_000
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
@@ -85,28 +92,30 @@ def ensure_topics(settings: Settings, topics: list[str]) -> list[str]:
 
 
 class _Listener(ConsumerRebalanceListener):
-    def __init__(self, on_revoked: RevokeCallback) -> None:
-        self._on_revoked = on_revoked
+    def __init__(self, listener: RebalanceListener) -> None:
+        self._listener = listener
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         tps = {(tp.topic, tp.partition) for tp in revoked}
         if tps:
             log.info("partitions revoked: %s", sorted(tps))
-            self._on_revoked(tps)
+            self._listener.revoked(tps)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+        tps = {(tp.topic, tp.partition) for tp in assigned}
+        log.info("partitions assigned: %s", sorted(tps))
+        self._listener.assigned(tps)
 
 
 class KafkaSource:
     """A consumer-group member. See :class:`~embedstream.sources.base.Source`.
 
     kafka-python (3.x) runs rebalance listeners on its I/O thread, where
-    blocking consumer calls are refused: ``on_revoked`` may only use
-    :meth:`commit_nowait`.
+    blocking consumer calls are refused: the listener may only use
+    :meth:`commit_nowait`. A partition assigned again keeps its fetch position.
     """
 
-    def __init__(self, settings: Settings, topics: list[str], on_revoked: RevokeCallback) -> None:
+    def __init__(self, settings: Settings, topics: list[str], listener: RebalanceListener) -> None:
         try:
             self._consumer = KafkaConsumer(
                 **client_config(settings),
@@ -122,7 +131,7 @@ class KafkaSource:
             )
         except KafkaError as err:
             raise SourceError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
-        self._consumer.subscribe(topics=topics, listener=_Listener(on_revoked))
+        self._consumer.subscribe(topics=topics, listener=_Listener(listener))
         self._paused = False
         self._probe = BrokerProbe(settings.bootstrap_servers())
 
@@ -149,7 +158,7 @@ class KafkaSource:
             return True
         payload = _offsets(offsets)
         try:
-            self._consumer.commit(offsets=payload)
+            self._consumer.commit(offsets=payload, timeout_ms=_COMMIT_TIMEOUT_MS)
         except CommitFailedError as err:
             log.warning("commit rejected (group rebalanced); events will be redelivered: %s", err)
             return False
@@ -204,15 +213,22 @@ def _offsets(offsets: dict[TopicPartition, int]) -> dict[KafkaTP, OffsetAndMetad
 class KafkaDeadLetters:
     """Dead-letter producer. See :class:`~embedstream.sources.base.DeadLetters`.
 
-    The value is the original payload, untouched; headers carry the reason,
-    a human-readable detail and the source position, plus the original
-    headers, so the event can be fixed and re-driven.
+    The value is the original payload, untouched, when the letter fits
+    ``dlq_max_record_bytes``; otherwise a reference to it (see
+    :func:`~embedstream.sources.common.dead_letter`). Headers carry the reason,
+    a human-readable detail and the source position, plus the original headers,
+    so the event can be fixed and re-driven.
     """
 
     def __init__(self, settings: Settings, topic: str | None = None) -> None:
         self.topic = topic or settings.topic_dlq
+        self._max_bytes = settings.dlq_max_record_bytes
         self._producer = KafkaProducer(
-            **client_config(settings), acks="all", retries=10, linger_ms=5
+            **client_config(settings), acks="all", retries=10, linger_ms=5,
+            max_request_size=settings.dlq_max_record_bytes,
+            # send() waits this long for topic metadata while the broker is away;
+            # then the letter fails (and is retried) instead of blocking a stage.
+            max_block_ms=5_000,
         )
 
     def send(
@@ -223,16 +239,35 @@ class KafkaDeadLetters:
         on_done: Callable[[], None],
         on_error: Callable[[Exception], None],
     ) -> None:
-        future = self._producer.send(
-            self.topic, key=record.key, value=record.value or b"",
-            headers=dead_letter_headers(record, reason, detail),
-        )
+        self._send(record, reason, detail, on_done, on_error, minimal=False)
+
+    def _send(
+        self,
+        record: RawRecord,
+        reason: str,
+        detail: str,
+        on_done: Callable[[], None],
+        on_error: Callable[[Exception], None],
+        *,
+        minimal: bool,
+    ) -> None:
+        def failed(err: Exception) -> None:
+            if isinstance(err, MessageSizeTooLargeError) and not minimal:
+                # Refused for its size after all: the smallest form always fits.
+                self._send(record, reason, detail, on_done, on_error, minimal=True)
+            else:
+                on_error(err)
+
+        letter = dead_letter(record, reason, detail, self._max_bytes, minimal=minimal)
+        try:
+            future = self._producer.send(
+                self.topic, key=letter.key, value=letter.value, headers=letter.headers
+            )
+        except Exception as err:  # refused at once: too large, no metadata, closed
+            failed(err)
+            return
         future.add_callback(lambda _meta: on_done())
-        # Errbacks run on the producer's I/O thread: hand them to a thread of
-        # their own so a retrying caller never blocks the producer.
-        future.add_errback(
-            lambda err: threading.Thread(target=on_error, args=(err,), daemon=True).start()
-        )
+        future.add_errback(failed)
 
     def flush(self, timeout_s: float) -> None:
         self._producer.flush(timeout=timeout_s)

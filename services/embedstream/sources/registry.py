@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from embedstream.errors import ConfigError
 from embedstream.settings import Settings
-from embedstream.sources.base import DeadLetters, RevokeCallback, Source
+from embedstream.sources.base import DeadLetters, RebalanceListener, Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,7 @@ class KafkaClient:
     name: str
     ensure_topics: Callable[[Settings, list[str]], list[str]]
     """Create the missing topics; return those created."""
-    source: Callable[[Settings, list[str], RevokeCallback], Source]
+    source: Callable[[Settings, list[str], RebalanceListener], Source]
     """A consumer-group member subscribed to the topics."""
     dead_letters: Callable[[Settings], DeadLetters]
     """The dead-letter producer (to ``settings.topic_dlq``)."""
