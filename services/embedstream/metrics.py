@@ -100,6 +100,25 @@ class Metrics:
             f"{PREFIX}_sink_retries", "Redis writes retried after a transient error.", registry=reg
         )
         self.commits = Counter(f"{PREFIX}_commits", "Offset commits sent.", registry=reg)
+        self.store_full = Counter(
+            f"{PREFIX}_store_full",
+            "Writes refused because Redis was out of memory (OOM under noeviction); the "
+            "worker pauses and retries, committing nothing, until Redis has room.",
+            registry=reg,
+        )
+        self.stage_stalled = Gauge(
+            f"{PREFIX}_stage_stalled_seconds",
+            "Seconds a stage has held work without progress (0 while idle or progressing); "
+            "liveness fails past liveness_timeout_s.",
+            ["stage"],
+            registry=reg,
+        )
+        self.careful = Gauge(
+            f"{PREFIX}_crash_loop_careful",
+            "1 while the worker processes records one at a time after worker processes died "
+            "at the same offset (the crash-loop breaker).",
+            registry=reg,
+        )
         self.ready = Gauge(
             f"{PREFIX}_ready", "1 when models are loaded and the consumer and Redis answer.",
             registry=reg,

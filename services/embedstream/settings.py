@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     redis_ssl_ca_file: Path | None = Field(
         None, description="CA bundle for rediss:// URLs (default: the system's)."
     )
+    redis_socket_timeout_s: float = Field(
+        5.0, gt=0, description="Longest one Redis call may take before it counts as a "
+        "transient failure (and is retried by the worker's own backoff; redis-py's retries "
+        "are off, so the two never stack). Keep it well under shutdown_timeout_s."
+    )
     key_prefix: str = Field(
         "embedstream", description="Prefix of result keys: <prefix>:<model>:<id>."
     )
@@ -251,6 +256,20 @@ class Settings(BaseSettings):
         "truncate", description="Text over the model's token limit: 'truncate' (stored and "
         "counted) or 'reject' (dead-lettered as text_too_long)."
     )
+    metadata_max_fields: int = Field(
+        256, ge=0, description="Most metadata fields one event may carry "
+        "(metadata_too_large above). Each becomes a hash field in Redis."
+    )
+    metadata_max_bytes: int = Field(
+        64 << 10, ge=0, description="Most UTF-8 bytes of one event's metadata names and "
+        "values together (metadata_too_large above)."
+    )
+    dlq_max_record_bytes: int = Field(
+        1_000_000, ge=16 << 10, description="Largest dead letter the worker produces (the "
+        "dead-letter producer's request limit; keep it under the broker's message.max.bytes). "
+        "A record too large to copy within it is dead-lettered as a reference to its "
+        "source position (header embedstream.value: reference) instead of a copy."
+    )
     max_in_flight_bytes: int = Field(
         64 << 20, ge=1 << 16, description="Payload bytes consumed but not yet stored before the "
         "consumer pauses: bounds the worker's batch memory."
@@ -270,6 +289,33 @@ class Settings(BaseSettings):
         "abandoning them uncommitted (they are redelivered)."
     )
     log_level: str = Field("INFO", description="Logging level of the entry points.")
+    commit_interval_ms: int = Field(
+        1000, ge=0, description="How often finished offsets are committed (and always on a "
+        "revoke and at shutdown). Longer: fewer commit round trips; shorter: less work "
+        "redone after a crash. 0 commits at every loop pass."
+    )
+    liveness_timeout_s: float = Field(
+        60.0, gt=0, description="/healthz fails when a stage has had work for this long "
+        "without progress (a hung inference call, a wedged write), so Kubernetes restarts "
+        "the pod. Waiting out an unreachable broker or Redis is progress of its own (each "
+        "retry counts) and only makes the worker not ready. Keep it above the slowest "
+        "batch and fetch_timeout_s."
+    )
+    poison_max_deaths: int = Field(
+        3, ge=2, description="Crash-loop breaker: worker processes that may die with a "
+        "partition stuck at one offset before the record that kills them is quarantined "
+        "(dead-lettered as poison_quarantined, never processed again). After this many "
+        "deaths minus one, the next owner processes that partition's backlog one record at "
+        "a time (a few ms each), so the next death names the record in hand; its successor "
+        "quarantines it. 2 quarantines sooner but makes every single crash (an OOM kill, a "
+        "lost node) cost a slow pass over up to a process's in-flight records. The marks "
+        "live in Redis."
+    )
+    restart_backoff_max_s: float = Field(
+        60.0, gt=0, description="With --processes: a crashed worker process is restarted "
+        "after 1 s, doubling with each crash in a row up to this; a process that ran for a "
+        "minute resets it."
+    )
 
     # --- Results stream ----------------------------------------------------
     publish_results: bool = Field(

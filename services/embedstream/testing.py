@@ -11,23 +11,27 @@ import threading
 from collections.abc import Callable, Sequence
 
 from embedstream.envelope import RawRecord
-from embedstream.errors import Backpressure, SinkError
+from embedstream.errors import Backpressure, SinkError, StoreFull
 from embedstream.models.manifest import Manifest
-from embedstream.sinks.base import Embedded, WriteOutcome
-from embedstream.sources.base import RevokeCallback, TopicPartition
+from embedstream.sinks.base import Embedded, Rejected, WriteOutcome
+from embedstream.sources.base import RebalanceListener, TopicPartition
+from embedstream.worker.quarantine import Mark
 
 
 class MemorySource:
-    """Serves queued records once each; remembers commits; can simulate a revoke."""
+    """Serves queued records once each; remembers commits; can simulate a revoke
+    (``revoke_next``: the next poll revokes these partitions, and they go elsewhere)."""
 
-    def __init__(self, records: list[RawRecord], on_revoked: RevokeCallback) -> None:
+    def __init__(self, records: list[RawRecord], listener: RebalanceListener) -> None:
         self._records = list(records)
-        self._on_revoked = on_revoked
+        self._listener = listener
         self._lock = threading.Lock()
         self.committed: dict[TopicPartition, int] = {}
         self.paused = False
         self.closed = False
         self.revoke_next: set[TopicPartition] = set()
+        self.given_back: set[TopicPartition] = set()
+        """Partitions of a revoke that the rebalance assigns to this consumer again."""
 
     def add(self, records: list[RawRecord]) -> None:
         with self._lock:
@@ -36,7 +40,8 @@ class MemorySource:
     def poll(self, timeout_s: float) -> list[RawRecord]:
         if self.revoke_next:
             revoked, self.revoke_next = self.revoke_next, set()
-            self._on_revoked(revoked)
+            self._listener.revoked(revoked)
+            self._listener.assigned(revoked & self.given_back)
         if self.paused:
             return []
         with self._lock:
@@ -69,12 +74,19 @@ class MemorySource:
 
 
 class MemorySink:
-    """Stores results in a dict keyed like Redis; ``fail_next`` simulates outages."""
+    """Stores results in a dict keyed like Redis, with the same versioning rule.
+
+    ``fail_next`` simulates outages (the next writes raise :class:`SinkError`),
+    ``full_next`` a store out of memory (:class:`StoreFull`), and an event whose
+    id is in ``refuse_ids`` is refused for its data (rejected, the rest stored).
+    """
 
     def __init__(self) -> None:
         self.stored: dict[tuple[str, str], Embedded] = {}
         self.writes = 0
         self.fail_next = 0
+        self.full_next = 0
+        self.refuse_ids: set[str] = set()
         self.prepared: list[Manifest] = []
         self.closed = False
 
@@ -85,25 +97,56 @@ class MemorySink:
         if self.fail_next:
             self.fail_next -= 1
             raise SinkError("simulated outage")
+        if self.full_next:
+            self.full_next -= 1
+            raise StoreFull("simulated OOM command not allowed")
         self.writes += 1
         stored = duplicates = stale = 0
-        for result in results:
+        rejected: list[Rejected] = []
+        for index, result in enumerate(results):
+            if result.event.id in self.refuse_ids:
+                rejected.append(Rejected(index, "simulated WRONGTYPE"))
+                continue
             key = (result.model.name, result.event.id)
             current = self.stored.get(key)
-            if current is not None and current.event.version > result.event.version:
+            order = _order(result)
+            if current is not None and _order(current) > order:
                 stale += 1
-            elif current is not None and current.event.version == result.event.version:
+            elif current is not None and _order(current) == order:
                 duplicates += 1
             else:
                 self.stored[key] = result
                 stored += 1
-        return WriteOutcome(stored, duplicates, stale)
+        return WriteOutcome(stored, duplicates, stale, tuple(rejected))
 
     def ping(self) -> bool:
         return not self.fail_next
 
     def close(self) -> None:
         self.closed = True
+
+
+def _order(result: Embedded) -> tuple[int, int, int]:
+    """What the Redis write script compares: version, then offset, then partition."""
+    record = result.event.record
+    return (result.event.version, record.offset, record.partition)
+
+
+class MemoryCrashLedger:
+    """Crash-loop marks in a dict (see :class:`~embedstream.worker.quarantine.CrashLedger`)."""
+
+    def __init__(self) -> None:
+        self.marks: dict[TopicPartition, Mark] = {}
+
+    def read(self, tp: TopicPartition) -> Mark | None:
+        return self.marks.get(tp)
+
+    def write(self, marks: dict[TopicPartition, Mark]) -> None:
+        self.marks.update(marks)
+
+    def clear(self, tps: set[TopicPartition]) -> None:
+        for tp in tps:
+            self.marks.pop(tp, None)
 
 
 class MemoryDeadLetters:

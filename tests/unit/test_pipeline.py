@@ -1,106 +1,22 @@
 """The worker's logic with in-memory source, sink and dead letters and a fake model.
 
 The tokenizer is a real ``tokenizers`` WordLevel model; the backend is a fake
-that derives a vector from the token ids and fails on the token ``poison``.
+that derives a vector from the token ids and fails on the token ``poison``
+(``tests/support/pipeline.py``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
-
-import numpy as np
-import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from embedstream.envelope import RawRecord, encode
-from embedstream.errors import ModelError
 from embedstream.metrics import Metrics
-from embedstream.models.manifest import Manifest
 from embedstream.runtime.loader import LoadedModel
-from embedstream.runtime.text import TextPreprocessor
 from embedstream.settings import Settings
 from embedstream.testing import MemoryDeadLetters, MemorySink, MemorySource
 from embedstream.worker.pipeline import Worker
-
-WORDS = ["[PAD]", "[UNK]", "poison", *[f"w{i}" for i in range(50)]]
-DIM = 8
-
-
-class FakeBackend:
-    provider = "FakeProvider"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def embed(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        self.calls += 1
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        if (ids == WORDS.index("poison")).any():
-            raise ModelError("poisoned input")
-        out = np.zeros((ids.shape[0], DIM), np.float32)
-        for row in range(ids.shape[0]):
-            for tok in ids[row][mask[row] == 1]:
-                out[row, tok % DIM] += 1
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> LoadedModel:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    manifest = Manifest(
-        name="fake", modality="text", dimension=DIM, pooling="mean", normalize=True,
-        inputs=["input_ids", "attention_mask"], tokenizer_files=["tokenizer.json"],
-        max_length=6, opset=17, sha256="-",
-    )
-    return LoadedModel(manifest, tmp_path, FakeBackend(), TextPreprocessor(manifest, tmp_path))
-
-
-def text_records(texts: list[str], partition: int = 0, start: int = 0) -> list[RawRecord]:
-    return [
-        RawRecord("embedstream.text", partition, start + i, None,
-                  encode(f"p{partition}-{start + i}", text=t), int(time.time() * 1000))
-        for i, t in enumerate(texts)
-    ]
-
-
-def make_worker(model: LoadedModel, records: list[RawRecord], **overrides):
-    settings = Settings(**{"batch_max_items": 4, "batch_max_wait_ms": 5, "shutdown_timeout_s": 5,
-                           **overrides})
-    sink, dlq = MemorySink(), MemoryDeadLetters()
-    holder: dict[str, MemorySource] = {}
-
-    def factory(on_revoked):
-        holder["source"] = MemorySource(records, on_revoked)
-        return holder["source"]
-
-    worker = Worker(settings, {"fake": model}, factory, sink, dlq, Metrics())
-    return worker, holder["source"], sink, dlq
-
-
-def run_until(worker: Worker, condition, timeout: float = 10.0, stop_grace: float = 10.0) -> int:
-    """Run the worker until ``condition`` holds (or ``timeout``), then stop it.
-
-    ``stop_grace`` bounds how long stopping may take; it is generous because a
-    loaded CI machine can stall a thread for a while, and the tests that care
-    how fast a stop is measure it themselves."""
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(worker.run()))
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    worker.stop()
-    thread.join(stop_grace)
-    assert result, "worker did not stop"
-    return result[0]
-
-
-def counter(metrics: Metrics, name: str, **labels: str) -> float:
-    return metrics.registry.get_sample_value(name, labels) or 0.0
+from support.pipeline import DIM, FakeBackend, counter, make_worker, run_until, text_records
 
 
 def test_every_good_event_stored_bad_ones_dead_lettered_and_all_committed(model):
@@ -143,11 +59,17 @@ def test_truncation_is_counted(model):
 
 
 def test_nothing_is_committed_while_the_store_is_down(model):
-    worker, source, sink, _ = make_worker(model, text_records(["w1", "w2"]))
+    worker, source, sink, _ = make_worker(model, text_records(["w1", "w2"]), commit_interval_ms=0)
     sink.fail_next = 3
+    commits: list[tuple[dict, int]] = []  # each commit, with the successful writes before it
+    commit = source.commit
+    source.commit = lambda offsets: (commits.append((dict(offsets), sink.writes)),  # type: ignore[method-assign]
+                                     commit(offsets))[1]
     run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 2)
     assert sink.writes >= 1 and len(sink.stored) == 2
     assert counter(worker.metrics, "embedstream_sink_retries_total") == 3
+    assert commits, "nothing was committed at all"
+    assert all(writes >= 1 for _, writes in commits), "committed while every write had failed"
 
 
 def test_shutdown_abandons_unstored_work_uncommitted(model):
@@ -177,16 +99,48 @@ def test_a_revoke_commits_what_is_finished_and_forgets_the_rest(model):
 
     run_until(worker, lambda: revoke_when_t0_done() and source.committed.get(t1) == 1)
     assert source.committed.get(t0) == 3  # finished before the revoke: committed in it
-    assert t0 not in worker._tracker.committable()  # and forgotten afterwards
+    assert t0 not in worker.committer.committable()  # and forgotten afterwards
+
+
+def test_a_partition_given_back_by_a_rebalance_keeps_its_events_in_flight_tracked(model):
+    """kafka-python keeps the fetch position of a partition assigned again to the same
+    consumer: events polled before the revoke do not come again, so the worker must
+    not forget them, and no commit may pass one that is not stored yet."""
+    t0 = ("embedstream.text", 0)
+    real = model.backend.embed
+    model.backend.embed = lambda inputs: (time.sleep(0.05), real(inputs))[1]
+    worker, source, sink, _ = make_worker(model, text_records([f"w{i}" for i in range(12)]),
+                                          commit_interval_ms=0)
+    source.given_back = {t0}
+    stored_at_commit: list[tuple[int, set[int]]] = []
+    commit = source.commit
+    source.commit = lambda offsets: (  # type: ignore[method-assign]
+        stored_at_commit.append((offsets.get(t0, 0), {int(k[1][3:]) for k in sink.stored})),
+        commit(offsets))[1]
+
+    revoked_with = []
+
+    def revoke_mid_way() -> bool:
+        if sink.stored and not revoked_with:
+            revoked_with.append(len(sink.stored))
+            source.revoke_next = {t0}
+        return source.committed.get(t0) == 12
+
+    code = run_until(worker, revoke_mid_way)
+    assert code == 0 and len(sink.stored) == 12
+    assert revoked_with and revoked_with[0] < 12  # the revoke came with events in flight
+    assert source.committed.get(t0) == 12  # still tracked, so still committed at the end
+    for offset, stored in stored_at_commit:
+        assert set(range(offset)) <= stored, f"committed {offset} with only {sorted(stored)} stored"
 
 
 def test_a_dead_stage_stops_the_worker_with_an_error(model):
-    worker, source, sink, _ = make_worker(model, text_records(["w1"]))
+    worker, source, _, _ = make_worker(model, text_records(["w1"]))
 
-    def broken_write(results):
-        raise RuntimeError("bug in the sink")
+    def broken_stage(result):
+        raise RuntimeError("bug in the sink stage itself")
 
-    sink.write = broken_write  # type: ignore[method-assign]
+    worker.sink_stage.store = broken_stage  # type: ignore[method-assign]
     code = run_until(worker, lambda: not worker.healthy(), timeout=5)
     assert code == 1
     assert source.committed == {}
@@ -195,36 +149,38 @@ def test_a_dead_stage_stops_the_worker_with_an_error(model):
 def test_a_queued_text_backlog_is_sorted_as_one_window(model):
     """Polls queued behind the one taken merge up to ``batch_sort_window`` records;
     a non-text poll or the stop marker ends the merge and comes next, not lost."""
-    from embedstream.worker.pipeline import _STOP
+    from embedstream.worker.items import STOP
 
     worker, *_ = make_worker(model, [], batch_sort_window=6)
+    pre = worker.pre
     texts = text_records(["w1", "w2", "w3"] * 3)
     image_poll = [RawRecord("embedstream.image", 0, 0, None, b"{}", 0)]
     for poll in (texts[0:3], texts[3:6], texts[6:9], image_poll, texts[0:3]):
-        worker._records.put(poll)
-    worker._records.put(_STOP)
+        pre.submit(poll)
+    pre.finish()
 
-    assert [r.offset for r in worker._next_records(0.1)] == [0, 1, 2, 3, 4, 5]  # window full
-    assert [r.offset for r in worker._next_records(0.1)] == [6, 7, 8]  # image poll stops it
-    assert worker._next_records(0.1) == image_poll  # never merged
-    assert len(worker._next_records(0.1)) == 3  # stop marker held back
-    assert worker._next_records(0.1) is _STOP
-    assert worker._next_records(0.01) is None
+    assert [r.offset for r in pre.next_records(0.1)] == [0, 1, 2, 3, 4, 5]  # window full
+    assert [r.offset for r in pre.next_records(0.1)] == [6, 7, 8]  # image poll stops it
+    assert pre.next_records(0.1) == image_poll  # never merged
+    assert len(pre.next_records(0.1)) == 3  # stop marker held back
+    assert pre.next_records(0.1) is STOP
+    assert pre.next_records(0.01) is None
 
 
 def test_queued_audio_polls_merge_into_a_window_of_a_few_batches(model):
     """Audio polls (a few large clips each) merge with queued audio polls, up to four
     batches' worth of records; a text poll ends the merge and is not lost."""
     worker, *_ = make_worker(model, [], batch_max_items=2)  # window: 4 x 2 = 8 records
-    worker.modality_of["embedstream.audio"] = "audio"
+    pre = worker.pre
+    pre.modality_of["embedstream.audio"] = "audio"
     clips = [RawRecord("embedstream.audio", 0, i, None, b"{}", 0) for i in range(12)]
     texts = text_records(["w1"])
     for poll in (clips[0:3], clips[3:6], clips[6:9], texts, clips[9:12]):
-        worker._records.put(poll)
+        pre.submit(poll)
 
-    assert [r.offset for r in worker._next_records(0.1)] == list(range(9))  # window reached
-    assert worker._next_records(0.1) == texts
-    assert [r.offset for r in worker._next_records(0.1)] == [9, 10, 11]
+    assert [r.offset for r in pre.next_records(0.1)] == list(range(9))  # window reached
+    assert pre.next_records(0.1) == texts
+    assert [r.offset for r in pre.next_records(0.1)] == [9, 10, 11]
 
 
 def test_a_full_poll_waits_briefly_for_the_backlog_behind_it(model):
@@ -232,18 +188,19 @@ def test_a_full_poll_waits_briefly_for_the_backlog_behind_it(model):
     merged; a poll that is not full is a light load and waits for nothing."""
     worker, *_ = make_worker(model, [], batch_sort_window=100, max_poll_records=3,
                              batch_max_wait_ms=6000)
+    pre = worker.pre
     texts = text_records(["w1"] * 8)
-    worker._records.put(texts[0:3])  # full
-    late = threading.Timer(0.2, worker._records.put, args=(texts[3:5],))
+    pre.submit(texts[0:3])  # full
+    late = threading.Timer(0.2, pre.submit, args=(texts[3:5],))
     late.start()
     started = time.monotonic()
-    merged = worker._next_records(0.1)
+    merged = pre.next_records(0.1)
     assert [r.offset for r in merged] == [0, 1, 2, 3, 4]  # the late poll was awaited
     assert time.monotonic() - started < 3  # and, not full, ended the wait (of 6 s)
 
-    worker._records.put(texts[5:7])  # not full: a light load
+    pre.submit(texts[5:7])  # not full: a light load
     started = time.monotonic()
-    assert [r.offset for r in worker._next_records(0.1)] == [5, 6]
+    assert [r.offset for r in pre.next_records(0.1)] == [5, 6]
     assert time.monotonic() - started < 3  # returned without waiting out the 6 s
 
 
@@ -274,8 +231,8 @@ def test_model_instances_share_the_batches_and_stop_together(model, tmp_path):
     sink, dlq = MemorySink(), MemoryDeadLetters()
     holder: dict[str, MemorySource] = {}
 
-    def factory(on_revoked):
-        holder["source"] = MemorySource(records, on_revoked)
+    def factory(listener):
+        holder["source"] = MemorySource(records, listener)
         return holder["source"]
 
     slow = model.backend.embed

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from test_pipeline import make_worker, model, run_until, text_records  # noqa: F401  (fixture)
 
 from embedstream.envelope import Event
 from embedstream.models.manifest import Manifest
 from embedstream.sinks.base import Embedded
 from embedstream.sinks.results import result_record
 from embedstream.testing import MemoryResults
+from support.pipeline import make_worker, run_until, text_records
 
 
-def test_stored_events_are_announced_before_commit(model):  # noqa: F811
+def test_stored_events_are_announced_before_commit(model):
     worker, source, sink, _ = make_worker(model, text_records(["w1", "w2", "w3"]))
     worker.results = results = MemoryResults(sink)
     results.fail_next = 2  # the results topic is away for a while: retried, commit waits
@@ -24,7 +24,7 @@ def test_stored_events_are_announced_before_commit(model):  # noqa: F811
     assert results.closed
 
 
-def test_unannounced_batches_stay_uncommitted(model):  # noqa: F811
+def test_unannounced_batches_stay_uncommitted(model):
     worker, source, sink, _ = make_worker(model, text_records(["w1"]))
     worker.settings = worker.settings.model_copy(update={"shutdown_timeout_s": 0.5})
     worker.results = results = MemoryResults(sink)
@@ -34,7 +34,7 @@ def test_unannounced_batches_stay_uncommitted(model):  # noqa: F811
     assert source.committed == {}
 
 
-def test_result_record_format(model):  # noqa: F811
+def test_result_record_format(model):
     event = Event("doc-1", "text", None, "hi", {}, text_records(["w1"])[0])
     manifest: Manifest = model.manifest
     body = result_record(Embedded(event, manifest, np.ones(8, np.float32)), "es", 1.5, True)

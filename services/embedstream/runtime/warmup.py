@@ -62,6 +62,19 @@ _INPUTS: dict[str, Callable[[int], list[Any]]] = {
 }
 
 
+def probe_input(model: LoadedModel) -> Prepared | None:
+    """One known-good input of the model's modality, preprocessed; None when there is none.
+
+    The worker runs it when every item of a batch failed, to tell a broken model
+    (the probe fails too: about the world) from a batch of bad inputs.
+    """
+    make = _INPUTS.get(model.modality)
+    if make is None:
+        return None
+    probe = model.preprocessor.prepare(make(1))[0]
+    return probe if isinstance(probe, Prepared) else None
+
+
 def warm_up(model: LoadedModel, max_items: int, max_tokens: int) -> tuple[int, int]:
     """Run one batch of the largest shape ``max_items`` / ``max_tokens`` allow.
 
@@ -70,13 +83,9 @@ def warm_up(model: LoadedModel, max_items: int, max_tokens: int) -> tuple[int, i
     model cannot run that batch (out of memory, a broken graph): better at
     startup than with events in flight.
     """
-    make = _INPUTS.get(model.modality)
-    if make is None:
-        return 0, 0
-    probe = model.preprocessor.prepare(make(1))[0]
-    if not isinstance(probe, Prepared):  # a vocabulary without these words: not fatal
-        log.warning("no warm-up for %s: its preprocessor rejected the input (%s)",
-                    model.name, probe)
+    probe = probe_input(model)
+    if probe is None:  # no synthetic input, or a vocabulary without these words: not fatal
+        log.warning("no warm-up for %s: no input of its modality that it accepts", model.name)
         return 0, 0
     count = max(1, min(max_items, max_tokens // max(1, probe.cost)))
     started = time.perf_counter()

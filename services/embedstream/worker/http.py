@@ -1,5 +1,10 @@
 """The worker's HTTP endpoints: /metrics, /healthz (liveness), /readyz (readiness).
 
+/healthz answers 200 while every stage thread runs and none has held work
+without progress past the liveness timeout, 503 otherwise (Kubernetes then
+restarts the pod); /readyz answers 200 while every readiness check holds. Both
+return their checks as JSON.
+
 They expose counts and states only: no settings, no secrets, no payloads.
 """
 
@@ -10,6 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -24,10 +30,10 @@ class StatusServer:
         host: str,
         port: int,
         registry: CollectorRegistry,
-        healthy: Callable[[], bool],
+        alive: Callable[[], dict[str, Any]],
         ready: Callable[[], dict[str, bool]],
     ) -> None:
-        handler = _handler(registry, healthy, ready)
+        handler = _handler(registry, alive, ready)
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
@@ -44,7 +50,7 @@ class StatusServer:
 
 def _handler(
     registry: CollectorRegistry,
-    healthy: Callable[[], bool],
+    alive: Callable[[], dict[str, Any]],
     ready: Callable[[], dict[str, bool]],
 ) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
@@ -53,8 +59,9 @@ def _handler(
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                ok = healthy()
-                self._json(200 if ok else 503, {"alive": ok})
+                checks = alive()
+                ok = bool(checks.get("stages_running")) and not checks.get("stalled")
+                self._json(200 if ok else 503, {"alive": ok, "checks": checks})
             elif path == "/readyz":
                 checks = ready()
                 ok = all(checks.values())

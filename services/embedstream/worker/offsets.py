@@ -14,7 +14,7 @@ from embedstream.sources.base import TopicPartition
 
 
 class OffsetTracker:
-    """Not thread-safe: owned by the polling thread."""
+    """Not thread-safe: the committer guards it with its lock."""
 
     def __init__(self) -> None:
         self._pending: dict[TopicPartition, set[int]] = {}
@@ -35,6 +35,14 @@ class OffsetTracker:
         pending = self._pending.get(tp)
         if pending is not None:
             pending.discard(offset)
+
+    def pending(self, tp: TopicPartition, offset: int) -> bool:
+        """True while the event at ``offset`` is in flight."""
+        return offset in self._pending.get(tp, ())
+
+    def tracked(self, tp: TopicPartition) -> bool:
+        """True once a record of ``tp`` was added since it was assigned (or forgotten)."""
+        return tp in self._next
 
     def in_flight(self, tps: Iterable[TopicPartition] | None = None) -> int:
         keys = self._pending.keys() if tps is None else tps

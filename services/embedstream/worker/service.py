@@ -22,10 +22,11 @@ from embedstream.runtime.onnx import GPU_PROVIDERS, choose_providers, default_th
 from embedstream.runtime.preprocess import Limits
 from embedstream.runtime.warmup import warm_up
 from embedstream.settings import Settings
-from embedstream.sinks.redis import RedisSink
+from embedstream.sinks.redis import RedisSink, connect
 from embedstream.sources.registry import kafka_client
 from embedstream.worker.http import StatusServer
 from embedstream.worker.pipeline import Worker
+from embedstream.worker.quarantine import RedisCrashLedger
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +86,18 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         from embedstream.sinks.results import KafkaResultsPublisher
 
         results = KafkaResultsPublisher(settings)
+    ledger = RedisCrashLedger(connect(settings, retries=False), settings.key_prefix,
+                              settings.group_id)
     return Worker(
         settings,
         models,
-        source_factory=lambda on_revoked: client.source(settings, topics, on_revoked),
+        source_factory=lambda listener: client.source(settings, topics, listener),
         sink=sink,
         dead_letters=dead_letters,
         metrics=metrics,
         results=results,
         replicas=instances[1:],
+        ledger=ledger,
     )
 
 
@@ -107,7 +111,7 @@ def run_worker(settings: Settings) -> int:
             settings.metrics_host,
             settings.metrics_port,
             metrics.registry,
-            healthy=worker.healthy,
+            alive=worker.liveness_checks,
             ready=worker.readiness,
         )
 
@@ -146,7 +150,12 @@ def _child_main(settings: Settings, index: int, log_level: str) -> None:
 
 
 def run_pool(settings: Settings) -> int:
-    """Run ``settings.processes`` workers in one group, restarting any that crash."""
+    """Run ``settings.processes`` workers in one group, restarting any that crash.
+
+    A crashed process is restarted after a delay that doubles with each crash
+    in a row (1 s, 2 s, 4 s ... up to ``restart_backoff_max_s``); one that ran
+    for a minute or more starts the count afresh.
+    """
     if settings.processes == 1:
         return run_worker(settings)
     ctx = multiprocessing.get_context("spawn")
@@ -164,14 +173,19 @@ def run_pool(settings: Settings) -> int:
             name=f"embedstream-worker-{index}",
         )
         proc.start()
+        started[index] = time.monotonic()
         return proc
 
+    started: dict[int, float] = {}
     children = {i: start(i) for i in range(settings.processes)}
+    restarts = RestartBackoff(settings.restart_backoff_max_s)
+    due: dict[int, float] = {}  # crashed children waiting for their restart
     stopping = False
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        due.clear()
         for proc in children.values():
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
@@ -180,7 +194,11 @@ def run_pool(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     log.info("worker pool of %d processes, %d threads each", settings.processes, threads)
     worst = 0
-    while children:
+    while children or due:
+        for index, at in list(due.items()):
+            if time.monotonic() >= at:
+                del due[index]
+                children[index] = start(index)
         for index, proc in list(children.items()):
             proc.join(timeout=0.2)
             if proc.is_alive():
@@ -194,7 +212,24 @@ def run_pool(settings: Settings) -> int:
                 on_signal(signal.SIGTERM, None)
                 worst = 2
             else:
-                log.warning("worker %d exited with %s; restarting", index, code)
-                time.sleep(1.0)
-                children[index] = start(index)
+                delay = restarts.after_crash(index, time.monotonic() - started[index])
+                log.warning("worker %d exited with %s; restarting in %.0fs", index, code, delay)
+                due[index] = time.monotonic() + delay
+        if not children and due:
+            time.sleep(0.2)
     return worst
+
+
+class RestartBackoff:
+    """Delays before restarting a crashed pool process: 1 s doubling per crash in a row,
+    capped; a process that lived ``healthy_s`` or more resets its count."""
+
+    def __init__(self, max_s: float, healthy_s: float = 60.0) -> None:
+        self._max_s = max_s
+        self._healthy_s = healthy_s
+        self._crashes: dict[int, int] = {}
+
+    def after_crash(self, index: int, lived_s: float) -> float:
+        crashes = 0 if lived_s >= self._healthy_s else self._crashes.get(index, 0)
+        self._crashes[index] = crashes + 1
+        return float(min(self._max_s, 2.0 ** crashes))

@@ -1,0 +1,316 @@
+"""The pre stage: records in, budgeted batches of model inputs out.
+
+Per poll (merged with the polls queued behind it, see :meth:`PreStage.next_records`):
+decode each record's envelope, pick its model, resolve binary payloads (inline,
+raw bytes, claim-check URIs), preprocess (tokenize, decode images and audio),
+and pack batches per model under the batch budget.
+
+Contract: every record handed to :meth:`PreStage.submit` leaves this stage in
+exactly one way: inside a batch put on the batches queue, or rejected to the
+dead-letter topic with its reason. Anything that goes wrong with one record,
+whatever the exception, rejects that record alone (``internal_error`` with the
+exception's type and message when no other reason names it); a batch-level
+preprocessing call that fails is retried item by item, so its good items go on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from embedstream.batching import Batch, BatchBudget, Batcher
+from embedstream.envelope import HEADER_CONTENT_TYPE, Event, MetadataLimits, RawRecord, decode, header
+from embedstream.errors import EnvelopeError
+from embedstream.metrics import Metrics
+from embedstream.models.routing import default_models
+from embedstream.payloads import PayloadResolver
+from embedstream.runtime.loader import LoadedModel
+from embedstream.runtime.preprocess import Prepared
+from embedstream.settings import Settings
+from embedstream.worker.deadletters import describe
+from embedstream.worker.items import STOP, Item, WorkBatch, put
+from embedstream.worker.liveness import Heartbeat
+
+log = logging.getLogger(__name__)
+
+_AUDIO_WINDOW_BATCHES = 4
+
+Reject = Callable[[RawRecord, str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Alone:
+    """Records to batch by themselves, at once (see :meth:`PreStage.submit`)."""
+
+    records: list[RawRecord]
+
+T = TypeVar("T")
+
+
+class PreStage:
+    """Decode, route, resolve, preprocess and batch. One thread runs :meth:`run`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: dict[str, LoadedModel],
+        batches: queue.Queue[Any],
+        reject: Reject,
+        metrics: Metrics,
+        heartbeat: Heartbeat,
+        abandon: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.modality_of = {settings.topic_for(m.modality): m.modality for m in models.values()}
+        self.default_model = default_models(
+            settings, {name: m.modality for name, m in models.items()}
+        )
+        self._batches = batches
+        self._reject = reject
+        self._metrics = metrics
+        self._heartbeat = heartbeat
+        self._abandon = abandon
+        self._payloads = PayloadResolver(settings)
+        self._metadata_limits = MetadataLimits(settings.metadata_max_fields,
+                                               settings.metadata_max_bytes)
+        # A JSON envelope may hold base64 data: 4/3 of the inline limit, plus the envelope.
+        self._max_record = {
+            "text": settings.max_payload_bytes,
+            "binary_json": settings.payload_max_inline_bytes * 4 // 3 + (64 << 10),
+            "binary_raw": settings.payload_max_inline_bytes,
+        }
+        self.budget = BatchBudget(
+            settings.batch_max_items, settings.batch_max_tokens, settings.batch_max_wait_ms / 1000,
+            settings.batch_max_padding,
+        )
+        # Records sorted by length together under a backlog, per modality. Audio's
+        # window is a few batches: a clip takes ~10 ms to decode here, so a window
+        # of 2,048 would keep the first batch waiting for seconds.
+        self._sort_windows = {
+            "text": settings.batch_sort_window,
+            "audio": min(settings.batch_sort_window, _AUDIO_WINDOW_BATCHES * settings.batch_max_items),
+        }
+        self._records: queue.Queue[Any] = queue.Queue()
+        self._held: list[Any] = []  # a poll taken from _records but handled next
+
+    # --------------------------------------------------------------- input
+    def submit(self, records: list[RawRecord], *, alone: bool = False) -> None:
+        """Hand a poll to the stage (any thread). ``alone``: batch these records by
+        themselves and send them on at once (the crash-loop breaker's careful mode)."""
+        self._records.put(_Alone(records) if alone else records)
+
+    def finish(self) -> None:
+        """No more records: flush the open batches and pass the stop marker on."""
+        self._records.put(STOP)
+
+    def run(self) -> None:
+        batchers: dict[str, Batcher[Item]] = {name: Batcher(self.budget) for name in self.models}
+        while not self._abandon.is_set():
+            deadlines = [d for b in batchers.values() if (d := b.deadline()) is not None]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 0.2
+            records = self.next_records(timeout)
+            if records is STOP:
+                for name, batcher in batchers.items():
+                    self._emit(name, batcher.flush())
+                put(self._batches, STOP, self._abandon)
+                return
+            if isinstance(records, _Alone):
+                self._heartbeat.busy()
+                for name, items in self.prepare(records.records).items():
+                    if items:
+                        self._emit(name, [Batch([i for i, _ in items], [c for _, c in items])])
+            elif records:
+                self._heartbeat.busy()
+                for name, items in self.prepare(records).items():
+                    self._emit(name, batchers[name].add_many(items))
+            for name, batcher in batchers.items():
+                self._emit(name, batcher.due())
+            self._heartbeat.idle()
+
+    def next_records(self, timeout: float) -> Any:
+        """The next poll (merged with the backlog of its kind), the stop marker, or None."""
+        if self._held:
+            records = self._held.pop()
+        else:
+            try:
+                records = self._records.get(timeout=timeout)
+            except queue.Empty:
+                return None
+        if records is STOP or isinstance(records, _Alone):
+            return records
+        return self._drain_backlog(records)
+
+    def _drain_backlog(self, records: list[RawRecord]) -> list[RawRecord]:
+        """Merge polls of the same kind queued behind ``records``, up to its sort window.
+
+        Under a backlog the polls queue up while inference is busy; sorting them
+        together packs batches of similar length (less padding) and fills them
+        (a poll of large audio files holds a few clips only). Text and audio
+        polls merge with their own kind; image polls never do, their inputs have
+        one size. A full poll (``max_poll_records``) is the sign of a backlog:
+        the next poll is then awaited for up to ``batch_max_wait_ms`` (the
+        consumer usually has it fetched already), so the first window after a
+        start or a pause is full too, not one poll. Under light load polls are
+        not full and this returns what is queued at once. A queued poll of
+        another kind, or the stop marker, ends the merge and is handled next.
+        """
+        kind = self._kind(records)
+        window = self._sort_windows.get(kind, 0) if kind is not None else 0
+        merged = list(records)
+        deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000
+        backlog = len(records) >= self.settings.max_poll_records
+        while len(merged) < window:
+            try:
+                if backlog:
+                    more = self._records.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    more = self._records.get_nowait()
+            except queue.Empty:
+                break
+            if more is STOP or isinstance(more, _Alone) or self._kind(more) != kind:
+                self._held.append(more)
+                break
+            merged.extend(more)
+            backlog = len(more) >= self.settings.max_poll_records
+        return merged
+
+    def _kind(self, records: list[RawRecord]) -> str | None:
+        """The modality of every record of a poll, or None for a mixed poll."""
+        kinds = {self.modality_of.get(r.topic) for r in records}
+        return kinds.pop() if len(kinds) == 1 else None
+
+    # ------------------------------------------------------------ per record
+    def prepare(self, records: list[RawRecord]) -> dict[str, list[tuple[Item, int]]]:
+        """Decode and preprocess records, grouped by model: (item, cost) pairs.
+
+        Records that cannot be embedded are rejected here, each with its reason.
+        """
+        started = time.perf_counter()
+        by_model: dict[str, list[Event]] = {}
+        for record in records:
+            self._metrics.consumed.labels(record.topic).inc()
+            routed = self._guarded(record, functools.partial(self._decode_and_route, record))
+            if routed is not None:
+                by_model.setdefault(routed[0], []).append(routed[1])
+            self._heartbeat.beat()
+        self._metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
+
+        out: dict[str, list[tuple[Item, int]]] = {}
+        for name, events in by_model.items():
+            started = time.perf_counter()
+            model = self.models[name]
+            kept, inputs = self._inputs(events)
+            items: list[tuple[Item, int]] = []
+            for event, result in zip(kept, self._preprocess(model, kept, inputs), strict=True):
+                if isinstance(result, EnvelopeError):
+                    self._reject(event.record, result.reason, result.detail)
+                elif result.truncated and self.settings.text_overflow == "reject":
+                    self._reject(event.record, "text_too_long",
+                                 f"text is over the token limit of {name}")
+                else:
+                    items.append((Item(event, result), result.cost))
+            truncated = sum(item.prepared.truncated for item, _ in items)
+            if truncated:
+                self._metrics.truncated.labels(name).inc(truncated)
+            out[name] = items
+            stage = "tokenize" if model.modality == "text" else "preprocess"
+            self._metrics.stage_seconds.labels(stage).observe(time.perf_counter() - started)
+        return out
+
+    def _guarded(self, record: RawRecord, step: Callable[[], T]) -> T | None:
+        """``step()``, or None after rejecting ``record`` for whatever it raised."""
+        try:
+            return step()
+        except EnvelopeError as err:
+            self._reject(record, err.reason, err.detail)
+        except Exception as err:  # unforeseen: about this record until proven otherwise
+            log.warning("record %s:%d@%d: %s", record.topic, record.partition, record.offset,
+                        describe(err), exc_info=True)
+            self._reject(record, "internal_error", describe(err))
+        return None
+
+    def _decode_and_route(self, record: RawRecord) -> tuple[str, Event]:
+        event = self._decode(record)
+        return self._model_of(event), event
+
+    def _decode(self, record: RawRecord) -> Event:
+        modality = self.modality_of[record.topic]
+        if modality == "text":
+            event = decode(record, modality, self._max_record["text"], self._metadata_limits)
+            if event.text is not None and len(event.text) > self.settings.max_text_chars:
+                raise EnvelopeError(
+                    "text_too_long",
+                    f"text has {len(event.text)} characters, limit {self.settings.max_text_chars}",
+                )
+            return event
+        form = "binary_json" if header(record, HEADER_CONTENT_TYPE) is None else "binary_raw"
+        return decode(record, modality, self._max_record[form], self._metadata_limits)
+
+    def _model_of(self, event: Event) -> str:
+        """The model that embeds ``event``: the one it names, else its modality's default."""
+        name = event.model or self.default_model.get(event.modality)
+        model = self.models.get(name) if name is not None else None
+        if model is None or model.modality != event.modality:
+            raise EnvelopeError(
+                "unknown_model",
+                f"no {event.modality} model {name!r} is served here; served: "
+                f"{sorted(n for n, m in self.models.items() if m.modality == event.modality)}",
+            )
+        return model.name
+
+    def _inputs(self, events: list[Event]) -> tuple[list[Event], list[Any]]:
+        """The events whose input could be had, and those inputs (texts or file bytes)."""
+        kept: list[Event] = []
+        inputs: list[Any] = []
+        for event in events:
+            if event.modality == "text":
+                data: Any = event.text or ""
+            else:
+                data = self._guarded(event.record, functools.partial(self._payloads.resolve, event))
+                self._heartbeat.beat()
+                if data is None:
+                    continue
+            kept.append(event)
+            inputs.append(data)
+        return kept, inputs
+
+    def _preprocess(
+        self, model: LoadedModel, events: list[Event], inputs: list[Any]
+    ) -> list[Prepared | EnvelopeError]:
+        """One result per input: batch-wise, or item by item when the batch call fails."""
+        if not inputs:
+            return []
+        try:
+            results = model.preprocessor.prepare(inputs)
+            if len(results) == len(inputs):
+                return results
+            log.warning("%s: preprocessor returned %d results for %d inputs; retrying one by one",
+                        model.name, len(results), len(inputs))
+        except Exception as err:
+            log.warning("%s: preprocessing a batch of %d failed (%s); retrying one by one",
+                        model.name, len(inputs), describe(err))
+        out: list[Prepared | EnvelopeError] = []
+        for event, data in zip(events, inputs, strict=True):
+            try:
+                (result,) = model.preprocessor.prepare([data])
+            except Exception as err:
+                result = EnvelopeError("internal_error", describe(err))
+                log.warning("record %s:%d@%d: %s", event.record.topic, event.record.partition,
+                            event.record.offset, result.detail)
+            out.append(result)
+            self._heartbeat.beat()
+        return out
+
+    def _emit(self, name: str, batches: list[Batch[Item]]) -> None:
+        for batch in batches:
+            self._heartbeat.idle()  # waiting for room downstream is not this stage's stall
+            put(self._batches, WorkBatch(self.models[name], batch.items, batch.padded_tokens),
+                self._abandon)
+            self._heartbeat.busy()
