@@ -96,7 +96,11 @@ def _search(
     from embedstream.search import search_vector
     from embedstream.sinks.redis import connect
 
-    hits = search_vector(connect(settings), settings.key_prefix, name, vector, k)
+    client = connect(settings)
+    try:
+        hits = search_vector(client, settings.key_prefix, name, vector, k)
+    finally:
+        client.close()
     if as_json:
         print(json.dumps([{**h.fields, "id": h.id, "score": h.score} for h in hits], indent=2))
         return 0
@@ -170,7 +174,9 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
         count = sum(report.by_reason.values())
         print(f"{verb} {count} dead letters from {settings.topic_dlq}"
               f" ({', '.join(f'{r}: {n}' for r, n in sorted(report.by_reason.items())) or 'none'});"
-              f" {report.skipped} skipped")
+              f" {report.skipped} skipped (other reasons), {report.already} re-driven before"
+              + (f", {report.unrecoverable} too large to copy and gone from their topic"
+                 if report.unrecoverable else ""))
         return 0
     report = reembed_range(settings, args.topic, args.model, partitions=args.partition,
                            start=args.from_offset, end=args.to_offset)

@@ -1,10 +1,17 @@
 """Reprocessing: re-drive dead letters after a fix, re-embed a topic range.
 
-``redrive_dead_letters`` reads the dead-letter topic as the consumer group
-``<group_id>-redrive`` and publishes each letter's original key and value
-back to its source topic (from the ``embedstream.source.topic`` header), so
-a letter is re-driven once however often the command runs; offsets are
-committed only after the re-published records are acknowledged.
+``redrive_dead_letters`` publishes dead letters' original key and value back
+to their source topics (from the ``embedstream.source.topic`` header), all of
+them or those of some reasons. Each letter is re-driven once, however often
+and with whatever filter the command runs: progress is kept per reason, as
+the committed offsets of the consumer groups ``<group_id>-redrive.<reason>``,
+plus ``<group_id>-redrive`` for runs over every reason; a letter counts as
+re-driven when either its reason's group or the every-reason group has
+passed it. So ``--reason unknown_model`` leaves the other reasons' letters
+where they are, for a later run. Offsets move only after the re-published
+records are acknowledged. A letter that is a reference to a record too large
+to copy (header ``embedstream.value: reference``) is re-driven from the
+original, read back at its source position while the topic still has it.
 
 ``reembed_range`` reads a range of a topic and publishes each event again
 with ``model`` set to the new model and ``version`` pinned to the original
@@ -14,6 +21,7 @@ looks newer than the data it came from.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -25,8 +33,10 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from embedstream.envelope import REASONS
 from embedstream.errors import SourceError
 from embedstream.settings import Settings
+from embedstream.sources.common import HEADER_VALUE_KIND
 from embedstream.sources.kafka import client_config
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,11 @@ _IDLE_MS = 3000  # a read that brings nothing for this long has reached the end
 class ReplayReport:
     published: int = 0
     skipped: int = 0
+    """Letters of other reasons (left for another run), or without a source."""
+    already: int = 0
+    """Letters an earlier run re-drove."""
+    unrecoverable: int = 0
+    """References whose original the source topic no longer holds."""
     by_reason: Counter[str] = field(default_factory=Counter)
 
 
@@ -45,44 +60,133 @@ def redrive_dead_letters(
     settings: Settings, *, reasons: set[str] | None = None, dry_run: bool = False
 ) -> ReplayReport:
     """Publish dead letters (of ``reasons``, or all) back to their source topics."""
-    consumer = KafkaConsumer(
-        settings.topic_dlq,
-        **client_config(settings),
-        group_id=f"{settings.group_id}-redrive",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=settings.session_timeout_ms,
-        heartbeat_interval_ms=settings.heartbeat_interval_ms,
-    )
+    reader = KafkaConsumer(**client_config(settings), enable_auto_commit=False, group_id=None)
+    partitions = sorted(reader.partitions_for_topic(settings.topic_dlq) or ())
+    tps = [TopicPartition(settings.topic_dlq, p) for p in partitions]
+    cursors = _Cursors(settings, tps)
     producer = None if dry_run else _producer(settings)
     report = ReplayReport()
-    positions: dict[TopicPartition, int] = {}
     try:
-        for record in _read_until_idle(consumer):
+        if not tps:
+            return report
+        reader.assign(tps)
+        ends = reader.end_offsets(tps)
+        for tp in tps:  # from the earliest position any wanted reason still needs
+            reader.seek(tp, cursors.start(tp, reasons))
+        for record in _read_range(reader, ends):
             headers = dict(record.headers or ())
-            reason = headers.get("embedstream.reason", b"").decode()
-            source = headers.get("embedstream.source.topic", b"").decode()
-            positions[TopicPartition(record.topic, record.partition)] = record.offset + 1
+            reason = headers.get("embedstream.reason", b"").decode("utf-8", "replace")
+            source = headers.get("embedstream.source.topic", b"").decode("utf-8", "replace")
+            tp = TopicPartition(record.topic, record.partition)
             if not source or (reasons and reason not in reasons):
                 report.skipped += 1
                 continue
+            if record.offset < cursors.position(tp, reason):
+                report.already += 1  # re-driven by an earlier run
+                continue
+            original = _original(settings, record, headers)
+            if original is None:
+                report.unrecoverable += 1
+                continue
             report.by_reason[reason] += 1
             if producer is not None:
-                original = [(k, v) for k, v in record.headers or () if not k.startswith("embedstream.")]
-                original.append(("embedstream.redriven_from",
-                                  f"{record.topic}:{record.partition}:{record.offset}".encode()))
-                producer.send(source, key=record.key, value=record.value, headers=original)
+                key, value, kept = original
+                kept.append(("embedstream.redriven_from",
+                             f"{record.topic}:{record.partition}:{record.offset}".encode()))
+                producer.send(source, key=key, value=value, headers=kept)
             report.published += 1
         if producer is not None:
             producer.flush()
-            consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in positions.items()})
+            cursors.advance(ends, reasons or set(REASONS) | set(report.by_reason))
     finally:
-        consumer.close(autocommit=False)
+        reader.close()
+        cursors.close()
         if producer is not None:
             producer.close()
     if dry_run:
         report.published = 0
     return report
+
+
+class _Cursors:
+    """Re-drive progress per reason: committed offsets of ``<group>-redrive[.<reason>]``."""
+
+    def __init__(self, settings: Settings, tps: list[TopicPartition]) -> None:
+        self._settings = settings
+        self._tps = tps
+        self._base = f"{settings.group_id}-redrive"
+        self._groups: dict[str | None, KafkaConsumer] = {}
+        self._committed: dict[str | None, dict[TopicPartition, int]] = {}
+
+    def _group(self, reason: str | None) -> KafkaConsumer:
+        if reason not in self._groups:
+            name = self._base if reason is None else f"{self._base}.{reason}"
+            consumer = KafkaConsumer(**client_config(self._settings), group_id=name,
+                                     enable_auto_commit=False)
+            self._groups[reason] = consumer
+            self._committed[reason] = {tp: consumer.committed(tp) or 0 for tp in self._tps}
+        return self._groups[reason]
+
+    def _offset(self, reason: str | None, tp: TopicPartition) -> int:
+        self._group(reason)
+        return self._committed[reason][tp]
+
+    def position(self, tp: TopicPartition, reason: str) -> int:
+        """Letters of ``reason`` before this offset were re-driven already."""
+        return max(self._offset(None, tp), self._offset(reason, tp))
+
+    def start(self, tp: TopicPartition, reasons: set[str] | None) -> int:
+        if not reasons:
+            return self._offset(None, tp)
+        return min(self.position(tp, r) for r in reasons)
+
+    def advance(self, ends: dict[TopicPartition, int], reasons: set[str]) -> None:
+        """Everything read up to ``ends`` is done for ``reasons`` (all: the base group)."""
+        every = set(reasons) >= set(REASONS)
+        for reason in [None] if every else sorted(reasons):
+            offsets = {tp: OffsetAndMetadata(max(end, self._offset(reason, tp)), "", -1)
+                       for tp, end in ends.items()}
+            self._group(reason).commit(offsets)
+
+    def close(self) -> None:
+        for consumer in self._groups.values():
+            consumer.close(autocommit=False)
+
+
+def _original(
+    settings: Settings, letter: Any, headers: dict[str, bytes]
+) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]] | None:
+    """The record a letter stands for: key, value and its own headers (None if gone)."""
+    kept = [(k, v) for k, v in letter.headers or () if not k.startswith("embedstream.")]
+    if headers.get(HEADER_VALUE_KIND) != b"reference":
+        return letter.key, letter.value, kept
+    try:
+        ref = json.loads(letter.value)
+        tp = TopicPartition(ref["topic"], int(ref["partition"]))
+        offset = int(ref["offset"])
+    except (ValueError, KeyError, TypeError):
+        log.warning("dead letter %s:%d@%d: unreadable reference", letter.topic,
+                    letter.partition, letter.offset)
+        return None
+    reader = KafkaConsumer(**client_config(settings), enable_auto_commit=False, group_id=None,
+                           max_partition_fetch_bytes=max(1 << 20, int(ref.get("value_bytes", 0)) * 2),
+                           fetch_max_bytes=max(50 << 20, int(ref.get("value_bytes", 0)) * 2))
+    try:
+        reader.assign([tp])
+        low = reader.beginning_offsets([tp])[tp]
+        if offset < low:
+            log.warning("the original of %s:%d@%d is gone (retention)", *tp, offset)
+            return None
+        reader.seek(tp, offset)
+        for record in _read_range(reader, {tp: offset + 1}):
+            if record.offset == offset and hashlib.sha256(record.value or b"").hexdigest() \
+                    == ref.get("value_sha256"):
+                headers_kept = [(k, v) for k, v in record.headers or ()]
+                return record.key, record.value, headers_kept
+    finally:
+        reader.close()
+    log.warning("the original of %s:%d@%d does not match its reference", *tp, offset)
+    return None
 
 
 def reembed_range(
@@ -133,6 +237,25 @@ def reembed_range(
     return report
 
 
+def _read_range(consumer: KafkaConsumer, ends: dict[TopicPartition, int]) -> Iterator[Any]:
+    """Records of the assigned partitions up to (not including) ``ends``."""
+    remaining = {tp: end for tp, end in ends.items() if consumer.position(tp) < end}
+    idle_since = time.monotonic()
+    while remaining:
+        batches = consumer.poll(timeout_ms=200)
+        if batches:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > 30:
+            raise SourceError(f"no records of {sorted(remaining)} for 30 s")
+        for tp, records in batches.items():
+            for record in records:
+                if tp in remaining and record.offset < remaining[tp]:
+                    yield record
+            if tp in remaining and consumer.position(tp) >= remaining[tp]:
+                del remaining[tp]
+                consumer.pause(tp)
+
+
 def _read_until_idle(consumer: KafkaConsumer, join_timeout_s: float = 60) -> Iterator[Any]:
     """Records until the consumer has partitions and nothing new came for a while."""
     started = time.monotonic()
@@ -169,4 +292,6 @@ def _retarget(record: Any, model: str) -> bytes | None:
 
 
 def _producer(settings: Settings) -> KafkaProducer:
-    return KafkaProducer(**client_config(settings), acks="all", linger_ms=5, retries=10)
+    # Room for an original re-driven from a reference (the broker has its own limit).
+    return KafkaProducer(**client_config(settings), acks="all", linger_ms=5, retries=10,
+                         max_request_size=64 << 20)

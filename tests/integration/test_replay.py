@@ -65,8 +65,15 @@ def test_redrive_after_fix_and_reembed_with_new_model(stack, unique, model_root,
         assert "re-drove 3 dead letters" in out and "1 skipped" in out
         new_keys = lambda: {k.decode() for k in client.scan_iter(result_key(unique, NEW, "*"))}  # noqa: E731
         assert wait_for(lambda: len(new_keys()) == 3)
-        # Running it again re-drives nothing: the group remembers.
-        assert "re-drove 0 dead letters" in run_cli(settings, "replay", "dlq")
+        # Running it again re-drives nothing: the reason's progress is remembered ...
+        assert "re-drove 0 dead letters" in run_cli(settings, "replay", "dlq", "--reason",
+                                                     "unknown_model")
+        # ... and the letter it skipped is still there for a run over every reason.
+        out = run_cli(settings, "replay", "dlq")
+        assert "re-drove 1 dead letters" in out and "(invalid_json: 1)" in out
+        assert "3 re-driven before" in out
+        assert wait_for(lambda: worker.value("embedstream_events_failed_total",
+                                             reason="invalid_json") == 1)  # fails again, once
 
         # Re-embed offsets 0..4 of partition 0 with the new model: new keys, old untouched.
         before = client.hget(result_key(unique, MODEL, "p0"), "version")

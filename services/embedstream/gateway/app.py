@@ -75,8 +75,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        publisher.close()
+        try:
+            yield
+        finally:
+            publisher.close()
+            if searcher is not None:
+                searcher.close()
 
     app = FastAPI(
         title="embedstream gateway",

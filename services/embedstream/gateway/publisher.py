@@ -13,12 +13,13 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-from embedstream.errors import Backpressure, SourceError
+from embedstream.errors import Backpressure, Cancelled, SourceError
+from embedstream.retry import Backoff, retry
 from embedstream.settings import MODALITIES, Settings
 
 log = logging.getLogger(__name__)
 
-_RECONNECT_S = 2.0
+_RECONNECT = Backoff(initial_s=1.0, max_s=30.0)
 
 
 class EventPublisher(Protocol):
@@ -51,22 +52,27 @@ class KafkaEventPublisher:
         from embedstream.producer import Producer
 
         settings = self._settings
-        while not self._closed.is_set():
-            try:
-                self._producer = Producer(
-                    settings,
-                    topics=[settings.topic_for(m) for m in MODALITIES],
-                    buffer_bytes=settings.gateway_buffer_bytes,
-                    connect_timeout_s=5.0,
-                    # send() blocks for topic metadata at most this long when the broker is away
-                    max_block_s=min(5.0, settings.gateway_publish_timeout_s),
-                )
-                self._last_ok = True
-                log.info("gateway connected to Kafka at %s", settings.kafka_bootstrap)
-                return
-            except SourceError as err:
-                log.warning("Kafka not reachable yet (%s); retrying", err)
-                self._closed.wait(_RECONNECT_S)
+
+        def connect() -> Producer:
+            return Producer(
+                settings,
+                topics=[settings.topic_for(m) for m in MODALITIES],
+                buffer_bytes=settings.gateway_buffer_bytes,
+                connect_timeout_s=5.0,
+                # send() blocks for topic metadata at most this long when the broker is away
+                max_block_s=min(5.0, settings.gateway_publish_timeout_s),
+            )
+
+        def on_retry(err: BaseException, delay: float) -> None:
+            log.warning("Kafka not reachable yet (%s); retrying in %.0fs", err, delay)
+
+        try:
+            self._producer = retry(connect, transient=(SourceError,), backoff=_RECONNECT,
+                                   cancel=self._closed, on_retry=on_retry)
+        except Cancelled:
+            return
+        self._last_ok = True
+        log.info("gateway connected to Kafka at %s", settings.kafka_bootstrap)
 
     def publish(self, topic: str, records: Sequence[tuple[str | None, bytes]]) -> None:
         producer = self._producer

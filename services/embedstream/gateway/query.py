@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from embedstream.errors import GatewayError, ModelError, SinkError
+from embedstream.errors import EnvelopeError, GatewayError, ModelError, SinkError
+from embedstream.models.routing import default_models
 from embedstream.runtime.loader import LoadedModel
 from embedstream.search import Filter, Hit, RangeFilter, TagFilter, search_vector
 from embedstream.settings import Settings
@@ -46,6 +47,8 @@ class Searcher:
                             metadata_schema(m.manifest, settings))
             for name, m in models.items()
         }
+        # The same rule as the worker's, so a query embeds with the model ingest used.
+        self._defaults = default_models(settings, self.served())
 
     def served(self) -> dict[str, str]:
         """Model name -> modality."""
@@ -58,12 +61,11 @@ class Searcher:
                 raise GatewayError(404, "unknown_model",
                                    f"model {name!r} is not served; served: {sorted(self.info)}")
             return self.info[name]
-        served = sorted(n for n, i in self.info.items() if i.modality == modality)
-        if not served:
+        default = self._defaults.get(modality)
+        if default is None:
             raise GatewayError(404, "no_model",
                                f"no {modality} model served here; served: {sorted(self.info)}")
-        default = self._settings.default_text_model
-        return self.info[default if default in served else served[0]]
+        return self.info[default]
 
     def embed(self, info: ModelInfo, query: str | bytes) -> np.ndarray:
         model = self._models[info.name]
@@ -73,6 +75,8 @@ class Searcher:
                                f"{info.modality} queries are not supported by this build")
         try:
             return np.asarray(method([query])[0], dtype=np.float32)
+        except EnvelopeError as err:  # the preprocessor refused the query (bad media, ...)
+            raise GatewayError(422, err.reason, f"cannot embed the query: {err.detail}") from err
         except ModelError as err:
             raise GatewayError(422, "model_error", f"cannot embed the query: {err}") from err
         except (ValueError, OSError) as err:  # undecodable image / audio bytes
@@ -106,6 +110,10 @@ class Searcher:
             return bool(self._client.ping())
         except redis.RedisError:
             return False
+
+    def close(self) -> None:
+        """Release the Redis connections (the app's shutdown)."""
+        self._client.close()
 
 
 def parse_filters(raw: Any, info: ModelInfo) -> list[Filter]:
