@@ -143,7 +143,10 @@ def test_runtime_images_are_non_root_healthchecked_and_torch_free(path: Path, st
     runs = " ".join(v for k, v in body if k == "RUN")
     assert "[export]" not in runs and "torch" not in runs
     assert "-c /tmp/constraints.txt" in runs  # every Python package pinned
-    assert "[confluent]" in runs  # both Kafka clients (EMBEDSTREAM_KAFKA_CLIENT) work
+    extras = set(re.search(r"\$\{wheel\}\[([\w,]+)\]", runs).group(1).split(","))
+    assert "confluent" in extras  # both Kafka clients (EMBEDSTREAM_KAFKA_CLIENT) work
+    # The CPU image also runs the gateway (compose and the chart start it from this image).
+    assert ("gateway" in extras) == (stage != "runtime-gpu")
     env = " ".join(v for k, v in body if k == "ENV")
     assert "EMBEDSTREAM_PROCESSES=1" in env and "EMBEDSTREAM_MODEL_DIR=/models" in env
     if stage == "runtime-gpu":
