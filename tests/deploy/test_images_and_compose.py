@@ -65,6 +65,74 @@ def test_compose_stack_has_every_component(compose):
                 assert (DEPLOY / source).exists(), volume
 
 
+# Where each third-party image keeps its state, as its image defines it: (the setting that
+# moves it, its default). Kafka's default comes from the apache/kafka image's
+# configureDefaults (KAFKA_LOG_DIRS=/tmp/kraft-combined-logs), Redis' from the redis image
+# (WORKDIR /data, --dir), Prometheus' from prom/prometheus (--storage.tsdb.path, the image's
+# CMD gives /prometheus), Grafana's from grafana/grafana (GF_PATHS_DATA=/var/lib/grafana).
+STATE_DIRS = {
+    "apache/kafka": ("env", "KAFKA_LOG_DIRS", "/tmp/kraft-combined-logs"),
+    "redis": ("flag", "--dir", "/data"),
+    "prom/prometheus": ("flag", "--storage.tsdb.path", "/prometheus"),
+    "grafana/grafana": ("env", "GF_PATHS_DATA", "/var/lib/grafana"),
+}
+
+
+def state_dirs(service: dict) -> list[str]:
+    """The directories a third-party service writes its state to, from its own settings."""
+    rule = STATE_DIRS.get(service.get("image", "").rsplit(":", 1)[0])
+    if rule is None:
+        return []
+    kind, name, default = rule
+    if kind == "env":
+        return [d for d in str(service.get("environment", {}).get(name, default)).split(",")]
+    command = service.get("command", [])
+    for i, arg in enumerate(command):
+        if arg == name:
+            return [command[i + 1]]
+        if arg.startswith(name + "="):
+            return [arg.split("=", 1)[1]]
+    return [default]
+
+
+def named_volume_mounts(service: dict, volumes: dict) -> dict[str, bool]:
+    """mount path -> writable, for the named volumes (not bind mounts) a service mounts."""
+    out = {}
+    for spec in service.get("volumes", []):
+        source, target, *mode = spec.split(":")
+        if source in volumes:
+            out[target] = "ro" not in mode
+    return out
+
+
+def test_every_stateful_service_writes_into_its_volume(compose):
+    volumes = compose["volumes"]
+    stateful = {n: s for n, s in compose["services"].items() if state_dirs(s)}
+    assert set(stateful) == {"kafka", "redis", "prometheus", "grafana"}
+    used = set()
+    for name, service in stateful.items():
+        mounts = named_volume_mounts(service, volumes)
+        for directory in state_dirs(service):
+            holder = [m for m in mounts if directory == m or directory.startswith(m.rstrip("/") + "/")]
+            assert holder, f"{name} writes {directory}, which no named volume holds: lost on recreate"
+            assert all(mounts[m] for m in holder), f"{name}: {directory} is on a read-only mount"
+            used.update(s.split(":")[0] for s in service["volumes"] if s.split(":")[1] in holder)
+    assert used == set(volumes), "every named volume holds some service's state"
+    # Our own services keep nothing: a read-only root and a tmpfs for temporary files.
+    for name in ("worker", "gateway", "producer"):
+        service = compose["services"][name]
+        assert service["read_only"] is True and service["tmpfs"] == ["/tmp"], name
+        assert not named_volume_mounts(service, volumes), name
+
+
+def test_the_state_rules_catch_kafka_writing_to_its_default(compose):
+    kafka = {**compose["services"]["kafka"]}
+    kafka["environment"] = {k: v for k, v in kafka["environment"].items() if k != "KAFKA_LOG_DIRS"}
+    assert state_dirs(kafka) == ["/tmp/kraft-combined-logs"]
+    assert not any(d.startswith(m) for d in state_dirs(kafka)
+                   for m in named_volume_mounts(kafka, compose["volumes"]))
+
+
 def instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     out: list[tuple[str, str]] = []
