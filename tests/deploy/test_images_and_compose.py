@@ -13,9 +13,7 @@ import jsonschema
 import pytest
 import yaml
 from deploy_manifests import ROOT
-
-DEPLOY = ROOT / "deploy"
-DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]
+from dockerfiles import DEPLOY, DOCKERFILES, build_args, expand, instructions, stages
 
 
 def compose_schema() -> dict:
@@ -133,37 +131,6 @@ def test_the_state_rules_catch_kafka_writing_to_its_default(compose):
                    for m in named_volume_mounts(kafka, compose["volumes"]))
 
 
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue
-        pending += (" " if pending else "") + line.rstrip("\\").strip()
-        if not line.endswith("\\"):
-            keyword, _, args = pending.partition(" ")
-            out.append((keyword.upper(), args))
-            pending = ""
-    assert not pending, f"{path}: dangling continuation"
-    return out
-
-
-def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
-    result: dict[str, list[tuple[str, str]]] = {}
-    current = None
-    for keyword, args in instructions(path):
-        if keyword == "FROM":
-            current = args.split(" AS ")[-1].strip() if " AS " in args else args
-            result[current] = []
-        elif current is not None:
-            result[current].append((keyword, args))
-    return result
-
-
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_structure(path: Path):
     ins = instructions(path)
@@ -234,3 +201,19 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "models"} <= set(ignored)
     assert not {"services", "pyproject.toml", "constraints.txt", "README.md"} & set(ignored)
+
+
+def test_gpu_image_extends_the_library_path_it_inherits():
+    """The CUDA base sets LD_LIBRARY_PATH to /usr/local/nvidia/lib:/usr/local/nvidia/lib64,
+    where some clusters mount the driver: the image adds TensorRT's folder in front."""
+    path = DEPLOY / "Dockerfile.gpu"
+    (value,) = [a.split("=", 1)[1] for k, a in stages(path)["runtime-gpu"]
+                if k == "ENV" and a.startswith("LD_LIBRARY_PATH=")]
+    inherited = "/usr/local/nvidia/lib:/usr/local/nvidia/lib64"
+    assert expand(value, {"LD_LIBRARY_PATH": inherited}) == f"/opt/tensorrt_libs:{inherited}"
+    assert expand(value, {}) == "/opt/tensorrt_libs"
+    runs = " ".join(a for k, a in stages(path)["runtime-gpu"] if k == "RUN")
+    # The link to the pip TensorRT libraries names no Python version (the base decides it).
+    assert "ln -s" in runs and "/opt/tensorrt_libs" in runs
+    assert not re.search(r"python3\.\d+/site-packages", value + runs)
+    assert build_args(path)["TENSORRT"] == "false"  # TensorRT is opt-in (its own tag)
