@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # System tools the deployment tests use: promtool and the Prometheus server (Debian's
-# `prometheus` package). Installed only when missing, and only as root (CI is root);
-# otherwise say what to run. A no-op when they are there.
+# `prometheus` package), required; busybox, the shell the models image runs its copy with
+# (without it the init-container test runs the copy with this machine's sh). Installed
+# only when missing, and only as root (CI is root); otherwise say what to run. A no-op
+# when they are there.
 tools:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -31,6 +33,12 @@ tools:
 	  else \
 	    echo "promtool/prometheus missing: run 'sudo apt-get install prometheus'" >&2; exit 1; \
 	  fi; }
+	@command -v busybox >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends busybox >/dev/null 2>&1 \
+	     || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	         apt-get install -y -qq --no-install-recommends busybox >/dev/null)); \
+	  else echo "busybox missing: the init-container test uses this machine's sh"; fi; }
 
 # Headless Chromium and its WebDriver for the search page's browser test (Debian
 # packages). Fast when present; installs them when missing and we are root;

@@ -19,6 +19,7 @@ CRD_KINDS = {
     "PodMonitor": "monitoring.coreos.com/v1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1",
+    "KafkaTopic": "kafka.strimzi.io/v1beta2",
 }
 
 

@@ -13,9 +13,7 @@ import jsonschema
 import pytest
 import yaml
 from deploy_manifests import ROOT
-
-DEPLOY = ROOT / "deploy"
-DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]
+from dockerfiles import DEPLOY, DOCKERFILES, build_args, expand, instructions, stages
 
 
 def compose_schema() -> dict:
@@ -65,35 +63,72 @@ def test_compose_stack_has_every_component(compose):
                 assert (DEPLOY / source).exists(), volume
 
 
-def instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    out: list[tuple[str, str]] = []
-    pending = ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue
-        pending += (" " if pending else "") + line.rstrip("\\").strip()
-        if not line.endswith("\\"):
-            keyword, _, args = pending.partition(" ")
-            out.append((keyword.upper(), args))
-            pending = ""
-    assert not pending, f"{path}: dangling continuation"
+# Where each third-party image keeps its state, as its image defines it: (the setting that
+# moves it, its default). Kafka's default comes from the apache/kafka image's
+# configureDefaults (KAFKA_LOG_DIRS=/tmp/kraft-combined-logs), Redis' from the redis image
+# (WORKDIR /data, --dir), Prometheus' from prom/prometheus (--storage.tsdb.path, the image's
+# CMD gives /prometheus), Grafana's from grafana/grafana (GF_PATHS_DATA=/var/lib/grafana).
+STATE_DIRS = {
+    "apache/kafka": ("env", "KAFKA_LOG_DIRS", "/tmp/kraft-combined-logs"),
+    "redis": ("flag", "--dir", "/data"),
+    "prom/prometheus": ("flag", "--storage.tsdb.path", "/prometheus"),
+    "grafana/grafana": ("env", "GF_PATHS_DATA", "/var/lib/grafana"),
+}
+
+
+def state_dirs(service: dict) -> list[str]:
+    """The directories a third-party service writes its state to, from its own settings."""
+    rule = STATE_DIRS.get(service.get("image", "").rsplit(":", 1)[0])
+    if rule is None:
+        return []
+    kind, name, default = rule
+    if kind == "env":
+        return [d for d in str(service.get("environment", {}).get(name, default)).split(",")]
+    command = service.get("command", [])
+    for i, arg in enumerate(command):
+        if arg == name:
+            return [command[i + 1]]
+        if arg.startswith(name + "="):
+            return [arg.split("=", 1)[1]]
+    return [default]
+
+
+def named_volume_mounts(service: dict, volumes: dict) -> dict[str, bool]:
+    """mount path -> writable, for the named volumes (not bind mounts) a service mounts."""
+    out = {}
+    for spec in service.get("volumes", []):
+        source, target, *mode = spec.split(":")
+        if source in volumes:
+            out[target] = "ro" not in mode
     return out
 
 
-def stages(path: Path) -> dict[str, list[tuple[str, str]]]:
-    result: dict[str, list[tuple[str, str]]] = {}
-    current = None
-    for keyword, args in instructions(path):
-        if keyword == "FROM":
-            current = args.split(" AS ")[-1].strip() if " AS " in args else args
-            result[current] = []
-        elif current is not None:
-            result[current].append((keyword, args))
-    return result
+def test_every_stateful_service_writes_into_its_volume(compose):
+    volumes = compose["volumes"]
+    stateful = {n: s for n, s in compose["services"].items() if state_dirs(s)}
+    assert set(stateful) == {"kafka", "redis", "prometheus", "grafana"}
+    used = set()
+    for name, service in stateful.items():
+        mounts = named_volume_mounts(service, volumes)
+        for directory in state_dirs(service):
+            holder = [m for m in mounts if directory == m or directory.startswith(m.rstrip("/") + "/")]
+            assert holder, f"{name} writes {directory}, which no named volume holds: lost on recreate"
+            assert all(mounts[m] for m in holder), f"{name}: {directory} is on a read-only mount"
+            used.update(s.split(":")[0] for s in service["volumes"] if s.split(":")[1] in holder)
+    assert used == set(volumes), "every named volume holds some service's state"
+    # Our own services keep nothing: a read-only root and a tmpfs for temporary files.
+    for name in ("worker", "gateway", "producer"):
+        service = compose["services"][name]
+        assert service["read_only"] is True and service["tmpfs"] == ["/tmp"], name
+        assert not named_volume_mounts(service, volumes), name
+
+
+def test_the_state_rules_catch_kafka_writing_to_its_default(compose):
+    kafka = {**compose["services"]["kafka"]}
+    kafka["environment"] = {k: v for k, v in kafka["environment"].items() if k != "KAFKA_LOG_DIRS"}
+    assert state_dirs(kafka) == ["/tmp/kraft-combined-logs"]
+    assert not any(d.startswith(m) for d in state_dirs(kafka)
+                   for m in named_volume_mounts(kafka, compose["volumes"]))
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -143,7 +178,10 @@ def test_runtime_images_are_non_root_healthchecked_and_torch_free(path: Path, st
     runs = " ".join(v for k, v in body if k == "RUN")
     assert "[export]" not in runs and "torch" not in runs
     assert "-c /tmp/constraints.txt" in runs  # every Python package pinned
-    assert "[confluent]" in runs  # both Kafka clients (EMBEDSTREAM_KAFKA_CLIENT) work
+    extras = set(re.search(r"\$\{wheel\}\[([\w,]+)\]", runs).group(1).split(","))
+    assert "confluent" in extras  # both Kafka clients (EMBEDSTREAM_KAFKA_CLIENT) work
+    # The CPU image also runs the gateway (compose and the chart start it from this image).
+    assert ("gateway" in extras) == (stage != "runtime-gpu")
     env = " ".join(v for k, v in body if k == "ENV")
     assert "EMBEDSTREAM_PROCESSES=1" in env and "EMBEDSTREAM_MODEL_DIR=/models" in env
     if stage == "runtime-gpu":
@@ -163,3 +201,19 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "models"} <= set(ignored)
     assert not {"services", "pyproject.toml", "constraints.txt", "README.md"} & set(ignored)
+
+
+def test_gpu_image_extends_the_library_path_it_inherits():
+    """The CUDA base sets LD_LIBRARY_PATH to /usr/local/nvidia/lib:/usr/local/nvidia/lib64,
+    where some clusters mount the driver: the image adds TensorRT's folder in front."""
+    path = DEPLOY / "Dockerfile.gpu"
+    (value,) = [a.split("=", 1)[1] for k, a in stages(path)["runtime-gpu"]
+                if k == "ENV" and a.startswith("LD_LIBRARY_PATH=")]
+    inherited = "/usr/local/nvidia/lib:/usr/local/nvidia/lib64"
+    assert expand(value, {"LD_LIBRARY_PATH": inherited}) == f"/opt/tensorrt_libs:{inherited}"
+    assert expand(value, {}) == "/opt/tensorrt_libs"
+    runs = " ".join(a for k, a in stages(path)["runtime-gpu"] if k == "RUN")
+    # The link to the pip TensorRT libraries names no Python version (the base decides it).
+    assert "ln -s" in runs and "/opt/tensorrt_libs" in runs
+    assert not re.search(r"python3\.\d+/site-packages", value + runs)
+    assert build_args(path)["TENSORRT"] == "false"  # TensorRT is opt-in (its own tag)

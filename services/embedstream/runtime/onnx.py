@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from embedstream.errors import ModelError
+from embedstream.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -29,29 +30,73 @@ def choose_providers(requested: list[str]) -> list[str]:
 
     ``requested`` empty: every preferred provider that this onnxruntime build
     offers, best first. Otherwise exactly the requested ones, each of which
-    must be available (a typo must not fall back silently to CPU).
+    must be available (a typo must not fall back silently to CPU): a missing
+    one is a :class:`ConfigError`.
     """
     available = ort.get_available_providers()
     if not requested:
         return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
     missing = [p for p in requested if p not in available]
     if missing:
-        raise ModelError(
+        raise ConfigError(
             f"execution provider(s) {missing} not available in this onnxruntime build; "
             f"available: {available}"
         )
     return list(requested)
 
 
+def check_active_providers(requested: list[str], active: list[str], onnx_path: str) -> None:
+    """Refuse a session that did not get every provider it was configured with.
+
+    An onnxruntime-gpu build lists the CUDA and TensorRT providers whether or
+    not their libraries load; when they do not (CUDA, cuDNN or TensorRT missing
+    from the image, no GPU visible to the container), onnxruntime logs an error
+    and quietly runs the session on the CPU. A pool configured for a GPU would
+    then serve at a fraction of its rate while looking healthy, so explicitly
+    requested providers must all be active. ``requested`` empty (pick the best
+    available) accepts whatever loaded.
+    """
+    missing = [p for p in requested if p not in active]
+    if missing:
+        raise ConfigError(
+            f"{onnx_path}: execution provider(s) {missing} were configured but onnxruntime "
+            f"could not start them and would run on {active} instead; refusing to fall back "
+            "silently. For CUDA/TensorRT: check that the container sees a GPU (the nvidia "
+            "runtime class, an nvidia.com/gpu limit) and that the image's CUDA, cuDNN and "
+            "TensorRT libraries match this onnxruntime build (onnxruntime's log above names "
+            "the library that failed to load)"
+        )
+
+
+def engine_cache_dir(onnx_path: str) -> Path:
+    """Where TensorRT keeps the engines and timing cache of one model.
+
+    Never beside the model: model directories are read-only wherever they are
+    deployed (baked into an image, a read-only volume, an init container's copy
+    mounted read-only). ``<tempdir>/embedstream-trt/<model directory name>``:
+    ``TMPDIR`` moves it, and the Helm chart mounts a volume at
+    ``/tmp/embedstream-trt`` in TensorRT pools so a restarted container reuses
+    the engines it built.
+    """
+    return Path(tempfile.gettempdir()) / "embedstream-trt" / Path(onnx_path).parent.name
+
+
 def provider_options(provider: str, onnx_path: str) -> dict[str, Any]:
     """Tuned options of a GPU provider (untested on a GPU in this repository so far).
 
     TensorRT builds an engine per input shape range, which takes minutes: the
-    engines are cached beside the model (``.trt-cache/``) so a restart reuses
-    them; fp16 lets TensorRT pick half precision where it keeps accuracy.
+    engines are cached in :func:`engine_cache_dir` so a restart reuses them;
+    fp16 lets TensorRT pick half precision where it keeps accuracy.
     """
     if provider == "TensorrtExecutionProvider":
-        cache = Path(onnx_path).parent / ".trt-cache"
+        cache = engine_cache_dir(onnx_path)
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"TensorRT engine cache {cache} is not writable ({err}): give the worker a "
+                "writable volume there, or point TMPDIR at one"
+            ) from err
         return {
             "trt_fp16_enable": True,
             "trt_engine_cache_enable": True,
@@ -92,6 +137,10 @@ class OrtBackend:
             self._session = ort.InferenceSession(onnx_path, options, providers=configured)
         except Exception as err:  # onnxruntime raises its own untyped errors
             raise ModelError(f"cannot load {onnx_path}: {err}") from err
+        active = list(self._session.get_providers())
+        check_active_providers(providers, active, onnx_path)
+        if active[0] != chosen[0]:
+            log.warning("%s: %s did not start, running on %s", onnx_path, chosen[0], active[0])
         self._input_names = {i.name for i in self._session.get_inputs()}
         self._output = self._session.get_outputs()[0].name
         # On a GPU, bind inputs and the output explicitly (I/O binding): ORT
@@ -104,6 +153,8 @@ class OrtBackend:
 
     @property
     def provider(self) -> str:
+        """The provider the session really runs on (``embedstream_model_info``'s
+        ``provider`` label), not the one asked for."""
         return str(self._session.get_providers()[0])
 
     def embed(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
