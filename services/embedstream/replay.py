@@ -70,14 +70,23 @@ def redrive_dead_letters(
         if not tps:
             return report
         reader.assign(tps)
-        ends = reader.end_offsets(tps)
         for tp in tps:  # from the earliest position any wanted reason still needs
             reader.seek(tp, cursors.start(tp, reasons))
-        for record in _read_range(reader, ends):
+        read_to: dict[TopicPartition, int] = {}
+        started_ms = int(time.time() * 1000)
+        for record in _read_until_idle(reader):
+            tp = TopicPartition(record.topic, record.partition)
+            if record.timestamp >= started_ms:
+                # Written since this run began (a re-driven event that failed again, say):
+                # the next run's business, or this run would chase its own tail.
+                reader.pause(tp)
+                if set(reader.paused()) == set(tps):
+                    break
+                continue
+            read_to[tp] = record.offset + 1
             headers = dict(record.headers or ())
             reason = headers.get("embedstream.reason", b"").decode("utf-8", "replace")
             source = headers.get("embedstream.source.topic", b"").decode("utf-8", "replace")
-            tp = TopicPartition(record.topic, record.partition)
             if not source or (reasons and reason not in reasons):
                 report.skipped += 1
                 continue
@@ -97,7 +106,7 @@ def redrive_dead_letters(
             report.published += 1
         if producer is not None:
             producer.flush()
-            cursors.advance(ends, reasons or set(REASONS) | set(report.by_reason))
+            cursors.advance(read_to, reasons or set(REASONS) | set(report.by_reason))
     finally:
         reader.close()
         cursors.close()
@@ -142,6 +151,8 @@ class _Cursors:
 
     def advance(self, ends: dict[TopicPartition, int], reasons: set[str]) -> None:
         """Everything read up to ``ends`` is done for ``reasons`` (all: the base group)."""
+        if not ends:
+            return
         every = set(reasons) >= set(REASONS)
         for reason in [None] if every else sorted(reasons):
             offsets = {tp: OffsetAndMetadata(max(end, self._offset(reason, tp)), "", -1)
@@ -168,24 +179,32 @@ def _original(
         log.warning("dead letter %s:%d@%d: unreadable reference", letter.topic,
                     letter.partition, letter.offset)
         return None
+    size = int(ref.get("value_bytes") or 0)
     reader = KafkaConsumer(**client_config(settings), enable_auto_commit=False, group_id=None,
-                           max_partition_fetch_bytes=max(1 << 20, int(ref.get("value_bytes", 0)) * 2),
-                           fetch_max_bytes=max(50 << 20, int(ref.get("value_bytes", 0)) * 2))
+                           max_partition_fetch_bytes=max(1 << 20, size * 2),
+                           fetch_max_bytes=max(50 << 20, size * 2))
     try:
         reader.assign([tp])
-        low = reader.beginning_offsets([tp])[tp]
-        if offset < low:
-            log.warning("the original of %s:%d@%d is gone (retention)", *tp, offset)
-            return None
         reader.seek(tp, offset)
-        for record in _read_range(reader, {tp: offset + 1}):
-            if record.offset == offset and hashlib.sha256(record.value or b"").hexdigest() \
-                    == ref.get("value_sha256"):
-                headers_kept = [(k, v) for k, v in record.headers or ()]
-                return record.key, record.value, headers_kept
+        record = _first_record(reader, tp, timeout_s=3 * _IDLE_MS / 1000)
     finally:
         reader.close()
-    log.warning("the original of %s:%d@%d does not match its reference", *tp, offset)
+    if record is None or record.offset != offset:  # deleted by retention, or compacted
+        log.warning("the original of %s:%d@%d is gone", *tp, offset)
+        return None
+    if hashlib.sha256(record.value or b"").hexdigest() != ref.get("value_sha256"):
+        log.warning("the original of %s:%d@%d does not match its reference", *tp, offset)
+        return None
+    return record.key, record.value, list(record.headers or ())
+
+
+def _first_record(consumer: KafkaConsumer, tp: TopicPartition, timeout_s: float) -> Any:
+    """The first record a poll of ``tp`` brings within ``timeout_s``, or None."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records = consumer.poll(timeout_ms=200).get(tp)
+        if records:
+            return records[0]
     return None
 
 
@@ -235,25 +254,6 @@ def reembed_range(
         consumer.close()
         producer.close()
     return report
-
-
-def _read_range(consumer: KafkaConsumer, ends: dict[TopicPartition, int]) -> Iterator[Any]:
-    """Records of the assigned partitions up to (not including) ``ends``."""
-    remaining = {tp: end for tp, end in ends.items() if consumer.position(tp) < end}
-    idle_since = time.monotonic()
-    while remaining:
-        batches = consumer.poll(timeout_ms=200)
-        if batches:
-            idle_since = time.monotonic()
-        elif time.monotonic() - idle_since > 30:
-            raise SourceError(f"no records of {sorted(remaining)} for 30 s")
-        for tp, records in batches.items():
-            for record in records:
-                if tp in remaining and record.offset < remaining[tp]:
-                    yield record
-            if tp in remaining and consumer.position(tp) >= remaining[tp]:
-                del remaining[tp]
-                consumer.pause(tp)
 
 
 def _read_until_idle(consumer: KafkaConsumer, join_timeout_s: float = 60) -> Iterator[Any]:
