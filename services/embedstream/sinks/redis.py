@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 # millisecond, a LogAppendTime batch) are ordered by offset, then partition, read
 # back from the stored ``source`` (topic:partition:offset): processing order
 # never decides. DEL first so metadata fields of an older version do not linger;
-# HSET in slices, as Lua's unpack() has a small limit on results.
-_WRITE_SCRIPT = """
+# HSET in slices, as Lua's unpack() has a small limit on results. The shebang makes it
+# a flagged script: a server out of memory refuses it with OOM before it runs (a script
+# without flags would write past maxmemory, and nobody would learn the store is full).
+_WRITE_SCRIPT = """#!lua
 local current = redis.call('HMGET', KEYS[1], 'version', 'source')
 local version = tonumber(ARGV[1])
 local partition = tonumber(ARGV[2])
