@@ -27,6 +27,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStackConfig]:
         yield cfg
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("embedstream")
+    group.addoption("--poison-records", type=int, default=600,
+                    help="records per Kafka client in the generative poison test "
+                         "(make test runs 600; a long run: 20000)")
+    group.addoption("--poison-seed", type=int, default=20261201,
+                    help="seed of the generative poison test's generator")
+
+
+@pytest.fixture
+def poison_run(request: pytest.FixtureRequest) -> tuple[int, int]:
+    """(records, seed) of the generative poison test, from the command line."""
+    return request.config.getoption("--poison-records"), request.config.getoption("--poison-seed")
+
+
 @pytest.fixture
 def unique() -> str:
     """A short name unique to this test, for topics, groups and key prefixes."""

@@ -167,7 +167,7 @@ def decode(
             raise EnvelopeError("empty_text", "'text' is empty")
     if strict:
         _check_unicode({"id": event_id, "model": model, "text": text, "data": data_b64,
-                        "uri": uri, **{f"metadata {k!r}": v for k, v in metadata.items()}})
+                        "uri": uri, **_metadata_strings(metadata)})
     if modality != "text":
         if data_b64 is None and uri is None:
             raise EnvelopeError("missing_data", f"an {modality} event needs 'data' or 'uri'")
@@ -203,6 +203,15 @@ def _parse_object(value: bytes, what: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise EnvelopeError("not_an_object", f"envelope is a JSON {type(body).__name__}")
     return body
+
+
+def _metadata_strings(metadata: dict[str, str]) -> dict[str, str]:
+    """Every metadata name and value, labelled for :func:`_check_unicode`'s message."""
+    out: dict[str, str] = {}
+    for index, (name, value) in enumerate(metadata.items()):
+        out[f"metadata field name #{index}"] = name
+        out[f"metadata field #{index}"] = value
+    return out
 
 
 def _check_unicode(fields: dict[str, Any]) -> None:
@@ -276,7 +285,7 @@ def _decode_raw(
                             "metadata": metadata}
     parsed = _metadata(body, limits)
     if raw_metadata is not None and _SURROGATE_ESCAPE.search(raw_metadata):
-        _check_unicode({f"metadata {k!r}": v for k, v in parsed.items()})
+        _check_unicode(_metadata_strings(parsed))
     return Event(
         id=_event_id(body, record),
         modality=modality,

@@ -84,12 +84,14 @@ class PoisonGenerator:
         if choice < 0.4:
             return self._id().encode()
         if choice < 0.7:
-            return self.rng.randbytes(self.rng.randrange(1, 40))  # maybe not UTF-8
+            return self.rng.randbytes(self.rng.randrange(8, 40))  # maybe not UTF-8
         return (self._id() + " with space").encode()
 
     def _headers(self) -> list[tuple[str, bytes]]:
-        names = ["trace", "content-type", "embedstream.id", "embedstream.model",
-                 "embedstream.metadata", "x-" + self._text(6)]
+        # (Not embedstream.id: a shared id would let one record overwrite another's result,
+        # and outcomes are told apart by position.)
+        names = ["trace", "content-type", "embedstream.model", "embedstream.metadata",
+                 "x-" + self._text(6)]
         return [(self.rng.choice(names), self._header_value())
                 for _ in range(self.rng.randrange(1, 4))]
 
@@ -203,13 +205,14 @@ class PoisonGenerator:
         elif where == "metadata value":
             body["metadata"] = {"k": f"v{marker}"}
         else:
-            body[where] = f"a{marker}b"
+            body[where] = f"{self._id()}{marker}b"
         return Made(modality, "", json.dumps(body).replace(marker, escape).encode())
 
     def _duplicate_keys(self, modality: str) -> Made:
         payload = json.dumps(self._payload(modality))[1:-1]
         first = json.dumps({"id": self._id()})[1:-1]
-        raw = "{" + first + ', "id": ' + json.dumps(self.rng.choice([self._id(), 5, None, [1]])) \
+        unique_int = self.count * 1000 + 5
+        raw = "{" + first + ', "id": ' + json.dumps(self.rng.choice([self._id(), unique_int, None, [1]])) \
             + ", " + payload + ', "text": 1, ' + payload + "}"
         return Made(modality, "", raw.encode())
 
@@ -232,7 +235,7 @@ class PoisonGenerator:
     def _wrong_types(self, modality: str) -> Made:
         body: dict[str, Any] = {"id": self._id(), **self._payload(modality)}
         name = self.rng.choice(["id", "text", "data", "uri", "model", "metadata", "version"])
-        body[name] = self.rng.choice([[1, 2], {"a": 1}, 3.5, True, None, -1, ""])
+        body[name] = self.rng.choice([[1, 2], {"a": 1}, 3.5, True, None, -self.count, ""])
         if self.rng.random() < 0.3:
             body["uri"] = "file:///etc/passwd"
         return Made(modality, "", json.dumps(body).encode())

@@ -81,3 +81,22 @@ def test_raw_bytes_form_takes_id_model_metadata_from_headers():
     assert event.content_type == "image/png"
     assert decode(RawRecord("embedstream.image", 0, 4, None, b"x", 0,
                             (("content-type", b"audio/wav"),)), "audio").id == "embedstream.image:0:4"
+
+
+def test_text_that_is_not_valid_unicode_is_refused_in_every_field():
+    """JSON escapes of lone surrogates decode to strings tokenizers and Redis clients refuse:
+    refused at decode time, whichever field holds one (names of metadata fields too)."""
+    import pytest
+
+    from embedstream.envelope import RawRecord, decode
+    from embedstream.errors import EnvelopeError
+
+    for body in (b'{"text": "a\\ud800"}', b'{"id": "x\\udfff", "text": "a"}',
+                 b'{"text": "a", "metadata": {"k": "v\\udbff"}}',
+                 b'{"text": "a", "metadata": {"k\\udfff": "v"}}'):
+        with pytest.raises(EnvelopeError) as caught:
+            decode(RawRecord("t", 0, 1, None, body, 1), "text")
+        assert caught.value.reason == "invalid_field" and "surrogate" in caught.value.detail
+    ok = decode(RawRecord("t", 0, 1, None, b'{"text": "\\ud83d\\ude00", "metadata": {"\\u00e9": "x"}}', 1),
+                "text")
+    assert ok.text == "\U0001f600" and ok.metadata == {"é": "x"}

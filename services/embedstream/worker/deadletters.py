@@ -22,6 +22,7 @@ from embedstream.worker.items import Position, position
 log = logging.getLogger(__name__)
 
 _BACKOFF = Backoff(initial_s=0.5, max_s=8.0)
+_DETAIL_CHARS = 1000  # a detail quotes the input at times: bound what logs and headers carry
 
 
 def describe(err: BaseException) -> str:
@@ -49,6 +50,7 @@ class DeadLetterer:
 
     def reject(self, record: RawRecord, reason: str, detail: str) -> None:
         """Dead-letter ``record`` with ``reason``; it is done once the letter is written."""
+        detail = detail if len(detail) <= _DETAIL_CHARS else detail[:_DETAIL_CHARS] + "..."
         log.info("rejecting %s:%d@%d: %s (%s)", *position(record), reason, detail)
         self._send(record, reason, detail, 0)
 
