@@ -137,6 +137,7 @@ class MemoryCrashLedger:
 
     def __init__(self) -> None:
         self.marks: dict[TopicPartition, Mark] = {}
+        self.explained_owners: set[str] = set()
 
     def read(self, tp: TopicPartition) -> Mark | None:
         return self.marks.get(tp)
@@ -147,6 +148,12 @@ class MemoryCrashLedger:
     def clear(self, tps: set[TopicPartition]) -> None:
         for tp in tps:
             self.marks.pop(tp, None)
+
+    def explain(self, owner: str) -> None:
+        self.explained_owners.add(owner)
+
+    def explained(self, owner: str) -> bool:
+        return owner in self.explained_owners
 
 
 class MemoryDeadLetters:

@@ -1,9 +1,13 @@
 """Fault injection: kill workers, stop Redis, rebalance, feed poison; lose and duplicate nothing.
 
-One run, real processes: 20,000 text events (6% poison of every kind the
-text pipeline rejects) go through a pool of worker processes while the test
-SIGKILLs a worker mid-batch twice (restarting it each time), stops Redis for a
-few seconds, and adds a worker to force a rebalance. At the end Redis must
+One run, real processes: 20,000 text events (7% poison of every kind the
+text pipeline rejects, including poison that used to wedge the sink: a result
+key of the wrong type, thousands of metadata fields) go through a pool of
+worker processes while the test SIGKILLs a worker mid-batch twice (restarting
+it each time), stops Redis for a few seconds, and adds a worker to force a
+rebalance. One image event is poison that kills: whichever worker process
+fetches it is SIGKILLed at once (as a segfault in a native decoder would), and
+restarted; the crash-loop breaker must quarantine it. At the end Redis must
 hold exactly the good events with correct embeddings, the dead-letter topic
 exactly the poison ones with their reasons, and the workers' metrics
 (aggregated over every process, killed ones included, through
@@ -13,12 +17,14 @@ batch a SIGKILL can catch between Redis's acknowledgement and the count.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,22 +32,25 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import redis
 from kafka import KafkaConsumer
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from embedstream.devstack import free_port, redis_binary, search_module_path
+from embedstream.devstack import free_port
 from embedstream.envelope import encode
 from embedstream.producer import Producer
 from embedstream.runtime.loader import load_models
 from embedstream.settings import Settings
 from embedstream.sinks.redis import result_key
+from support.stack import RedisServer, wait_for
 
 MODEL = "all-minilm-l6-v2"
+IMAGE_MODEL = "efficientnet-lite0"
 TOTAL = 20_000
-POISON_PER_KIND = 134  # x 9 kinds = 1,206 = 6% of TOTAL
+POISON_PER_KIND = 134  # x 11 kinds = 1,474 = 7% of TOTAL
 MAX_PAYLOAD = 4096
 MAX_CHARS = 1500
 BATCH = 64
@@ -59,84 +68,57 @@ def poison(kind: str, key: str) -> bytes:
         "unknown_model": encode(key, text="some text", model="no-such-model"),
         "payload_too_large": encode(key, text="x" * (MAX_PAYLOAD + 10)),
         "text_too_long": encode(key, text="word " * (MAX_CHARS // 5 + 10)),
+        # Wedged the sink: Redis answers WRONGTYPE for this item (its key holds a string).
+        "store_rejected": encode(key, text="its result key holds a string"),
+        # Past the default metadata_max_fields (thousands wedged the write script; within
+        # MAX_PAYLOAD, 300 show the limit holds).
+        "metadata_too_large": json.dumps(
+            {"id": key, "text": "wide", "metadata": {f"f{i}": i for i in range(300)}}).encode(),
     }[kind]
 
 
 KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "invalid_field", "missing_text",
-         "empty_text", "unknown_model", "payload_too_large", "text_too_long")
-
-
-class RedisServer:
-    """A Redis (Valkey + search) with an append-only file, so a restart keeps the data."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        argv = [str(redis_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.directory), "--appendonly", "yes", "--save", ""]
-        module = search_module_path()
-        if module is not None:
-            argv += ["--loadmodule", str(module)]
-        log = (self.directory / "redis.log").open("ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
-        client = redis.Redis(port=self.port)
-        assert wait_for(lambda: _pings(client), 15), "Redis did not start"
-
-    def stop(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(15)
-
-    def kill(self) -> None:
-        """Cleanup after a failure: nothing may outlive the test."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(15)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def wait_for(condition, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
+         "empty_text", "unknown_model", "payload_too_large", "text_too_long", "store_rejected",
+         "metadata_too_large")
 
 
 class Pool:
-    """Worker processes of one group, each on its own metrics port."""
+    """Worker processes of one group, each on its own metrics port. Thread-safe: the
+    killer of :class:`KillerFiles` restarts workers from its own thread."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self.env = env
         self.log_dir = log_dir
         self.procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        self.started = 0
+        self.lock = threading.RLock()
 
     def start(self, name: str) -> None:
-        port = free_port()
-        log = (self.log_dir / f"{name}-{len(self.procs)}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "embedstream", "worker", "--metrics-port", str(port),
-             "--metrics-host", "127.0.0.1"],
-            env={**os.environ, **self.env}, stdout=log, stderr=log,
-        )
-        self.procs[name] = (proc, port)
+        with self.lock:
+            port = free_port()
+            self.started += 1
+            log = (self.log_dir / f"{name}-{self.started}.log").open("ab")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "embedstream", "worker", "--metrics-port", str(port),
+                 "--metrics-host", "127.0.0.1"],
+                env={**os.environ, **self.env}, stdout=log, stderr=log,
+            )
+            self.procs[name] = (proc, port)
+
+    def kill_pid(self, pid: int) -> str | None:
+        """SIGKILL the worker with this pid and start a new one in its place."""
+        with self.lock:
+            for name, (proc, _) in self.procs.items():
+                if proc.pid == pid and proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait(10)
+                    self.start(name)
+                    return name
+        return None
 
     def status(self, name: str, path: str) -> int:
-        _, port = self.procs[name]
+        with self.lock:
+            _, port = self.procs[name]
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as resp:
                 return int(resp.status)
@@ -146,7 +128,8 @@ class Pool:
             return 0
 
     def in_flight(self, name: str) -> float:
-        _, port = self.procs[name]
+        with self.lock:
+            _, port = self.procs[name]
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
                 for line in resp.read().decode().splitlines():
@@ -168,34 +151,77 @@ class Pool:
 
         assert wait_for(someone_busy, 30, 0.02), f"none of {names} ever busy"
         name = busy[0]
-        proc, _ = self.procs[name]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        self.start(name)
+        with self.lock:
+            proc, _ = self.procs[name]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            self.start(name)
         return name
 
     def kill_all(self) -> None:
         """Cleanup after a failure: nothing may outlive the test."""
-        for proc, _ in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(15)
+        with self.lock:
+            for proc, _ in self.procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(15)
 
     def stop_all(self) -> list[int | None]:
-        for proc, _ in self.procs.values():
-            proc.send_signal(signal.SIGTERM)
-        return [proc.wait(60) for proc, _ in self.procs.values()]
+        with self.lock:
+            for proc, _ in self.procs.values():
+                proc.send_signal(signal.SIGTERM)
+            return [proc.wait(60) for proc, _ in self.procs.values()]
+
+
+class KillerFiles:
+    """A claim-check store whose file kills the worker that fetches it: on each request
+    it finds the worker process holding the connection and has the pool SIGKILL and
+    restart it (a record that segfaults a native decoder, made reproducible)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.kills: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                peer = self.client_address[1]
+                with pool.lock:
+                    pids = [proc.pid for proc, _ in pool.procs.values()]
+                for pid in pids:
+                    try:
+                        conns = psutil.Process(pid).net_connections(kind="tcp")
+                    except psutil.Error:
+                        continue
+                    if any(c.laddr and c.laddr.port == peer for c in conns):
+                        name = pool.kill_pid(pid)
+                        if name is not None:
+                            outer.kills.append(name)
+                        return
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/killer.png"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 @pytest.mark.timeout(600)
 def test_kills_outage_rebalance_and_poison_lose_and_duplicate_nothing(
-    stack, unique, model_root, tmp_path
+    stack, unique, media_model_root, tmp_path
 ):
     server = RedisServer(tmp_path)
     pool = Pool({}, tmp_path)
+    killer = KillerFiles(pool)
     try:
-        _run_fault_suite(stack, unique, model_root, tmp_path, server, pool)
+        _run_fault_suite(stack, unique, media_model_root, tmp_path, server, pool, killer)
     finally:
+        killer.close()
         pool.kill_all()
         server.kill()
 
@@ -224,14 +250,15 @@ def _unfinished(bootstrap, settings, client, unique, good, lettered) -> dict:
     return {p: (len(o), o[:3], o[-3:], committed.get(p)) for p, o in sorted(missing.items())}
 
 
-def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, pool: Pool):
+def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, pool: Pool,
+                     killer: KillerFiles):
     server.start()
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     settings = Settings(
         kafka_bootstrap=stack.bootstrap, redis_url=server.url, topic_text=f"{unique}.text",
         topic_dlq=f"{unique}.dlq", group_id=f"{unique}-g", key_prefix=unique,
-        model_dir=model_root, topic_partitions=4,
+        model_dir=model_root, topic_partitions=4, topic_image=f"{unique}.image",
     )
     env = {
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
@@ -242,6 +269,10 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
         "EMBEDSTREAM_GROUP_ID": settings.group_id,
         "EMBEDSTREAM_KEY_PREFIX": unique,
         "EMBEDSTREAM_MODEL_DIR": str(model_root),
+        "EMBEDSTREAM_MODELS": json.dumps([MODEL, IMAGE_MODEL]),
+        "EMBEDSTREAM_TOPIC_IMAGE": settings.topic_image,
+        "EMBEDSTREAM_URI_ALLOWED_HOSTS": '["127.0.0.1"]',
+        "EMBEDSTREAM_URI_ALLOW_PRIVATE_NETWORKS": "true",
         "EMBEDSTREAM_SESSION_TIMEOUT_MS": "6000",
         "EMBEDSTREAM_HEARTBEAT_INTERVAL_MS": "1000",
         "EMBEDSTREAM_INTRA_OP_THREADS": "1",
@@ -261,6 +292,9 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     good = {f"ev-{i}": f"Event {i}: news about {topics[i % 8]} number {i * 7919 % 10007}."
             for i in range(TOTAL - POISON_PER_KIND * len(KINDS))}
     bad = {f"poison-{kind}-{j}": kind for kind in KINDS for j in range(POISON_PER_KIND)}
+    wrong_type = [key for key, kind in bad.items() if kind == "store_rejected"]
+    for key in wrong_type:
+        client.set(result_key(unique, MODEL, key), "a string where a hash goes")
     order = list(good) + list(bad)
     random.Random(4).shuffle(order)
     with Producer(settings) as producer:
@@ -269,13 +303,17 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
                 producer.send_raw(settings.topic_text, key, encode(key, text=good[key]))
             else:
                 producer.send_raw(settings.topic_text, key, poison(bad[key], key))
+        producer.send_raw(settings.topic_image, "killer",
+                          json.dumps({"id": "killer", "uri": killer.url}).encode())
         producer.flush()
     assert producer.failed == 0
+    bad["killer"] = "poison_quarantined"
 
     def stored() -> int:
-        """Result keys (the crash-loop breaker keeps a few marks of its own beside them)."""
+        """Result hashes (beside them: the wrong-type poison keys and the crash-loop marks)."""
         try:
-            return sum(1 for _ in client.scan_iter(f"{unique}:{MODEL}:*", count=10_000))
+            return sum(1 for _ in client.scan_iter(f"{unique}:{MODEL}:*", count=10_000)) \
+                - len(wrong_type)
         except redis.RedisError:
             return -1
 
@@ -328,8 +366,12 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
 
     # Redis holds exactly the good events, each with its own correct embedding.
     keys = {k.decode().rsplit(":", 1)[-1]
-            for k in client.scan_iter(f"{unique}:{MODEL}:*", count=5000)}
+            for k in client.scan_iter(f"{unique}:{MODEL}:*", count=5000)} - set(wrong_type)
     assert keys == set(good)
+    # The killer was quarantined (the default three deaths at its partition's head, the
+    # last with it in hand alone; the test's own SIGKILLs may account for some), never stored.
+    assert 1 <= len(killer.kills) <= 3, killer.kills
+    assert not client.keys(f"{unique}:{IMAGE_MODEL}:*")
     model = load_models(model_root, [MODEL], providers=[], threads=1)[MODEL]
     sample = random.Random(1).sample(sorted(good), 200)
     expected = model.embed_texts([good[k] for k in sample])
@@ -354,13 +396,14 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     # A SIGKILL between Redis acknowledging a batch and the process counting it loses
     # that batch's increments (the redelivery then counts as duplicates): counters are
     # exact up to one batch per kill, never over.
+    kills += len(killer.kills)
     slack = kills * BATCH
     embedded = metric("embedstream_events_embedded_total", model=MODEL)
     duplicates = metric("embedstream_events_duplicate_total", model=MODEL)
     assert len(good) - slack <= embedded <= len(good)
     assert embedded + duplicates >= len(good)
     failed_total = 0.0
-    for kind in KINDS:
+    for kind in (*KINDS, "poison_quarantined"):
         letters = sum(n for k, n in dlq_keys.items() if bad[k] == kind)
         counted = metric("embedstream_events_failed_total", reason=kind)
         assert letters - slack <= counted <= letters, kind
@@ -369,8 +412,9 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     assert metric("embedstream_events_stale_total", model=MODEL) == 0
     assert metric("embedstream_events_consumed_total", topic=settings.topic_text) >= TOTAL
     print(
-        f"\nfault suite: {TOTAL} events ({len(bad)} poison, {len(KINDS)} kinds), "
-        f"{kills} SIGKILLs, {outages} Redis outage, 1 rebalance by a joining worker; "
+        f"\nfault suite: {TOTAL} events ({len(bad) - 1} poison, {len(KINDS)} kinds) and one "
+        f"image that kills its worker, {kills} SIGKILLs ({len(killer.kills)} by that image, "
+        f"quarantined), {outages} Redis outage, 1 rebalance by a joining worker; "
         f"{len(keys)} stored = good, {len(dlq_keys)} distinct dead letters = poison; "
         f"metrics: {embedded:.0f} embedded, {failed_total:.0f} dead-lettered; "
         f"redelivered and recognised as duplicates: {duplicates:.0f} embeddings, "

@@ -22,6 +22,12 @@ def breaker(ledger, max_deaths=2, rejected=None):
     return Breaker(ledger, max_deaths, window=100, reject=reject)
 
 
+def state(ledger: MemoryCrashLedger, tp=TP) -> tuple | None:
+    """A mark's (head, deaths, isolating), the owner's id left out."""
+    mark = ledger.marks.get(tp)
+    return None if mark is None else (mark.head, mark.deaths, mark.isolating)
+
+
 def recs(*offsets: int) -> list[RawRecord]:
     return [RawRecord(TP[0], TP[1], o, None, b"{}", 0) for o in offsets]
 
@@ -31,9 +37,9 @@ def test_a_first_owner_processes_normally_and_leaves_a_mark_at_its_head():
     b = breaker(ledger)
     assert [r.offset for r in b.admit(recs(5, 6))] == [5, 6]
     assert not b.careful()
-    assert ledger.marks[TP] == Mark(5, 0)
+    assert state(ledger) == (5, 0, None)
     b.committed({TP: 7})
-    assert ledger.marks[TP] == Mark(7, 0)  # progress moves the mark
+    assert state(ledger) == (7, 0, None)  # progress moves the mark
     b.leave({TP})
     assert TP not in ledger.marks  # a clean exit leaves nothing behind
 
@@ -43,11 +49,11 @@ def test_a_death_without_progress_makes_the_next_owner_careful():
     ledger.marks[TP] = Mark(5, 0)  # the last owner died at 5
     b = breaker(ledger)
     b.admit(recs(5, 6))
-    assert b.careful() and ledger.marks[TP] == Mark(5, 1)
+    assert b.careful() and state(ledger) == (5, 1, None)
     b.isolate(recs(5)[0])
-    assert ledger.marks[TP] == Mark(5, 1, isolating=5)
+    assert state(ledger) == (5, 1, 5)
     b.isolated_done()
-    assert ledger.marks[TP] == Mark(5, 1)
+    assert state(ledger) == (5, 1, None)
 
 
 def test_a_death_after_progress_is_not_counted():
@@ -55,7 +61,7 @@ def test_a_death_after_progress_is_not_counted():
     ledger.marks[TP] = Mark(3, 1)  # an older mark, behind where the partition starts now
     b = breaker(ledger)
     b.admit(recs(5))
-    assert not b.careful() and ledger.marks[TP] == Mark(5, 0)
+    assert not b.careful() and state(ledger) == (5, 0, None)
 
 
 def test_more_deaths_before_care_with_a_higher_threshold():
@@ -63,10 +69,10 @@ def test_more_deaths_before_care_with_a_higher_threshold():
     ledger.marks[TP] = Mark(5, 0)
     b = breaker(ledger, max_deaths=3)
     b.admit(recs(5))
-    assert not b.careful() and ledger.marks[TP] == Mark(5, 1)
+    assert not b.careful() and state(ledger) == (5, 1, None)
     b2 = breaker(ledger, max_deaths=3)
     b2.admit(recs(5))
-    assert b2.careful() and ledger.marks[TP] == Mark(5, 2)
+    assert b2.careful() and state(ledger) == (5, 2, None)
 
 
 def test_a_record_in_hand_alone_at_a_death_is_quarantined_and_the_rest_processed():
@@ -92,7 +98,7 @@ def test_careful_mode_ends_when_caught_up_or_past_the_window():
     ledger.marks[TP] = Mark(0, 0)
     b2 = Breaker(ledger, 2, window=100, reject=lambda *a: None)
     b2.admit(recs(0))
-    b2.caught_up()
+    b2.caught_up(TP)
     assert not b2.careful()
 
 
@@ -130,3 +136,60 @@ def test_a_worker_quarantines_the_record_a_process_died_holding_alone(model):
     assert [(r.offset, reason) for r, reason, _ in dlq.letters] == [(2, "poison_quarantined")]
     assert {key[1] for key in sink.stored} == {"p0-0", "p0-1", "p0-3"}
     assert "2 worker processes died" in dlq.letters[0][2]
+
+
+def test_while_one_partition_is_careful_every_record_goes_alone_taking_turns(model):
+    """A death must be pinned on the one record in hand, so nothing else may be in the
+    pipeline with it: records of every partition go alone, partitions taking turns."""
+    ledger = MemoryCrashLedger()
+    ledger.marks[TP] = Mark(0, 0)  # partition 0 is suspect; partition 1 is not
+    firsts: list[int] = []
+    real = model.backend.embed
+
+    def embed(inputs):
+        firsts.extend(int(t) for t in inputs["input_ids"][:, 0])
+        assert inputs["input_ids"].shape[0] == 1, "two records in the model at once"
+        return real(inputs)
+
+    model.backend.embed = embed
+    records = (text_records([f"w{i}" for i in range(6)], partition=0)
+               + text_records([f"w{i}" for i in range(10, 16)], partition=1))
+    worker, source, sink, _ = make_worker(model, records, ledger=ledger, poison_max_deaths=2)
+    t1 = ("embedstream.text", 1)
+    code = run_until(worker, lambda: source.committed.get(TP) == 6 and source.committed.get(t1) == 6)
+    assert code == 0 and len(sink.stored) == 12
+    partition_of = ["p0" if token < 13 else "p1" for token in firsts]  # w0..w5 vs w10..w15
+    assert partition_of[:4] in (["p0", "p1", "p0", "p1"], ["p1", "p0", "p1", "p0"])  # turns
+
+
+def test_a_death_pinned_elsewhere_explains_the_same_death_in_the_other_partitions():
+    """One poison kills the process that holds several partitions: once the death is
+    pinned on it, the other partitions do not count that death."""
+    ledger = MemoryCrashLedger()
+    other = ("embedstream.text", 1)
+    ledger.marks[TP] = Mark(5, 1, isolating=5, owner="dead")
+    ledger.marks[other] = Mark(0, 1, owner="dead")
+    rejected: list[tuple[int, str]] = []
+    b = breaker(ledger, max_deaths=3, rejected=rejected)
+    b.admit([*recs(5, 6), RawRecord(other[0], other[1], 0, None, b"{}", 0)])
+    assert rejected == [(5, "poison_quarantined")]
+    assert not b.careful()  # partition 1's second death is explained, not counted
+    assert state(ledger, other) == (0, 0, None) and ledger.explained("dead")
+    # Another process taking over a partition the dead one held learns it from the ledger.
+    ledger.marks[("embedstream.text", 2)] = Mark(0, 1, owner="dead")
+    b2 = breaker(ledger, max_deaths=3)
+    b2.admit([RawRecord("embedstream.text", 2, 0, None, b"{}", 0)])
+    assert not b2.careful() and state(ledger, ("embedstream.text", 2)) == (0, 0, None)
+
+
+def test_a_careful_partition_ends_care_once_its_death_is_explained_elsewhere():
+    ledger = MemoryCrashLedger()
+    ledger.marks[TP] = Mark(0, 1, owner="dead")
+    b = breaker(ledger, max_deaths=3)
+    b.admit(recs(0))
+    assert b.careful() == {TP}
+    b.recheck()
+    assert b.careful() == {TP}  # nothing explained yet
+    ledger.explain("dead")  # another process quarantined what killed "dead"
+    b.recheck()
+    assert not b.careful() and state(ledger) == (0, 0, None)

@@ -56,8 +56,8 @@ from embedstream.worker.sink import SinkStage
 log = logging.getLogger(__name__)
 
 _CAREFUL_POLL_S = 0.05
-"""In careful mode, how long the next record may wait for the one in hand before the
-consumer is polled again anyway."""
+"""With a careful partition's record in hand, how long to wait for it to finish before
+the consumer is polled again anyway."""
 
 
 class Worker:
@@ -117,9 +117,13 @@ class Worker:
                                     self.liveness.heartbeat("sink"), self._abandon, results)
 
         self.breaker = Breaker(ledger, settings.poison_max_deaths, self.max_in_flight, reject)
-        self._held: deque[RawRecord] = deque()  # polled, kept back by the breaker
+        # While any partition is careful, every polled record is kept back here and goes
+        # into the pipeline alone (so a death is pinned on the one record in hand), taking
+        # turns between partitions (a poison surfaces without waiting for the others).
+        self._held: dict[TopicPartition, deque[RawRecord]] = {}
         self._isolated: Position | None = None
         self._last_poll = 0.0
+        self._last_recheck = 0.0
         self._lost: queue.SimpleQueue[set[TopicPartition]] = queue.SimpleQueue()
         self.committer.on_lost(self._lost.put)
         self.committer.on_commit(self.breaker.committed)
@@ -127,7 +131,7 @@ class Worker:
         for name in self.liveness.names():
             beat = self.liveness.heartbeat(name)
             metrics.stage_stalled.labels(name).set_function(beat.stalled_for)
-        metrics.careful.set_function(lambda: float(self.breaker.careful()))
+        metrics.careful.set_function(lambda: float(len(self.breaker.careful())))
         # Built last: the client calls the listener (the committer) from inside poll.
         self.source = source_factory(self.committer)
         self.committer.attach(self.source)
@@ -194,39 +198,61 @@ class Worker:
             # Careful mode: the next record goes in as soon as the one in hand is done.
             self.committer.wait_progress(_CAREFUL_POLL_S)
             self.committer.settle()
-            self._release(polled=True)
+            self._release()
             return
-        self.committer.apply_backpressure(held=len(self._held))
+        self.committer.apply_backpressure(held=sum(len(q) for q in self._held.values()))
         records = self.source.poll(timeout_s=0.1)
         self._last_poll = time.monotonic()
         self.polling_ok = True
         self._forget_lost()
         if records:
             self.committer.track(records)
-            self._held.extend(self.breaker.admit(records))
-        self._release(polled=bool(records))
+            admitted = self.breaker.admit(records)
+            if self.breaker.careful() or self._held:
+                for r in admitted:
+                    self._held.setdefault((r.topic, r.partition), deque()).append(r)
+            elif admitted:
+                self.pre.submit(admitted)
+        self._release()
 
-    def _release(self, polled: bool) -> None:
-        """Hand polled records to the pre stage: all at once, or one at a time while careful."""
-        if not self.breaker.careful():
-            self._isolated = None
-            if self._held:
-                self.pre.submit(list(self._held))
-                self._held.clear()
-            return
+    def _release(self) -> None:
+        """While careful: hand held records to the pre stage one at a time, in turns."""
         if self._isolated is not None:
             if self.committer.pending(self._isolated):
                 return  # the record in hand is not finished yet
             self._isolated = None
             self.breaker.isolated_done()
-        if not self._held:
-            if not polled:
-                self.breaker.caught_up()
+        if self.breaker.careful():
+            self._recheck_careful()
+        if not self.breaker.careful():
+            for tp in list(self._held):  # careful mode ended: the rest goes in batches
+                self.pre.submit(list(self._held.pop(tp)))
             return
-        record = self._held.popleft()
+        waiting = [tp for tp in self._held if self._held[tp]]
+        if not waiting:
+            return
+        tp = waiting[0]
+        record = self._held[tp].popleft()
+        self._held[tp] = self._held.pop(tp)  # its turn is over: to the back of the line
         self.breaker.isolate(record)
         self._isolated = position(record)
         self.pre.submit([record], alone=True)
+
+    def _recheck_careful(self) -> None:
+        """Every half second while careful: deaths explained since, partitions caught up."""
+        now = time.monotonic()
+        if now - self._last_recheck < _CAREFUL_POLL_S * 10:
+            return
+        self._last_recheck = now
+        self.breaker.recheck()
+        waiting = {tp for tp, held in self._held.items() if held}
+        careful = self.breaker.careful() - waiting
+        if not careful:
+            return
+        lags = self.source.lag()
+        for tp in careful:
+            if lags.get(tp, 1) == 0:
+                self.breaker.caught_up(tp)
 
     def _forget_lost(self) -> None:
         """Partitions that went to another member in the last poll: drop what was held
@@ -236,7 +262,8 @@ class Worker:
                 lost = self._lost.get_nowait()
             except queue.Empty:
                 return
-            self._held = deque(r for r in self._held if (r.topic, r.partition) not in lost)
+            for tp in lost:
+                self._held.pop(tp, None)
             self.breaker.leave(lost)
 
     def _shutdown(self) -> int:

@@ -13,27 +13,38 @@ process that dies leaves behind:
    cleanly (revoke, shutdown).
 2. A mark at the very offset where the partition starts means the last owner
    died without getting past it: ``deaths + 1``. After ``max_deaths - 1``
-   such deaths the new owner is *careful*: it processes records one at a time,
-   writing the offset of the one in hand (``isolating``) to the mark first, for
-   up to ``window`` records of that partition (as many as a process can hold in
-   flight) or until it has caught up.
-3. A mark with ``isolating`` set means a process died holding that record and
-   nothing else: the record is the poison. The next owner dead-letters it as
-   ``poison_quarantined`` without processing it, and goes on normally.
+   such deaths the new owner is *careful* with that partition, for up to
+   ``window`` of its records (as many as a process can hold in flight) or
+   until it has caught up with the partition's end: meanwhile the process
+   puts records into its pipeline one at a time, of every partition it holds,
+   taking turns between partitions, and writes the offset of the one in hand
+   (``isolating``) to its partition's mark first.
+3. A mark with ``isolating`` set means a process died with that record alone
+   in its pipeline: the record is the poison. The next owner dead-letters it
+   as ``poison_quarantined`` without processing it, and goes on normally.
 
-So a record is quarantined after ``max_deaths`` process deaths, the last one
-with that record alone in hand: an innocent neighbour is never quarantined for
-it. The marks expire after a week; the breaker is best effort when the store
-is unreachable (then nothing could be stored anyway).
+So a record is quarantined after ``max_deaths`` process deaths at its
+partition's head, the last one with that record alone in hand: no other
+record, of its partition or another, is ever quarantined for it. Each mark names the
+process that wrote it; once a death is pinned on a record, that process's
+death is *explained* (a set beside the marks), and the other partitions it
+held stop counting it (and stop being careful), so one poison does not slow
+the whole assignment for long. What the breaker cannot tell apart is a death
+for a cause outside the pipeline at that very moment (the OOM killer, a lost
+node): the record then goes to the dead-letter topic, where ``replay dlq
+--reason poison_quarantined`` can re-drive it. The marks expire after a week;
+the breaker is best effort when the store is unreachable (then nothing could
+be stored anyway).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 
@@ -56,6 +67,8 @@ class Mark:
     """Owners that died at this head before the one that wrote the mark."""
     isolating: int | None = None
     """The offset the owner was processing alone (careful mode), if any."""
+    owner: str = ""
+    """The worker process that wrote the mark (a random id per process)."""
 
 
 class CrashLedger(Protocol):
@@ -66,6 +79,12 @@ class CrashLedger(Protocol):
     def write(self, marks: dict[TopicPartition, Mark]) -> None: ...
 
     def clear(self, tps: set[TopicPartition]) -> None: ...
+
+    def explain(self, owner: str) -> None:
+        """The death of ``owner`` is pinned on a record it held alone."""
+        ...
+
+    def explained(self, owner: str) -> bool: ...
 
 
 class RedisCrashLedger:
@@ -84,14 +103,15 @@ class RedisCrashLedger:
             return None
         isolating = raw.get(b"isolating", b"")
         return Mark(int(raw[b"head"]), int(raw.get(b"deaths", b"0")),
-                    int(isolating) if isolating else None)
+                    int(isolating) if isolating else None,
+                    raw.get(b"owner", b"").decode("utf-8", "replace"))
 
     def write(self, marks: dict[TopicPartition, Mark]) -> None:
         pipe = self._client.pipeline(transaction=False)
         for tp, mark in marks.items():
             key = self.key(tp)
             pipe.hset(key, mapping={
-                "head": mark.head, "deaths": mark.deaths,
+                "head": mark.head, "deaths": mark.deaths, "owner": mark.owner,
                 "isolating": "" if mark.isolating is None else mark.isolating,
             })
             pipe.expire(key, _MARK_TTL_S)
@@ -100,6 +120,16 @@ class RedisCrashLedger:
     def clear(self, tps: set[TopicPartition]) -> None:
         if tps:
             self._client.delete(*(self.key(tp) for tp in tps))
+
+    def explain(self, owner: str) -> None:
+        key = f"{self._base}:explained"
+        pipe = self._client.pipeline(transaction=False)
+        pipe.sadd(key, owner)
+        pipe.expire(key, _MARK_TTL_S)
+        pipe.execute()
+
+    def explained(self, owner: str) -> bool:
+        return bool(self._client.sismember(f"{self._base}:explained", owner))
 
 
 class Breaker:
@@ -119,21 +149,28 @@ class Breaker:
         self._heads: dict[TopicPartition, int] = {}
         self._deaths: dict[TopicPartition, int] = {}
         self._careful_until: dict[TopicPartition, int] = {}
+        self._careful_owner: dict[TopicPartition, str] = {}  # whose death made it careful
         self._poison: dict[TopicPartition, tuple[int, int]] = {}  # offset, deaths
         self._isolating: tuple[TopicPartition, int] | None = None
+        self._explained: set[str] = set()
+        self.owner = uuid.uuid4().hex[:12]
         self._warned = 0.0
 
-    def careful(self) -> bool:
-        """True while records must be processed one at a time."""
-        return bool(self._careful_until)
+    def careful(self) -> set[TopicPartition]:
+        """The partitions whose records must be processed one at a time."""
+        return set(self._careful_until)
 
     def admit(self, records: list[RawRecord]) -> list[RawRecord]:
         """The records to process; quarantined ones are dead-lettered here instead."""
+        starts: dict[TopicPartition, int] = {}
+        for record in records:
+            starts.setdefault((record.topic, record.partition), record.offset)
+        new = {tp: start for tp, start in starts.items() if tp not in self._heads}
+        if new:
+            self._take_over(new)
         out: list[RawRecord] = []
         for record in records:
             tp = (record.topic, record.partition)
-            if tp not in self._heads:
-                self._take_over(tp, record.offset)
             poison = self._poison.get(tp)
             if poison is not None and poison[0] == record.offset:
                 del self._poison[tp]
@@ -147,32 +184,52 @@ class Breaker:
             out.append(record)
         return out
 
-    def _take_over(self, tp: TopicPartition, start: int) -> None:
-        mark = self._call(lambda: self._ledger.read(tp) if self._ledger else None)
-        self._heads[tp] = start
-        deaths = 0
-        if mark is not None and mark.isolating is not None and mark.head <= start <= mark.isolating:
-            self._poison[tp] = (mark.isolating, mark.deaths + 1)
-            log.warning("%s:%d: a worker died processing offset %d alone: quarantining it",
-                        *tp, mark.isolating)
-        elif mark is not None and mark.head == start:
-            deaths = mark.deaths + 1
-            if deaths >= self._max_deaths - 1:
-                self._careful_until[tp] = start + self._window
-                log.warning(
-                    "%s:%d: %d worker process(es) died at offset %d without passing it: "
-                    "processing up to %d records one at a time to find the one that kills",
-                    *tp, deaths, start, self._window,
-                )
-        self._deaths[tp] = deaths
-        self._write({tp: Mark(start, deaths)})
+    def _take_over(self, starts: dict[TopicPartition, int]) -> None:
+        """Partitions seen for the first time since they were assigned: read their marks
+        (all together: a death pinned in one explains the same death in the others)."""
+        marks: dict[TopicPartition, Mark | None] = {
+            tp: self._call("read", tp) for tp in starts
+        }
+        for tp, mark in marks.items():
+            if mark is not None and mark.isolating is not None \
+                    and mark.head <= starts[tp] <= mark.isolating:
+                self._poison[tp] = (mark.isolating, mark.deaths + 1)
+                self._explained.add(mark.owner)
+                self._call("explain", mark.owner)
+                log.warning("%s:%d: a worker died processing offset %d alone: quarantining it",
+                            *tp, mark.isolating)
+        written: dict[TopicPartition, Mark] = {}
+        for tp, start in starts.items():
+            self._heads[tp] = start
+            self._deaths[tp] = self._deaths_at(tp, start, marks[tp])
+            written[tp] = Mark(start, self._deaths[tp], owner=self.owner)
+        self._write(written)
+
+    def _deaths_at(self, tp: TopicPartition, start: int, mark: Mark | None) -> int:
+        """Deaths of owners at ``start`` (0 if the last owner passed it or its death is
+        explained by a poison elsewhere); makes ``tp`` careful past the threshold."""
+        if mark is None or mark.head != start or tp in self._poison:
+            return 0
+        if mark.owner in self._explained or (mark.owner and self._call("explained", mark.owner)):
+            log.info("%s:%d: the last owner's death is explained by a quarantined record", *tp)
+            return 0
+        deaths = mark.deaths + 1
+        if deaths >= self._max_deaths - 1:
+            self._careful_until[tp] = start + self._window
+            self._careful_owner[tp] = mark.owner
+            log.warning(
+                "%s:%d: %d worker process(es) died at offset %d without passing it: "
+                "processing up to %d records one at a time to find the one that kills",
+                *tp, deaths, start, self._window,
+            )
+        return deaths
 
     def isolate(self, record: RawRecord) -> None:
         """``record`` goes into the pipeline alone: say so in its partition's mark first."""
         tp = (record.topic, record.partition)
         self._isolating = (tp, record.offset)
         self._write({tp: Mark(self._heads.get(tp, record.offset), self._deaths.get(tp, 0),
-                              record.offset)})
+                              record.offset, self.owner)})
         until = self._careful_until.get(tp)
         if until is not None and record.offset + 1 >= until:
             del self._careful_until[tp]
@@ -184,13 +241,27 @@ class Breaker:
         tp, _offset = self._isolating
         self._isolating = None
         if tp in self._heads:
-            self._write({tp: Mark(self._heads[tp], self._deaths.get(tp, 0))})
+            self._write({tp: Mark(self._heads[tp], self._deaths.get(tp, 0), owner=self.owner)})
 
-    def caught_up(self) -> None:
-        """Nothing polled and nothing held: whatever a dead owner held is behind us."""
-        if self._careful_until:
-            log.info("caught up: processing records in batches again")
-            self._careful_until.clear()
+    def recheck(self) -> None:
+        """End careful mode where the death that caused it has since been explained (a
+        poison quarantined in another partition the dead process held)."""
+        for tp, owner in list(self._careful_owner.items()):
+            if tp not in self._careful_until:
+                del self._careful_owner[tp]
+            elif owner and (owner in self._explained or self._call("explained", owner)):
+                self._explained.add(owner)
+                del self._careful_until[tp], self._careful_owner[tp]
+                self._deaths[tp] = 0
+                self._write({tp: Mark(self._heads[tp], 0, owner=self.owner)})
+                log.info("%s:%d: the deaths here are explained by a quarantined record: "
+                         "processing its records in batches again", *tp)
+
+    def caught_up(self, tp: TopicPartition) -> None:
+        """Nothing of ``tp`` is held and nothing is left to fetch: whatever a dead owner
+        held is behind us."""
+        if self._careful_until.pop(tp, None) is not None:
+            log.info("%s:%d caught up: processing its records in batches again", *tp)
 
     def committed(self, offsets: dict[TopicPartition, int]) -> None:
         """Progress: the next owner starts past these offsets, so their marks move on."""
@@ -202,7 +273,7 @@ class Breaker:
             self._deaths[tp] = 0
             isolating = (self._isolating[1] if self._isolating and self._isolating[0] == tp
                          and self._isolating[1] >= offset else None)
-            marks[tp] = Mark(offset, 0, isolating)
+            marks[tp] = Mark(offset, 0, isolating, self.owner)
         if marks:
             self._write(marks)
 
@@ -216,21 +287,21 @@ class Breaker:
             self._poison.pop(tp, None)
         if self._isolating and self._isolating[0] in tps:
             self._isolating = None
-        if tps and self._ledger is not None:
-            ledger = self._ledger
-            self._call(lambda: ledger.clear(tps))
+        if tps:
+            self._call("clear", tps)
 
     def owned(self) -> set[TopicPartition]:
         return set(self._heads)
 
     def _write(self, marks: dict[TopicPartition, Mark]) -> None:
-        if self._ledger is not None:
-            ledger = self._ledger
-            self._call(lambda: ledger.write(marks))
+        self._call("write", marks)
 
-    def _call(self, action: Callable[[], Mark | None]) -> Mark | None:
+    def _call(self, method: str, *args: Any) -> Any:
+        """``ledger.<method>(*args)``; None without a ledger or when it is unreachable."""
+        if self._ledger is None:
+            return None
         try:
-            return action()
+            return getattr(self._ledger, method)(*args)
         except (redis.RedisError, OSError, ValueError) as err:
             now = time.monotonic()
             if now - self._warned > _WARN_EVERY_S:
