@@ -35,7 +35,7 @@ def test_scrape_config_checks():
 def test_alert_rules_check():
     result = promtool("check", "rules", str(PROM / "alerts.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_alert_rules_fire_as_their_unit_tests_expect():
@@ -47,7 +47,8 @@ def test_required_alerts_exist():
     rules = yaml.safe_load((PROM / "alerts.yml").read_text())["groups"][0]["rules"]
     names = {r["alert"] for r in rules}
     assert {"EmbedstreamWorkerDown", "EmbedstreamConsumerLagGrowing", "EmbedstreamNoProgress",
-            "EmbedstreamDeadLetterRate", "EmbedstreamModelErrors"} <= names
+            "EmbedstreamDeadLetterRate", "EmbedstreamModelErrors", "EmbedstreamStoreFull",
+            "EmbedstreamPoisonQuarantined"} <= names
     assert all(r["labels"]["severity"] in {"warning", "critical"} for r in rules)
     # Aggregations keep the namespace (two releases may both have a pool "text-cpu").
     for rule in rules:
