@@ -149,3 +149,47 @@ def test_filters_parse_against_the_schema():
     for bad in ({"tenant": "x"}, {"lang": 3}, {"year": "new"}, {"year": {"near": 1}}, []):
         with pytest.raises(Exception, match="invalid_filter"):
             parse_filters(bad, info)
+
+
+def test_queries_route_like_ingest_and_refused_media_is_a_4xx(tmp_path):
+    """Each modality's query goes to that modality's default model (the worker's rule), not
+    the default text model; media the preprocessor refuses is a 422 with its reason."""
+    import numpy as np
+
+    from embedstream.errors import EnvelopeError, GatewayError
+    from embedstream.gateway.query import Searcher
+    from embedstream.models.manifest import Manifest
+    from embedstream.runtime.loader import LoadedModel
+
+    class Refusing:
+        modality = "image"
+
+        def prepare(self, inputs):
+            return [EnvelopeError("invalid_image", "cannot open image") for _ in inputs]
+
+        def pack(self, items):
+            return {}
+
+    class Backend:
+        provider = "Fake"
+
+        def embed(self, inputs):
+            return np.ones((1, 4), np.float32)
+
+    def model(name: str, modality: str) -> LoadedModel:
+        manifest = Manifest(name=name, modality=modality, dimension=4, pooling="mean",
+                            normalize=True, inputs=["x"], tokenizer_files=[], max_length=8,
+                            opset=17, sha256="-")
+        return LoadedModel(manifest, tmp_path, Backend(), Refusing())  # type: ignore[arg-type]
+
+    models = {n: model(n, m) for n, m in [("all-minilm-l6-v2", "text"), ("clip-a", "image"),
+                                           ("efficientnet-lite0", "image"), ("aisfx", "audio")]}
+    searcher = Searcher(Settings(), models, client=None)  # type: ignore[arg-type]
+    assert searcher.model_for(None, "image").name == "efficientnet-lite0"
+    assert searcher.model_for(None, "audio").name == "aisfx"
+    assert searcher.model_for(None, "text").name == "all-minilm-l6-v2"
+    other = Searcher(Settings(default_image_model="absent"), models, client=None)  # type: ignore[arg-type]
+    assert other.model_for(None, "image").name == "clip-a"  # first served by name
+    with pytest.raises(GatewayError) as caught:
+        searcher.embed(searcher.model_for(None, "image"), b"not an image")
+    assert (caught.value.status, caught.value.code) == (422, "invalid_image")

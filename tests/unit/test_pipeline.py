@@ -261,3 +261,15 @@ def test_auto_instances_are_two_on_a_multi_core_cpu_and_one_otherwise(monkeypatc
                                          threads=1) == 3
     monkeypatch.setattr(service, "choose_providers", lambda requested: ["CUDAExecutionProvider"])
     assert service.instances_per_process(Settings(), threads=8) == 1
+
+
+def test_crashed_pool_processes_restart_after_a_doubling_delay():
+    """A child that keeps crashing waits 1, 2, 4 ... seconds (capped) before its restart;
+    one that ran for a minute starts over at 1 s; children count separately."""
+    from embedstream.worker.service import RestartBackoff
+
+    backoff = RestartBackoff(max_s=10)
+    assert [backoff.after_crash(0, lived_s=2) for _ in range(6)] == [1, 2, 4, 8, 10, 10]
+    assert backoff.after_crash(1, lived_s=2) == 1
+    assert backoff.after_crash(0, lived_s=120) == 1
+    assert backoff.after_crash(0, lived_s=2) == 2
