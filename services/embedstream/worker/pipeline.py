@@ -122,6 +122,8 @@ class Worker:
         # turns between partitions (a poison surfaces without waiting for the others).
         self._held: dict[TopicPartition, deque[RawRecord]] = {}
         self._isolated: Position | None = None
+        # Records of partitions whose take-over the breaker could not record yet.
+        self._waiting: list[RawRecord] = []
         self._last_poll = 0.0
         self._last_recheck = 0.0
         self._lost: queue.SimpleQueue[set[TopicPartition]] = queue.SimpleQueue()
@@ -200,14 +202,16 @@ class Worker:
             self.committer.settle()
             self._release()
             return
-        self.committer.apply_backpressure(held=sum(len(q) for q in self._held.values()))
+        self.committer.apply_backpressure(
+            held=len(self._waiting) + sum(len(q) for q in self._held.values()))
         records = self.source.poll(timeout_s=0.1)
         self._last_poll = time.monotonic()
         self.polling_ok = True
         self._forget_lost()
         if records:
             self.committer.track(records)
-            admitted = self.breaker.admit(records)
+        if records or self._waiting:
+            admitted, self._waiting = self.breaker.admit([*self._waiting, *records])
             if self.breaker.careful() or self._held:
                 for r in admitted:
                     self._held.setdefault((r.topic, r.partition), deque()).append(r)
@@ -232,9 +236,11 @@ class Worker:
         if not waiting:
             return
         tp = waiting[0]
-        record = self._held[tp].popleft()
+        record = self._held[tp][0]
+        if not self.breaker.isolate(record):
+            return  # its mark could not be written: it waits (the store is away)
+        self._held[tp].popleft()
         self._held[tp] = self._held.pop(tp)  # its turn is over: to the back of the line
-        self.breaker.isolate(record)
         self._isolated = position(record)
         self.pre.submit([record], alone=True)
 
@@ -264,6 +270,7 @@ class Worker:
                 return
             for tp in lost:
                 self._held.pop(tp, None)
+            self._waiting = [r for r in self._waiting if (r.topic, r.partition) not in lost]
             self.breaker.leave(lost)
 
     def _shutdown(self) -> int:
