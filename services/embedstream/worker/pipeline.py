@@ -271,6 +271,9 @@ class Worker:
             for tp in lost:
                 self._held.pop(tp, None)
             self._waiting = [r for r in self._waiting if (r.topic, r.partition) not in lost]
+            dropped = self.pre.drop(lost)
+            if dropped:
+                log.info("dropped %d queued records of partitions now owned elsewhere", dropped)
             self.breaker.leave(lost)
 
     def _shutdown(self) -> int:

@@ -106,6 +106,30 @@ class PreStage:
         themselves and send them on at once (the crash-loop breaker's careful mode)."""
         self._records.put(_Alone(records) if alone else records)
 
+    def drop(self, partitions: set[tuple[str, int]]) -> int:
+        """Forget the queued records of partitions that went to another member (any
+        thread): their new owner processes them; here they would be wasted work, or a
+        death counted against nobody. Returns how many were dropped."""
+        dropped = 0
+
+        def keep(item: Any) -> Any:
+            nonlocal dropped
+            if item is STOP:
+                return item
+            records = item.records if isinstance(item, _Alone) else item
+            kept = [r for r in records if (r.topic, r.partition) not in partitions]
+            dropped += len(records) - len(kept)
+            if not kept:
+                return None
+            return _Alone(kept) if isinstance(item, _Alone) else kept
+
+        with self._records.mutex:
+            queued = [k for item in self._records.queue if (k := keep(item)) is not None]
+            self._records.queue.clear()
+            self._records.queue.extend(queued)
+            self._held[:] = [k for item in self._held if (k := keep(item)) is not None]
+        return dropped
+
     def finish(self) -> None:
         """No more records: flush the open batches and pass the stop marker on."""
         self._records.put(STOP)
@@ -136,8 +160,10 @@ class PreStage:
 
     def next_records(self, timeout: float) -> Any:
         """The next poll (merged with the backlog of its kind), the stop marker, or None."""
-        if self._held:
-            records = self._held.pop()
+        with self._records.mutex:  # drop() may filter the holdover from another thread
+            holdover = self._held.pop() if self._held else None
+        if holdover is not None:
+            records = holdover
         else:
             try:
                 records = self._records.get(timeout=timeout)
@@ -175,7 +201,8 @@ class PreStage:
             except queue.Empty:
                 break
             if more is STOP or isinstance(more, _Alone) or self._kind(more) != kind:
-                self._held.append(more)
+                with self._records.mutex:
+                    self._held.append(more)
                 break
             merged.extend(more)
             backlog = len(more) >= self.settings.max_poll_records
