@@ -90,12 +90,29 @@ class CrashLedger(Protocol):
     def explained(self, owner: str) -> bool: ...
 
 
+# Marks are written by scripts flagged allow-oom: they are a few bytes, and a Redis out
+# of memory (which the sink waits out) must not blind the breaker meanwhile.
+_WRITE_MARK = """#!lua flags=allow-oom
+redis.call('HSET', KEYS[1], 'head', ARGV[1], 'deaths', ARGV[2], 'isolating', ARGV[3],
+           'owner', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+_EXPLAIN = """#!lua flags=allow-oom
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
 class RedisCrashLedger:
     """Marks as small hashes ``<prefix>:crashloop:<group>:<topic>:<partition>``."""
 
     def __init__(self, client: redis.Redis, prefix: str, group: str) -> None:
         self._client = client
         self._base = f"{prefix}:crashloop:{group}"
+        self._write_mark = client.register_script(_WRITE_MARK)
+        self._explain = client.register_script(_EXPLAIN)
 
     def key(self, tp: TopicPartition) -> str:
         return f"{self._base}:{tp[0]}:{tp[1]}"
@@ -112,12 +129,9 @@ class RedisCrashLedger:
     def write(self, marks: dict[TopicPartition, Mark]) -> None:
         pipe = self._client.pipeline(transaction=False)
         for tp, mark in marks.items():
-            key = self.key(tp)
-            pipe.hset(key, mapping={
-                "head": mark.head, "deaths": mark.deaths, "owner": mark.owner,
-                "isolating": "" if mark.isolating is None else mark.isolating,
-            })
-            pipe.expire(key, _MARK_TTL_S)
+            isolating = "" if mark.isolating is None else mark.isolating
+            self._write_mark(keys=[self.key(tp)], client=pipe,
+                             args=[mark.head, mark.deaths, isolating, mark.owner, _MARK_TTL_S])
         pipe.execute()
 
     def clear(self, tps: set[TopicPartition]) -> None:
@@ -125,11 +139,7 @@ class RedisCrashLedger:
             self._client.delete(*(self.key(tp) for tp in tps))
 
     def explain(self, owner: str) -> None:
-        key = f"{self._base}:explained"
-        pipe = self._client.pipeline(transaction=False)
-        pipe.sadd(key, owner)
-        pipe.expire(key, _MARK_TTL_S)
-        pipe.execute()
+        self._explain(keys=[f"{self._base}:explained"], args=[owner, _MARK_TTL_S])
 
     def explained(self, owner: str) -> bool:
         return bool(self._client.sismember(f"{self._base}:explained", owner))
