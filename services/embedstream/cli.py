@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5, help="how many results (default 5)")
     search.add_argument("--model", help="model to search (default: the modality's default model)")
     search.add_argument("--json", action="store_true", help="print JSON")
+    search.add_argument("--all-chunks", action="store_true",
+                        help="every matching chunk, not one hit per document (its best chunk)")
     _add_connection_flags(search)
     _add_model_flags(search)
 
@@ -264,10 +266,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.image or args.audio:
             modality, path = ("image", args.image) if args.image else ("audio", args.audio)
             return search_example(settings, modality, path, k=args.k, model=args.model,
-                                  as_json=args.json)
+                                  as_json=args.json, all_chunks=args.all_chunks)
         if not args.query:
             raise SystemExit("embedstream search: give a query text, --image FILE or --audio FILE")
-        return search_text(settings, args.query, k=args.k, model=args.model, as_json=args.json)
+        return search_text(settings, args.query, k=args.k, model=args.model, as_json=args.json,
+                           all_chunks=args.all_chunks)
     if args.command == "gateway":
         from embedstream.commands import gateway
 

@@ -63,15 +63,18 @@ def produce_files(
 
 
 def search_text(
-    settings: Settings, query: str, *, k: int, model: str | None, as_json: bool
+    settings: Settings, query: str, *, k: int, model: str | None, as_json: bool,
+    all_chunks: bool = False,
 ) -> int:
     name = model or settings.default_text_model
     loaded = _load(settings, name)
-    return _search(settings, name, loaded.embed_texts([query])[0], repr(query), k, as_json)
+    return _search(settings, name, loaded.embed_texts([query])[0], repr(query), k, as_json,
+                   all_chunks)
 
 
 def search_example(
-    settings: Settings, modality: str, path: Path, *, k: int, model: str | None, as_json: bool
+    settings: Settings, modality: str, path: Path, *, k: int, model: str | None, as_json: bool,
+    all_chunks: bool = False,
 ) -> int:
     """Search by example: embed an image or audio file with the model, find its neighbours."""
     name = model or (settings.default_image_model if modality == "image"
@@ -79,7 +82,7 @@ def search_example(
     loaded = _load(settings, name)
     data = path.read_bytes()
     vector = (loaded.embed_images([data]) if modality == "image" else loaded.embed_audio([data]))[0]
-    return _search(settings, name, vector, str(path), k, as_json)
+    return _search(settings, name, vector, str(path), k, as_json, all_chunks)
 
 
 def _load(settings: Settings, name: str) -> LoadedModel:
@@ -91,26 +94,32 @@ def _load(settings: Settings, name: str) -> LoadedModel:
 
 
 def _search(
-    settings: Settings, name: str, vector: np.ndarray, query: str, k: int, as_json: bool
+    settings: Settings, name: str, vector: np.ndarray, query: str, k: int, as_json: bool,
+    all_chunks: bool,
 ) -> int:
     from embedstream.search import search_vector
     from embedstream.sinks.redis import connect
 
     client = connect(settings)
     try:
-        hits = search_vector(client, settings.key_prefix, name, vector, k)
+        hits = search_vector(client, settings.key_prefix, name, vector, k,
+                             per_document=not all_chunks)
     finally:
         client.close()
     if as_json:
-        print(json.dumps([{**h.fields, "id": h.id, "score": h.score} for h in hits], indent=2))
+        print(json.dumps([{**h.fields, "id": h.id, "score": h.score, "chunk": h.chunk,
+                           "chunks": h.chunks, "metadata": h.metadata} for h in hits],
+                         indent=2, ensure_ascii=False))
         return 0
     if not hits:
         print(f"no stored items for model {name}")
         return 0
-    print(f"nearest {len(hits)} to {query} ({name}):")
+    kind = "chunks" if all_chunks else "documents"
+    print(f"nearest {len(hits)} {kind} to {query} ({name}):")
     for rank, hit in enumerate(hits, start=1):
-        label = hit.fields.get("text") or hit.fields.get("path") or hit.id
-        print(f"{rank:>3}. {hit.score:.4f}  {label}")
+        label = hit.fields.get("text") or hit.metadata.get("path") or hit.id
+        where = f" [{hit.id}, chunk {hit.chunk + 1}/{hit.chunks}]" if hit.chunks > 1 else ""
+        print(f"{rank:>3}. {hit.score:.4f}  {label}{where}")
     return 0
 
 

@@ -52,7 +52,8 @@ def test_one_bad_item_does_not_fail_its_batch(model):
 
 
 def test_truncation_is_counted(model):
-    worker, source, sink, _ = make_worker(model, text_records(["w1 " * 20, "w2"]))
+    worker, source, sink, _ = make_worker(model, text_records(["w1 " * 20, "w2"]),
+                                          text_overflow="truncate")
     run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 2)
     assert counter(worker.metrics, "embedstream_events_truncated_total", model="fake") == 1
     assert len(sink.stored) == 2

@@ -101,7 +101,7 @@ class Worker:
         batches: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
         results_q: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
         self.pre = PreStage(settings, models, batches, reject, metrics,
-                            self.liveness.heartbeat("pre"), self._abandon)
+                            self.liveness.heartbeat("pre"), self._abandon, results_q)
         # One model set per inference thread: ``models`` first, then the replicas
         # (same models, sessions of their own).
         instances = [models, *(replicas or [])]
@@ -110,7 +110,8 @@ class Worker:
         self.inference = [
             InferenceStage(instance, batches, results_q, reject, metrics,
                            self.liveness.heartbeat(_inference_name(i)), self._abandon,
-                           self._inference_finished)
+                           self._inference_finished, settings.batch_max_items,
+                           settings.batch_max_tokens)
             for i, instance in enumerate(instances)
         ]
         self.sink_stage = SinkStage(sink, results_q, reject, self.committer.done, metrics,

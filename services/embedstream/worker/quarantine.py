@@ -106,11 +106,12 @@ return 1
 
 
 class RedisCrashLedger:
-    """Marks as small hashes ``<prefix>:crashloop:<group>:<topic>:<partition>``."""
+    """Marks as small hashes ``<prefix>:!crashloop:<group>:<topic>:<partition>`` (``!``
+    cannot occur in a model name, so no model's index covers them)."""
 
     def __init__(self, client: redis.Redis, prefix: str, group: str) -> None:
         self._client = client
-        self._base = f"{prefix}:crashloop:{group}"
+        self._base = f"{prefix}:!crashloop:{group}"
         self._write_mark = client.register_script(_WRITE_MARK)
         self._explain = client.register_script(_EXPLAIN)
 
