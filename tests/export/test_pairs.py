@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import random
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from embedstream.export.docpairs import docstring_pairs, main, split_docstring
+from embedstream.export.finetune import FinetuneSettings, prepare_pairs
 from embedstream.export.pairs import Pair, PairsError, read_pairs, split_pairs
 
 
@@ -98,6 +100,27 @@ def _resolve(dotted: str) -> object:
             obj = getattr(obj, name)
         return obj
     raise AssertionError(dotted)
+
+
+def test_held_out_pairs_from_a_file_drop_what_training_saw(tmp_path: Path) -> None:
+    train = tmp_path / "train.jsonl"
+    held = tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}"}) + "\n"
+                             for i in range(5)), encoding="utf-8")
+    held.write_text(
+        json.dumps({"query": "q1", "positive": "new answer"}) + "\n"    # query seen
+        + json.dumps({"query": "new", "positive": "p2"}) + "\n"         # answer seen
+        + "".join(json.dumps({"query": f"h{i}", "positive": f"a{i}"}) + "\n" for i in range(3)),
+        encoding="utf-8")
+    settings = FinetuneSettings(pairs=train, name="m", model_dir=tmp_path, eval_pairs=held)
+    kept_train, held_out, info = prepare_pairs(settings)
+    assert len(kept_train) == 5 and [p.query for p in held_out] == ["h0", "h1", "h2"]
+    assert info["held_out_dropped_as_seen_in_training"] == 2
+    assert info["held_out_from"] == "held.jsonl" and info["train"] == 5
+
+    held.write_text(json.dumps({"query": "q1", "positive": "x"}) + "\n", encoding="utf-8")
+    with pytest.raises(PairsError, match="0 held-out pairs left after dropping 1"):
+        prepare_pairs(settings)
 
 
 def test_docpairs_writes_a_pairs_file_finetune_reads(tmp_path: Path,
