@@ -58,7 +58,7 @@ def docstring_pairs(packages: list[str]) -> list[dict[str, str]]:
     """``{"query", "positive", "group", "source"}`` pairs from the public docstrings of ``packages``.
 
     Deterministic for given package versions: modules are walked in sorted
-    order and objects in definition order.
+    order and the objects of each in name order.
     """
     candidates: list[dict[str, str]] = []
     seen: set[int] = set()
@@ -110,13 +110,15 @@ def _documented(module: ModuleType, package: str) -> Iterator[tuple[str, str, An
     """``(name, group, object)`` of the public callables ``module`` holds that ``package``
     defines, and of their public methods and properties. The group is the function, or
     the class for a class and its members."""
-    for name, obj in list(vars(module).items()):
+    # Sorted by name: a module's dict order can follow set order (``from x import *``
+    # with a computed ``__all__``), which changes from one interpreter to the next.
+    for name, obj in sorted(vars(module).items(), key=lambda item: item[0]):
         if name.startswith("_") or not callable(obj) or not _defined_in(obj, package):
             continue
         group = f"{getattr(obj, '__module__', None) or package}.{name}"
         yield f"{module.__name__}.{name}", group, obj
         if inspect.isclass(obj):
-            for member_name, member in vars(obj).items():
+            for member_name, member in sorted(vars(obj).items(), key=lambda item: item[0]):
                 if isinstance(member, classmethod | staticmethod):
                     member = member.__func__
                 if member_name.startswith("_") or not (callable(member)
