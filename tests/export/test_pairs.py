@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +135,19 @@ def test_docpairs_writes_a_pairs_file_finetune_reads(tmp_path: Path,
     assert len(pairs) == 50 and all(p.group and p.negative is None for p in pairs)
     assert main(["no_such_package_here", "--out", str(out)]) == 2
     assert "cannot import no_such_package_here" in capsys.readouterr().err
+
+
+def test_docpairs_are_the_same_in_every_interpreter(tmp_path: Path) -> None:
+    """String hashing differs between interpreters (and with it some modules' dict order):
+    the pairs, and so a seeded sample of them, must not."""
+    files = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"pairs-{hash_seed}.jsonl"
+        subprocess.run(
+            [sys.executable, "-m", "embedstream.export.docpairs", "numpy", "--out", str(out),
+             "--limit", "300"],
+            env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True, capture_output=True,
+            timeout=120,
+        )
+        files.append(out.read_bytes())
+    assert files[0] == files[1] and files[0].count(b"\n") == 300
