@@ -178,16 +178,8 @@ def finetune_model(settings: Settings, args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         warmup_ratio=args.warmup_ratio, max_length=args.max_length, eval_size=args.eval_size,
         eval_pairs=args.eval_pairs, seed=args.seed, threads=args.threads, force=args.force,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress,
     )
-    if args.no_progress:
-        try:  # transformers' own bars ("Loading weights"...): a process-wide switch
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()
-        except ImportError:
-            pass  # finetune says what to install
     try:
         result = finetune(config)
     except FinetuneRefused as refused:

@@ -186,7 +186,7 @@ def finetune(settings: FinetuneSettings) -> FinetuneResult:
     train, held_out, pairs_info = prepare_pairs(settings)
     ckpt = read_text_checkpoint(settings.base if settings.base else default_text_checkpoint())
     _require_training_extra()
-    with _torch_threads(settings.threads):
+    with _torch_threads(settings.threads), _transformers_bars(settings.progress):
         return _run(settings, ckpt, train, held_out, pairs_info, clock)
 
 
@@ -229,6 +229,26 @@ def _torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def _transformers_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own bars ("Loading weights", "Writing model shards") on or off for the
+    run, as they were after it (another process-wide switch)."""
+    from transformers.utils import logging as transformers_logging
+
+    previous = transformers_logging.is_progress_bar_enabled()
+    if enabled:
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if previous:
+            transformers_logging.enable_progress_bar()
+        else:
+            transformers_logging.disable_progress_bar()
 
 
 def prepare_pairs(settings: FinetuneSettings) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
