@@ -172,6 +172,45 @@ def quantize_model(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def finetune_model(settings: Settings, args: argparse.Namespace) -> int:
+    """``embedstream finetune``: 0 when written, 3 when refused as worse than the base."""
+    from embedstream.export.finetune import (
+        REPORT_FILE,
+        FinetuneRefused,
+        FinetuneSettings,
+        finetune,
+        format_report,
+    )
+
+    config = FinetuneSettings(
+        pairs=args.pairs, name=args.name, model_dir=settings.model_dir, base=args.base,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        warmup_ratio=args.warmup_ratio, max_length=args.max_length, eval_size=args.eval_size,
+        eval_pairs=args.eval_pairs, seed=args.seed, threads=args.threads, force=args.force,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    try:
+        result = finetune(config)
+    except FinetuneRefused as refused:
+        print(json.dumps(refused.report, indent=2) if args.json else format_report(refused.report))
+        print(f"embedstream: refused: {refused}.\nTo write it anyway, run:\n  "
+              f"{_finetune_command(args)} --force", file=sys.stderr)
+        return 3
+    print(json.dumps(result.report, indent=2) if args.json else format_report(result.report))
+    if not args.json:
+        print(f"wrote {result.directory} (report: {result.directory / REPORT_FILE})")
+    return 0
+
+
+def _finetune_command(args: argparse.Namespace) -> str:
+    """The command line that ran (``args.argv``, set by the CLI), for a suggestion."""
+    import shlex
+
+    argv = getattr(args, "argv", None) or ["finetune", "--pairs", str(args.pairs),
+                                           "--name", args.name]
+    return shlex.join(["embedstream", *argv])
+
+
 def replay(settings: Settings, args: argparse.Namespace) -> int:
     from embedstream.replay import redrive_dead_letters, reembed_range
 
