@@ -84,7 +84,16 @@ def test_inference_threads_share_one_session_per_model_warmed_once(
     assert any(m.startswith("model tiny loaded (text, 8-d): +") and "MB (RSS" in m
                for m in messages), messages
     assert any(m.startswith("1 model(s) ready in ") and "3 inference thread(s)" in m
-               for m in messages), messages
+               and "sharing one session per model" in m for m in messages), messages
+
+
+def test_on_a_gpu_each_inference_thread_keeps_sessions_of_its_own(
+        tiny_root: Path, monkeypatch: pytest.MonkeyPatch):
+    # Instances on a GPU are for overlapping one's copies with another's kernels.
+    monkeypatch.setattr(service, "on_gpu", lambda settings: True)
+    sets = service.load_instances(_settings(tiny_root, inference_instances=2))
+    assert sets[0]["tiny"].backend is not sets[1]["tiny"].backend
+    assert sets[0]["tiny"].warmup_mb is not None and sets[1]["tiny"].warmup_mb is not None
 
 
 def test_without_warm_up_nothing_is_warmed(tiny_root: Path):
