@@ -39,6 +39,9 @@ def test_prepare_then_run_quick_on_a_cpu(tmp_path: Path) -> None:
     weights = checkpoint / "model.safetensors"
     assert 40 << 20 < weights.stat().st_size < 50 << 20  # fp16: half the 91 MB checkpoint
     assert (checkpoint / "tokenizer.json").is_file() and (checkpoint / "modules.json").is_file()
+    # Stored in fp16, loaded in fp32 by every fp32 row (transformers 5 keeps the stored dtype
+    # unless the config names one).
+    assert json.loads((checkpoint / "config.json").read_text())["torch_dtype"] == "float32"
     total = sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
     assert total + gpu._working_tree_bytes(carry) <= gpu.CARRY_LIMIT
     info = json.loads((carry / "carry.json").read_text())
