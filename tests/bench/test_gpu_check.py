@@ -74,7 +74,7 @@ def test_prepare_then_run_quick_on_a_cpu(tmp_path: Path) -> None:
     assert vectors.shape == (64, 384)
 
     # A second run on the same machine reuses the export (a rerun after a cut-short call).
-    again = _script("run", "--quick", "--exporter", "minimal", "--rows", "ort-cpu-fp32",
+    again = _script("run", "--quick", "--exporter", "minimal", "--rows", "ort-cuda-fp32",
                     "--carry", str(carry), "--work", str(work), "--out", str(out), cwd=tmp_path,
                     timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--latency-s", type=float, default=10.0)
     pipe.add_argument("--threads", type=int, default=0, help="worker threads (0: all cores)")
     pipe.add_argument("--seed", type=int, default=7)
-    pipe.add_argument("--timeout-s", type=float, default=480.0)
+    pipe.add_argument("--timeout-s", type=float, default=150.0,
+                      help="limit of the pipeline row (stack, worker, both runs)")
     pipe.add_argument("--quick", action="store_true", help="64 texts, batch 32, 3 s latency run")
     child = sub.add_parser("_row")
     child.add_argument("spec")

@@ -95,7 +95,10 @@ def overlay(work: Path, archive: Path) -> tuple[Path, dict[str, str]]:
     size = str(archive.stat().st_size)
     if not (stamp.is_file() and stamp.read_text() == size):
         with tarfile.open(archive, mode="r:xz") as tar:
-            tar.extractall(stack, filter="tar")
+            try:
+                tar.extractall(stack, filter="tar")
+            except TypeError:  # a Python without extraction filters (before 3.10.12, 3.11.4)
+                tar.extractall(stack)  # our own archive
         stamp.write_text(size)
     layer = stack / "overlay"
     layer.mkdir(exist_ok=True)
