@@ -213,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="events per second offered during the soak (default 40)")
     bench.add_argument("--soak-sample-s", type=float, default=30.0,
                        help="seconds between memory samples of the soak (default 30)")
+    bench.add_argument("--memory", action="store_true",
+                       help="memory per worker instead: RSS of the worker's models after their "
+                       "warm-up and after the texts, beside the peer's, each in a fresh process")
+    bench.add_argument("--memory-models", choices=["default", "all"], default="default",
+                       help="--memory: also one row per model in the model directory and one "
+                       "serving them all (all)")
     bench.add_argument("--clients", action="store_true",
                        help="Kafka client ceilings instead: produce and consume msg/s of each "
                        "client library and of our Sources, no model (README: Performance)")
