@@ -219,6 +219,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--memory-models", choices=["default", "all"], default="default",
                        help="--memory: also one row per model in the model directory and one "
                        "serving them all (all)")
+    bench.add_argument("--documents", type=int, metavar="N",
+                       help="long documents instead: N documents of several windows each "
+                       "(or your own, one per line of --file) chunked vs truncated, one worker "
+                       "each: documents/s, vectors/s, real and padded tokens")
     bench.add_argument("--clients", action="store_true",
                        help="Kafka client ceilings instead: produce and consume msg/s of each "
                        "client library and of our Sources, no model (README: Performance)")

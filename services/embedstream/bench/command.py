@@ -68,6 +68,8 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
         return _soak_command(settings, args)
     if args.memory:
         return _memory_command(settings, args)
+    if args.documents is not None:
+        return _documents_command(settings, args)
     config = _config(settings, args)
     report = run_bench(settings, config)
     print(report.table())
@@ -113,6 +115,37 @@ def _soak_command(settings: Settings, args: argparse.Namespace) -> int:
                           "sample_s": config.sample_s, "warmup_s": config.warmup_s,
                           "threads": config.threads, "batch_size": config.batch_size},
                 "soak": result.as_dict(), "targets": [target]}
+        args.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _documents_command(settings: Settings, args: argparse.Namespace) -> int:
+    from embedstream.bench.documents import MODES, generated_documents, run_documents, table
+
+    if args.modality != "text" or args.documents <= 0:
+        raise BenchError("--documents N runs N (> 0) text documents; leave out --modality")
+    model = args.model or settings.default_text_model
+    _model_dirs(settings, MODALITIES["text"], model, ("pipeline-fp32",))
+    if args.file:
+        documents = file_texts(args.file, args.documents)
+    else:
+        documents = generated_documents(args.documents, args.seed)
+    threads = args.threads or settings.intra_op_threads or default_threads()
+    runs = []
+    with bench_stack("documents") as stack:
+        local = settings.model_copy(update={"kafka_bootstrap": stack.bootstrap,
+                                            "redis_url": stack.redis_url})
+        for mode in MODES:
+            log.info("documents: %d through a worker with text_overflow=%s", len(documents), mode)
+            runs.append(run_documents(local, model, documents, mode, threads=threads,
+                                      batch_size=args.batch_size))
+    print(table(runs))
+    if args.json:
+        data = {"setup": {"model": model, "documents": len(documents), "threads": threads,
+                          "batch_size": args.batch_size,
+                          "source": str(args.file) if args.file else f"generated, seed {args.seed}"},
+                "documents": [r.as_dict() for r in runs]}
         args.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.json}")
     return 0

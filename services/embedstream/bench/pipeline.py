@@ -65,8 +65,10 @@ class WorkerProcess:
 
     def __init__(
         self, settings: Settings, model: str, threads: int, batch_size: int,
-        modality: str = "text",
+        modality: str = "text", text_overflow: str = "truncate",
     ) -> None:
+        """``text_overflow`` is ``truncate`` by default: the comparison rows embed what the
+        peer embeds, one window per text (``bench --documents`` measures chunking)."""
         self.port = free_port()
         env = {
             **os.environ,
@@ -79,6 +81,7 @@ class WorkerProcess:
             "EMBEDSTREAM_SESSION_TIMEOUT_MS": "6000",
             "EMBEDSTREAM_HEARTBEAT_INTERVAL_MS": "1000",
             "EMBEDSTREAM_BATCH_MAX_WAIT_MS": str(settings.batch_max_wait_ms),
+            "EMBEDSTREAM_TEXT_OVERFLOW": text_overflow,
         }
         cmd = [
             sys.executable, "-m", "embedstream", "--log-level", "WARNING", "worker",

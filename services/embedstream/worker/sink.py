@@ -181,8 +181,8 @@ class SinkStage:
             self._metrics.duplicates.labels(name).inc(outcome.duplicates)
         if outcome.stale:
             self._metrics.stale.labels(name).inc(outcome.stale)
-        chunks = sum(len(doc.parts()) for doc in stored)
-        if chunks > len(stored):
+        chunks = sum(n for n in (len(doc.parts()) for doc in stored) if n > 1)
+        if chunks:
             self._metrics.chunks.labels(name).inc(chunks)
         now_ms = time.time() * 1000
         e2e = self._metrics.end_to_end_seconds.labels(name)
