@@ -136,6 +136,12 @@ class Producer:
         )
         future.add_errback(self._on_error)
 
+    def send_tombstone(self, topic: str, event_id: str) -> None:
+        """Queue a tombstone (key = the id, null value): delete every chunk of ``event_id``
+        for every model served for ``topic``."""
+        future = self._producer.send(topic, key=event_id.encode(), value=None)
+        future.add_errback(self._on_error)
+
     def publish(
         self,
         topic: str,

@@ -35,6 +35,7 @@ import numpy as np
 import psutil
 import pytest
 import redis
+from gensim.test.utils import datapath
 from kafka import KafkaConsumer
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -51,8 +52,9 @@ MODEL = "all-minilm-l6-v2"
 IMAGE_MODEL = "efficientnet-lite0"
 TOTAL = 20_000
 POISON_PER_KIND = 134  # x 11 kinds = 1,474 = 7% of TOTAL
-MAX_PAYLOAD = 4096
-MAX_CHARS = 1500
+MAX_PAYLOAD = 16384
+MAX_CHARS = 12000
+DOCUMENTS = 40  # multi-chunk documents: half updated to one chunk, half deleted, under kills
 BATCH = 64
 
 
@@ -295,12 +297,31 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     wrong_type = [key for key, kind in bad.items() if kind == "store_rejected"]
     for key in wrong_type:
         client.set(result_key(unique, MODEL, key), "a string where a hash goes")
+    # Multi-chunk documents (8 to 9 chunks of real news text), each later updated to one
+    # chunk or deleted by a tombstone: the originals in the first fifth of the stream,
+    # the changes spread over the rest, so kills catch some of them in flight.
+    with open(datapath("lee_background.cor"), encoding="utf-8") as corpus:
+        articles = [line.strip() for line in corpus if line.strip()]
+    documents = {f"doc-{i}": "\n\n".join(articles[(i * 8) % 280:(i * 8) % 280 + 8])[:MAX_CHARS]
+                 for i in range(DOCUMENTS)}
     order = list(good) + list(bad)
     random.Random(4).shuffle(order)
+    fifth = len(order) // 5
+    for i, doc in enumerate(documents):
+        order.insert(random.Random(i).randrange(fifth), doc)
+        order.insert(random.Random(-i).randrange(fifth + 1, len(order)), f"change:{doc}")
     with Producer(settings) as producer:
         for key in order:
             if key in good:
                 producer.send_raw(settings.topic_text, key, encode(key, text=good[key]))
+            elif key in documents:
+                producer.send_raw(settings.topic_text, key, encode(key, text=documents[key]))
+            elif key.startswith("change:"):
+                doc = key.split(":", 1)[1]
+                if int(doc.split("-")[1]) % 2:
+                    producer.send_raw(settings.topic_text, doc, encode(doc, text=f"{doc}, short now."))
+                else:
+                    producer.send_tombstone(settings.topic_text, doc)
             else:
                 producer.send_raw(settings.topic_text, key, poison(bad[key], key))
         producer.send_raw(settings.topic_image, "killer",
@@ -310,12 +331,19 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     bad["killer"] = "poison_quarantined"
 
     def stored() -> int:
-        """Result hashes (beside them: the wrong-type poison keys and the crash-loop marks)."""
+        """Good events stored (beside them: the documents, the wrong-type poison keys, the
+        delete and crash-loop markers)."""
         try:
-            return sum(1 for _ in client.scan_iter(f"{unique}:{MODEL}:*", count=10_000)) \
-                - len(wrong_type)
+            return sum(1 for _ in client.scan_iter(f"{unique}:{MODEL}:ev-*", count=10_000))
         except redis.RedisError:
             return -1
+
+    def documents_settled() -> bool:
+        """Every document updated (one key) or deleted (none), and no chunk orphaned."""
+        keys = {k.decode().rsplit(":", 1)[-1]
+                for k in client.scan_iter(f"{unique}:{MODEL}:doc-*", count=10_000)}
+        updated = {doc for doc in documents if int(doc.split("-")[1]) % 2}
+        return keys == updated
 
     started = time.monotonic()
     kills = outages = 0
@@ -360,7 +388,7 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
                 key = record.key.decode()
                 dlq_keys[key] += 1
                 dlq_reasons[key] = dict(record.headers)["embedstream.reason"].decode()
-        return stored() == len(good) and len(dlq_keys) == len(bad)
+        return stored() == len(good) and len(dlq_keys) == len(bad) and documents_settled()
 
     assert wait_for(drain_dlq, 240, 0.0), (
         stored(), len(good), len(dlq_keys), len(bad),
@@ -371,10 +399,16 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     drain_dlq()
     consumer.close()
 
-    # Redis holds exactly the good events, each with its own correct embedding.
+    # Redis holds exactly the good events, each with its own correct embedding, and of the
+    # documents exactly the updated ones, one chunk each: no chunk of an older version and
+    # no chunk of a deleted document survived the kills and redeliveries.
     keys = {k.decode().rsplit(":", 1)[-1]
             for k in client.scan_iter(f"{unique}:{MODEL}:*", count=5000)} - set(wrong_type)
-    assert keys == set(good)
+    updated = {doc for doc in documents if int(doc.split("-")[1]) % 2}
+    assert keys == set(good) | updated
+    for doc in updated:
+        fields = client.hgetall(result_key(unique, MODEL, doc))
+        assert fields[b"chunks"] == b"1" and fields[b"text"] == f"{doc}, short now.".encode()
     # The killer was quarantined (the default three deaths at its partition's head, the
     # last with it in hand alone; the test's own SIGKILLs may account for some), never stored.
     assert 1 <= len(killer.kills) <= 3, killer.kills
@@ -407,8 +441,10 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     slack = kills * BATCH
     embedded = metric("embedstream_events_embedded_total", model=MODEL)
     duplicates = metric("embedstream_events_duplicate_total", model=MODEL)
-    assert len(good) - slack <= embedded <= len(good)
-    assert embedded + duplicates >= len(good)
+    # Each document is embedded once as written and, if updated, once more.
+    writes = len(good) + len(documents) + len(updated)
+    assert writes - slack <= embedded <= writes
+    assert embedded + duplicates >= writes
     failed_total = 0.0
     for kind in (*KINDS, "poison_quarantined"):
         letters = sum(n for k, n in dlq_keys.items() if bad[k] == kind)
@@ -416,7 +452,11 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
         assert letters - slack <= counted <= letters, kind
         failed_total += counted
     assert sum(dlq_keys.values()) - slack <= failed_total <= sum(dlq_keys.values())
-    assert metric("embedstream_events_stale_total", model=MODEL) == 0
+    # Only a redelivered original of a document changed since can be stale.
+    assert metric("embedstream_events_stale_total", model=MODEL) <= len(documents)
+    assert metric("embedstream_chunks_stored_total", model=MODEL) >= DOCUMENTS * 8
+    deletes = metric("embedstream_events_deleted_total", model=MODEL)
+    assert DOCUMENTS // 2 - slack <= deletes
     assert metric("embedstream_events_consumed_total", topic=settings.topic_text) >= TOTAL
     print(
         f"\nfault suite: {TOTAL} events ({len(bad) - 1} poison, {len(KINDS)} kinds) and one "
@@ -424,6 +464,7 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
         f"quarantined), {outages} Redis outage, 1 rebalance by a joining worker; "
         f"{len(keys)} stored = good, {len(dlq_keys)} distinct dead letters = poison; "
         f"metrics: {embedded:.0f} embedded, {failed_total:.0f} dead-lettered; "
+        f"{DOCUMENTS} documents of 8-9 chunks updated or deleted; "
         f"redelivered and recognised as duplicates: {duplicates:.0f} embeddings, "
         f"{redelivered_letters} dead letters; {elapsed:.0f}s"
     )
