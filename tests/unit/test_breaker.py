@@ -234,3 +234,47 @@ def test_a_take_over_the_store_cannot_record_is_held_until_it_can():
     assert not b.isolate(process[0])  # not marked: it must not go in
     ledger.down = False
     assert b.isolate(process[0]) and state(ledger) == (5, 1, 5)
+
+
+def test_a_rebalance_in_a_crash_loop_hands_the_count_over_instead_of_resetting_it():
+    ledger = MemoryCrashLedger()
+    ledger.marks[TP] = Mark(5, 0)  # an owner died at 5
+    first = Breaker(ledger, 3, window=100, reject=lambda *a: None)
+    first.admit(recs(5, 6))
+    assert state(ledger) == (5, 1, None) and not first.careful()
+    # Its partition is revoked before it got past 5, with nothing of it in hand (the
+    # dead process restarted and joined): the death counted so far is handed over.
+    first.leave({TP})
+    assert state(ledger) == (5, 1, None) and ledger.marks[TP].handed_over
+    second = Breaker(ledger, 3, window=100, reject=lambda *a: None)
+    second.admit(recs(5, 6))
+    assert state(ledger) == (5, 1, None) and not second.careful()  # not a death of its own
+    # It dies at 5 too: the next owner counts two deaths and is careful.
+    third = Breaker(ledger, 3, window=100, reject=lambda *a: None)
+    third.admit(recs(5, 6))
+    assert state(ledger) == (5, 2, None) and third.careful()
+
+
+def test_leaving_with_records_in_hand_counts_a_later_death_but_names_no_poison():
+    ledger = MemoryCrashLedger()
+    ledger.marks[TP] = Mark(5, 0)
+    rejected: list = []
+    b = breaker(ledger, rejected=rejected)  # careful at the first death (max 2)
+    b.admit(recs(5, 6))
+    assert b.careful() and b.isolate(recs(5)[0]) and state(ledger) == (5, 1, 5)
+    b.leave({TP}, busy={TP})  # revoked while offset 5 is still in its pipeline
+    assert state(ledger) == (5, 1, None) and not ledger.marks[TP].handed_over
+    # The new owner counts the leaver as a possible death, but quarantines nothing:
+    # the leaver may well have survived its record.
+    nxt = breaker(ledger, rejected=rejected)
+    admitted, _ = nxt.admit(recs(5, 6))
+    assert [r.offset for r in admitted] == [5, 6] and rejected == []
+    assert state(ledger) == (5, 2, None) and nxt.careful()
+
+
+def test_leaving_cleanly_without_deaths_leaves_nothing():
+    ledger = MemoryCrashLedger()
+    b = breaker(ledger)
+    b.admit(recs(5))
+    b.leave({TP}, busy=set())
+    assert TP not in ledger.marks

@@ -284,7 +284,7 @@ def test_queued_records_of_partitions_that_went_elsewhere_are_dropped(model):
     p0, p1 = text_records(["w1", "w2"], partition=0), text_records(["w3"], partition=1)
     pre.submit(p0 + p1)
     pre.submit(text_records(["w4"], partition=0, start=2), alone=True)
-    assert pre.drop({("embedstream.text", 0)}) == 3
+    assert pre.drop({("embedstream.text", 0)}) == {("embedstream.text", 0): 3}
     remaining = pre.next_records(0.1)
     assert [(r.partition, r.offset) for r in remaining] == [(1, 0)]
     assert pre.next_records(0.01) is None  # the alone-submission of partition 0 is gone

@@ -55,7 +55,7 @@ class Committer:
         self._last_commit = 0.0
         self._last_lag = 0.0
         self._on_commit: list[Callable[[dict[TopicPartition, int]], None]] = []
-        self._on_lost: list[Callable[[set[TopicPartition]], None]] = []
+        self._on_lost: list[Callable[[dict[TopicPartition, int]], None]] = []
         self._limbo: set[TopicPartition] = set()  # revoked, not yet known to be lost
 
     def attach(self, source: Source) -> None:
@@ -65,7 +65,7 @@ class Committer:
         """Call ``listener(offsets)`` after each commit the group accepted."""
         self._on_commit.append(listener)
 
-    def on_lost(self, listener: Callable[[set[TopicPartition]], None]) -> None:
+    def on_lost(self, listener: Callable[[dict[TopicPartition, int]], None]) -> None:
         """Call ``listener(partitions)`` when partitions went to another member
         (from :meth:`assigned`, on the thread that runs it)."""
         self._on_lost.append(listener)
@@ -192,6 +192,7 @@ class Committer:
         """
         with self._lock:
             lost, self._limbo = self._limbo - assigned, set()
+            in_flight = {tp: self._tracker.in_flight([tp]) for tp in lost}
             self._tracker.forget(lost)
             for pos in [p for p in self._sizes if (p[0], p[1]) in lost]:
                 self._in_flight_bytes -= self._sizes.pop(pos)
@@ -199,4 +200,4 @@ class Committer:
             self._metrics.consumer_lag.labels(topic, str(partition)).set(0)
         if lost:
             for listener in self._on_lost:
-                listener(lost)
+                listener(in_flight)

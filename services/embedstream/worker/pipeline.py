@@ -127,7 +127,8 @@ class Worker:
         self._waiting: list[RawRecord] = []
         self._last_poll = 0.0
         self._last_recheck = 0.0
-        self._lost: queue.SimpleQueue[set[TopicPartition]] = queue.SimpleQueue()
+        # Partitions that went elsewhere, with how many of their records were in flight.
+        self._lost: queue.SimpleQueue[dict[TopicPartition, int]] = queue.SimpleQueue()
         self.committer.on_lost(self._lost.put)
         self.committer.on_commit(self.breaker.committed)
         self._poll_beat = self.liveness.heartbeat("poll")
@@ -272,10 +273,14 @@ class Worker:
             for tp in lost:
                 self._held.pop(tp, None)
             self._waiting = [r for r in self._waiting if (r.topic, r.partition) not in lost]
-            dropped = self.pre.drop(lost)
+            dropped = self.pre.drop(set(lost))
             if dropped:
-                log.info("dropped %d queued records of partitions now owned elsewhere", dropped)
-            self.breaker.leave(lost)
+                log.info("dropped %d queued records of partitions now owned elsewhere",
+                         sum(dropped.values()))
+            # Records past the queue are still being processed here: should one of them
+            # kill this process, the next owner must count that death.
+            busy = {tp for tp, n in lost.items() if n > dropped.get(tp, 0)}
+            self.breaker.leave(set(lost), busy)
 
     def _shutdown(self) -> int:
         """Drain within ``shutdown_timeout_s``, commit what is stored, leave the group."""

@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -122,19 +123,19 @@ class PreStage:
         themselves and send them on at once (the crash-loop breaker's careful mode)."""
         self._records.put(_Alone(records) if alone else records)
 
-    def drop(self, partitions: set[tuple[str, int]]) -> int:
+    def drop(self, partitions: set[tuple[str, int]]) -> Counter[tuple[str, int]]:
         """Forget the queued records of partitions that went to another member (any
         thread): their new owner processes them; here they would be wasted work, or a
-        death counted against nobody. Returns how many were dropped."""
-        dropped = 0
+        death counted against nobody. Returns how many were dropped per partition."""
+        dropped: Counter[tuple[str, int]] = Counter()
 
         def keep(item: Any) -> Any:
-            nonlocal dropped
             if item is STOP:
                 return item
             records = item.records if isinstance(item, _Alone) else item
             kept = [r for r in records if (r.topic, r.partition) not in partitions]
-            dropped += len(records) - len(kept)
+            dropped.update((r.topic, r.partition) for r in records
+                           if (r.topic, r.partition) in partitions)
             if not kept:
                 return None
             return _Alone(kept) if isinstance(item, _Alone) else kept

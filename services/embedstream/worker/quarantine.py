@@ -9,8 +9,12 @@ process that dies leaves behind:
 1. A process taking over a partition reads its mark. No mark, or a mark whose
    ``head`` (the committed offset) is behind where the partition now starts:
    the last owner made progress or left cleanly; normal processing. It writes
-   its own mark, updates it at each commit and deletes it when it leaves
-   cleanly (revoke, shutdown).
+   its own mark, updates it at each commit and, when it leaves (revoke,
+   shutdown) with nothing of the partition in hand, deletes it, or hands it
+   over with the deaths counted so far (so a rebalance, which every restart in
+   a crash loop causes, does not reset the count). Leaving with records still
+   in the pipeline keeps a plain mark: should one of them kill the process
+   after the hand-over, that death is counted too.
 2. A mark at the very offset where the partition starts means the last owner
    died without getting past it: ``deaths + 1``. After ``max_deaths - 1``
    such deaths the new owner is *careful* with that partition, for up to
@@ -45,6 +49,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,6 +77,9 @@ class Mark:
     """The offset the owner was processing alone (careful mode), if any."""
     owner: str = ""
     """The worker process that wrote the mark (a random id per process)."""
+    handed_over: bool = False
+    """Its owner gave the partition up with nothing of it in hand: not a death. (The
+    deaths before it still count: a rebalance does not reset a crash loop.)"""
 
 
 class CrashLedger(Protocol):
@@ -94,7 +102,7 @@ class CrashLedger(Protocol):
 # of memory (which the sink waits out) must not blind the breaker meanwhile.
 _WRITE_MARK = """#!lua flags=allow-oom
 redis.call('HSET', KEYS[1], 'head', ARGV[1], 'deaths', ARGV[2], 'isolating', ARGV[3],
-           'owner', ARGV[4])
+           'owner', ARGV[4], 'handed_over', ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
@@ -125,14 +133,16 @@ class RedisCrashLedger:
         isolating = raw.get(b"isolating", b"")
         return Mark(int(raw[b"head"]), int(raw.get(b"deaths", b"0")),
                     int(isolating) if isolating else None,
-                    raw.get(b"owner", b"").decode("utf-8", "replace"))
+                    raw.get(b"owner", b"").decode("utf-8", "replace"),
+                    raw.get(b"handed_over", b"0") == b"1")
 
     def write(self, marks: dict[TopicPartition, Mark]) -> None:
         pipe = self._client.pipeline(transaction=False)
         for tp, mark in marks.items():
             isolating = "" if mark.isolating is None else mark.isolating
             self._write_mark(keys=[self.key(tp)], client=pipe,
-                             args=[mark.head, mark.deaths, isolating, mark.owner, _MARK_TTL_S])
+                             args=[mark.head, mark.deaths, isolating, mark.owner, _MARK_TTL_S,
+                                   int(mark.handed_over)])
         pipe.execute()
 
     def clear(self, tps: set[TopicPartition]) -> None:
@@ -241,10 +251,15 @@ class Breaker:
         explained by a poison elsewhere); makes ``tp`` careful past the threshold."""
         if mark is None or mark.head != start or tp in self._poison:
             return 0
-        if mark.owner in self._explained or (mark.owner and self._call("explained", mark.owner)):
+        if mark.handed_over:
+            deaths = mark.deaths  # the last owner left cleanly: the earlier deaths stand
+            if deaths == 0:
+                return 0
+        elif mark.owner in self._explained or (mark.owner and self._call("explained", mark.owner)):
             log.info("%s:%d: the last owner's death is explained by a quarantined record", *tp)
             return 0
-        deaths = mark.deaths + 1
+        else:
+            deaths = mark.deaths + 1
         if deaths >= self._max_deaths - 1:
             self._careful_until[tp] = start + self._window
             self._careful_owner[tp] = mark.owner
@@ -311,18 +326,34 @@ class Breaker:
         if marks:
             self._write(marks)
 
-    def leave(self, tps: set[TopicPartition]) -> None:
-        """These partitions are left cleanly (revoked, or a shutdown): no death to report."""
+    def leave(
+        self, tps: set[TopicPartition], busy: AbstractSet[TopicPartition] = frozenset()
+    ) -> None:
+        """These partitions go to another member (revoked, or a shutdown).
+
+        With nothing of a partition in hand, no death is left to report: its mark is
+        cleared, or handed over with the deaths counted so far (a rebalance in a crash
+        loop must not reset it). A ``busy`` partition still has records in the pipeline
+        here, which may yet kill this process after the new owner took over: its mark
+        stays a plain one (the new owner counts a death at that head, but quarantines
+        nothing on it, since no record is named alone in hand)."""
         tps = {tp for tp in tps if tp in self._heads}
+        marks: dict[TopicPartition, Mark] = {}
         for tp in tps:
-            self._heads.pop(tp, None)
-            self._deaths.pop(tp, None)
+            head, deaths = self._heads.pop(tp), self._deaths.pop(tp, 0)
+            if tp in busy:
+                marks[tp] = Mark(head, deaths, owner=self.owner)
+            elif deaths:
+                marks[tp] = Mark(head, deaths, owner=self.owner, handed_over=True)
             self._careful_until.pop(tp, None)
+            self._careful_owner.pop(tp, None)
             self._poison.pop(tp, None)
         if self._isolating and self._isolating[0] in tps:
             self._isolating = None
-        if tps:
-            self._call("clear", tps)
+        if marks:
+            self._write(marks)
+        if tps - set(marks):
+            self._call("clear", tps - set(marks))
 
     def owned(self) -> set[TopicPartition]:
         return set(self._heads)
