@@ -15,9 +15,14 @@ import signal
 import time
 from types import FrameType
 
-from embedstream.errors import EmbedstreamError
+import redis
+
+from embedstream.errors import EmbedstreamError, SinkError
 from embedstream.metrics import Metrics
-from embedstream.runtime.loader import load_models
+from embedstream.models.manifest import find_models
+from embedstream.rollout.state import read_control
+from embedstream.rollout.watcher import attach, routing_for
+from embedstream.runtime.loader import LoadedModel, load_models
 from embedstream.runtime.onnx import GPU_PROVIDERS, choose_providers, default_threads
 from embedstream.runtime.preprocess import Limits
 from embedstream.runtime.warmup import warm_up
@@ -56,16 +61,24 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     metrics = metrics or Metrics()
     threads = threads_per_process(settings)
     count = instances_per_process(settings, threads)
-    instances = [
-        load_models(
-            settings.model_dir,
-            settings.models,
-            providers=settings.providers,
-            threads=max(1, threads // count),
-            limits=Limits.from_settings(settings),
-        )
-        for _ in range(count)
-    ]
+    # The model set: the configured one as the control document (announced models,
+    # rollouts) amends it; the watcher follows its changes without a restart.
+    control_client = connect(settings)
+    try:
+        control = read_control(control_client, settings.key_prefix)
+    except redis.RedisError as err:
+        raise SinkError(f"cannot read the model control document: {err}") from err
+    configured = settings.models or sorted(find_models(settings.model_dir))
+    names = control.model_set(configured) if configured else []
+
+    def load(wanted: list[str]) -> list[dict[str, LoadedModel]]:
+        return [
+            load_models(settings.model_dir, wanted, providers=settings.providers,
+                        threads=max(1, threads // count), limits=Limits.from_settings(settings))
+            for _ in range(count)
+        ]
+
+    instances = load(names)
     log.info("%d model instance(s) of %d thread(s) each", count, max(1, threads // count))
     models = instances[0]
     for model in models.values():
@@ -88,7 +101,8 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         results = KafkaResultsPublisher(settings)
     ledger = RedisCrashLedger(connect(settings, retries=False), settings.key_prefix,
                               settings.group_id)
-    return Worker(
+    routing = routing_for(settings, control, {n: m.modality for n, m in models.items()})
+    worker = Worker(
         settings,
         models,
         source_factory=lambda listener: client.source(settings, topics, listener),
@@ -98,7 +112,19 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         results=results,
         replicas=instances[1:],
         ledger=ledger,
+        routing=routing,
     )
+
+    def load_one(name: str) -> list[LoadedModel]:
+        loaded = load([name])
+        if settings.warmup:
+            for instance in loaded:
+                warm_up(instance[name], settings.batch_max_items, settings.batch_max_tokens)
+        return [instance[name] for instance in loaded]
+
+    attach(settings, worker, instances, load_one, sink, control_client, metrics, configured,
+           control)
+    return worker
 
 
 def run_worker(settings: Settings) -> int:
