@@ -244,6 +244,10 @@ def _parser() -> argparse.ArgumentParser:
     reembed.add_argument("--to-offset", type=int, help="exclusive; default: the end")
     _add_connection_flags(reembed)
 
+    from embedstream.rollout.commands import add_parsers as add_rollout_parsers
+
+    add_rollout_parsers(sub, _add_connection_flags)
+
     dev = sub.add_parser("dev", help="the embedded development stack (broker + Redis)")
     dev.add_argument("action", choices=["up", "down", "status"])
     dev.add_argument("--broker-port", type=int, default=9092)
@@ -339,6 +343,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from embedstream.commands import replay
 
         return replay(settings, args)
+    if args.command in ("rollout", "models"):
+        from embedstream.rollout.commands import run as run_rollout
+
+        return run_rollout(settings, args)
     if args.command == "dev":
         from embedstream.commands import dev
 

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Literal
 from embedstream.settings import Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
 
     from embedstream.runtime.loader import LoadedModel
@@ -67,9 +69,8 @@ def search_text(
     all_chunks: bool = False,
 ) -> int:
     name = model or settings.default_text_model
-    loaded = _load(settings, name)
-    return _search(settings, name, loaded.embed_texts([query])[0], repr(query), k, as_json,
-                   all_chunks)
+    return _search(settings, name, lambda m: _load(settings, m).embed_texts([query])[0],
+                   repr(query), k, as_json, all_chunks)
 
 
 def search_example(
@@ -79,10 +80,14 @@ def search_example(
     """Search by example: embed an image or audio file with the model, find its neighbours."""
     name = model or (settings.default_image_model if modality == "image"
                      else settings.default_audio_model)
-    loaded = _load(settings, name)
     data = path.read_bytes()
-    vector = (loaded.embed_images([data]) if modality == "image" else loaded.embed_audio([data]))[0]
-    return _search(settings, name, vector, str(path), k, as_json, all_chunks)
+
+    def embed(served: str) -> np.ndarray:
+        loaded = _load(settings, served)
+        return (loaded.embed_images([data]) if modality == "image"
+                else loaded.embed_audio([data]))[0]
+
+    return _search(settings, name, embed, str(path), k, as_json, all_chunks)
 
 
 def _load(settings: Settings, name: str) -> LoadedModel:
@@ -94,16 +99,18 @@ def _load(settings: Settings, name: str) -> LoadedModel:
 
 
 def _search(
-    settings: Settings, name: str, vector: np.ndarray, query: str, k: int, as_json: bool,
-    all_chunks: bool,
+    settings: Settings, name: str, embed: Callable[[str], np.ndarray], query: str, k: int,
+    as_json: bool, all_chunks: bool,
 ) -> int:
-    from embedstream.search import search_vector
+    """Search ``name``'s vectors: the query embedded (``embed(model)``) with the model
+    serving ``name`` now, which a promoted rollout may have changed."""
+    from embedstream.rollout.query import search_serving
     from embedstream.sinks.redis import connect
 
     client = connect(settings)
     try:
-        hits = search_vector(client, settings.key_prefix, name, vector, k,
-                             per_document=not all_chunks)
+        name, hits = search_serving(client, settings.key_prefix, name, embed, k,
+                                    per_document=not all_chunks)
     finally:
         client.close()
     if as_json:

@@ -142,6 +142,23 @@ class Metrics:
             ["model", "modality", "dimension", "provider"],
             registry=reg,
         )
+        # Rollouts (label: NEW), from the control document and the backfill's progress.
+        self.rollout_backfilled = Gauge(
+            f"{PREFIX}_rollout_backfilled", "Records of OLD's history the backfill re-embedded "
+            "into NEW.", ["model"], registry=reg,
+        )
+        self.rollout_backfill_total = Gauge(
+            f"{PREFIX}_rollout_backfill_total", "Records of OLD's history to re-embed.",
+            ["model"], registry=reg,
+        )
+        self.rollout_backfill_rate = Gauge(
+            f"{PREFIX}_rollout_backfill_rate", "Records re-embedded per second by the backfill.",
+            ["model"], registry=reg,
+        )
+        self.rollout_state = Gauge(
+            f"{PREFIX}_rollout_state", "1 for the state a rollout is in.", ["model", "state"],
+            registry=reg,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
 

@@ -32,6 +32,12 @@ _FETCH_GROWTH = 4
 _FETCH_MAX = 10_000
 
 
+class IndexMoved(SinkError):
+    """The model's index answered with another model's vectors: a rollout was promoted
+    between embedding the query and searching (the public index name is an alias of the
+    new model's index now). Embed the query again with the model serving the name."""
+
+
 @dataclass(frozen=True, slots=True)
 class Hit:
     id: str
@@ -139,6 +145,9 @@ def search_vector(
             fetch = k * _FETCH_GROWTH if per_document else k
             while True:
                 chunks = _knn(client, prefix, model, query_vec, fetch, filters, wanted)
+                moved = {h.fields.get("model", "") for h in chunks} - {model, ""}
+                if moved:  # never answer with vectors of two spaces
+                    raise IndexMoved(f"the index of {model} holds {sorted(moved)}'s vectors now")
                 hits = best_per_document(chunks) if per_document else chunks
                 if len(hits) >= k or len(chunks) < fetch or fetch >= _FETCH_MAX:
                     return hits[:k]

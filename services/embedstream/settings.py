@@ -333,6 +333,27 @@ class Settings(BaseSettings):
         "minute resets it."
     )
 
+    # --- Model set and rollouts --------------------------------------------
+    control_poll_s: float = Field(
+        1.0, gt=0, description="How often workers and gateways read the control document in "
+        "Redis (announced models, rollouts). A change reaches every worker within about this "
+        "long; each read is one small GET."
+    )
+    rollout_grace_s: float = Field(
+        600.0, ge=0, description="After 'rollout promote', how long OLD's vectors are kept "
+        "before a worker deletes them. Queries already embedded with OLD finish meanwhile; "
+        "longer costs OLD's memory for longer."
+    )
+    rollout_backfill_rate: float = Field(
+        200.0, ge=0, description="Most records per second the backfill of a rollout re-embeds "
+        "(0: no limit). The backfill is a process of its own: this keeps it from taking the "
+        "CPU (or GPU) the live workers need. Backfill time is about retained records / rate."
+    )
+    rollout_ack_timeout_s: float = Field(
+        60.0, gt=0, description="How long 'rollout start', 'promote' and 'abort' wait for "
+        "every live worker to pick up the change (load NEW, switch routing) before failing."
+    )
+
     # --- Results stream ----------------------------------------------------
     publish_results: bool = Field(
         False, description="After each batch is stored, publish one record per event to "

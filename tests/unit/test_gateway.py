@@ -185,11 +185,16 @@ def test_queries_route_like_ingest_and_refused_media_is_a_4xx(tmp_path):
 
     models = {n: model(n, m) for n, m in [("all-minilm-l6-v2", "text"), ("clip-a", "image"),
                                            ("efficientnet-lite0", "image"), ("aisfx", "audio")]}
-    searcher = Searcher(Settings(), models, client=None)  # type: ignore[arg-type]
+    class NoRollouts:  # Redis without a control document: every name serves itself
+        def get(self, key):
+            return None
+
+    searcher = Searcher(Settings(), models, client=NoRollouts())  # type: ignore[arg-type]
     assert searcher.model_for(None, "image").name == "efficientnet-lite0"
     assert searcher.model_for(None, "audio").name == "aisfx"
     assert searcher.model_for(None, "text").name == "all-minilm-l6-v2"
-    other = Searcher(Settings(default_image_model="absent"), models, client=None)  # type: ignore[arg-type]
+    other = Searcher(Settings(default_image_model="absent"), models,
+                     client=NoRollouts())  # type: ignore[arg-type]
     assert other.model_for(None, "image").name == "clip-a"  # first served by name
     with pytest.raises(GatewayError) as caught:
         searcher.embed(searcher.model_for(None, "image"), b"not an image")

@@ -39,7 +39,7 @@ from embedstream.gateway.publisher import EventPublisher
 from embedstream.gateway.query import Searcher, parse_filters
 from embedstream.gateway.spec import ID_PATTERN, ingest_openapi, search_openapi
 from embedstream.metrics import GATEWAY_ROUTES, GatewayMetrics
-from embedstream.search import Hit
+from embedstream.search import Hit, IndexMoved
 from embedstream.settings import MODALITIES, Settings
 from embedstream.sinks.layout import metadata_of
 
@@ -171,6 +171,7 @@ def create_app(
             "models": [{"name": i.name, "modality": i.modality, "dimension": i.dimension,
                         "filters": i.schema} for i in infos],
             "auth": keys.enabled,
+            "rollouts": searcher.rollouts() if searcher is not None else [],
         })
 
     @app.get("/healthz", name="health", summary="Liveness")
@@ -384,6 +385,16 @@ async def _search_form(request: Request, settings: Settings,
 
 def _run_search(searcher: Searcher, req: schemas.SearchRequest,
                 query: str | bytes | None) -> dict[str, Any]:
+    for _ in range(2):
+        try:
+            return _search_once(searcher, req, query)
+        except IndexMoved:  # a rollout was promoted meanwhile: embed with the new model
+            continue
+    return _search_once(searcher, req, query)
+
+
+def _search_once(searcher: Searcher, req: schemas.SearchRequest,
+                 query: str | bytes | None) -> dict[str, Any]:
     if req.id is not None:
         info = searcher.model_for(req.model, "text")
         vector, _ = searcher.stored_vector(info, req.id)

@@ -8,6 +8,8 @@ Queries are embedded with the same ONNX models the workers run
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,8 @@ import redis
 
 from embedstream.errors import EnvelopeError, GatewayError, ModelError, SinkError
 from embedstream.models.routing import default_models
-from embedstream.runtime.loader import LoadedModel
+from embedstream.rollout.query import serving
+from embedstream.runtime.loader import LoadedModel, load_models
 from embedstream.search import Filter, Hit, RangeFilter, TagFilter, search_vector
 from embedstream.settings import Settings
 from embedstream.sinks.redis import metadata_schema, result_key
@@ -38,7 +41,8 @@ class ModelInfo:
 class Searcher:
     """Embeds queries and searches Redis. Thread-safe (ONNX Runtime sessions are)."""
 
-    def __init__(self, settings: Settings, models: dict[str, LoadedModel], client: redis.Redis) -> None:
+    def __init__(self, settings: Settings, models: dict[str, LoadedModel], client: redis.Redis,
+                 loader: Callable[[str], LoadedModel] | None = None) -> None:
         self._settings = settings
         self._models = models
         self._client = client
@@ -49,13 +53,46 @@ class Searcher:
         }
         # The same rule as the worker's, so a query embeds with the model ingest used.
         self._defaults = default_models(settings, self.served())
+        self._loader = loader or (lambda name: load_models(
+            settings.model_dir, [name], providers=settings.providers,
+            threads=settings.intra_op_threads or 1)[name])
+        self._load_lock = threading.Lock()
 
     def served(self) -> dict[str, str]:
         """Model name -> modality."""
         return {name: info.modality for name, info in self.info.items()}
 
     def model_for(self, name: str | None, modality: str) -> ModelInfo:
-        """The named model, or the default one of ``modality``."""
+        """The model serving the named one (itself, or NEW of a promoted rollout; loaded
+        from the model store on first use), or the default one of ``modality``."""
+        try:
+            if name is not None and name not in self.info:  # retired here, served by another
+                current = serving(self._client, self._settings.key_prefix, name)
+                if current != name:
+                    return self._served_model(current)
+            public = self._public(name, modality)
+            current = serving(self._client, self._settings.key_prefix, public.name)
+        except SinkError as err:
+            raise GatewayError(503, "store_unavailable", str(err)) from err
+        return public if current == public.name else self._served_model(current)
+
+    def _served_model(self, name: str) -> ModelInfo:
+        with self._load_lock:
+            if name not in self.info:
+                try:
+                    model = self._loader(name)
+                except Exception as err:
+                    raise GatewayError(503, "model_unavailable",
+                                       f"model {name} serves this name but cannot be loaded "
+                                       f"here: {err}") from err
+                self._models[name] = model
+                self.info[name] = ModelInfo(name, model.manifest.modality,
+                                            model.manifest.dimension,
+                                            metadata_schema(model.manifest, self._settings))
+                log.info("loaded %s for queries (a promoted rollout)", name)
+            return self.info[name]
+
+    def _public(self, name: str | None, modality: str) -> ModelInfo:
         if name is not None:
             if name not in self.info:
                 raise GatewayError(404, "unknown_model",
@@ -105,6 +142,15 @@ class Searcher:
         except SinkError as err:
             raise GatewayError(503, "store_unavailable", str(err)) from err
         return [h for h in hits if h.id != exclude][:k]
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        """Every rollout recorded (``embedstream rollout status --json``)."""
+        from embedstream.rollout.lifecycle import summaries
+
+        try:
+            return summaries(self._settings, self._client)
+        except redis.RedisError as err:
+            raise GatewayError(503, "store_unavailable", f"Redis: {err}") from err
 
     def ping(self) -> bool:
         try:

@@ -94,3 +94,7 @@ class ModelDescription(BaseModel):
 class ModelsResponse(BaseModel):
     models: list[ModelDescription]
     auth: bool = Field(description="True when requests need an API key.")
+    rollouts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Model rollouts recorded (as 'embedstream rollout "
+        "status --json'): new, old, state, backfilled, total, rate, eta_s, serving, history "
+        "(action, by, at).")

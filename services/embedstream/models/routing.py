@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from embedstream.settings import Settings
 
 
@@ -20,3 +22,31 @@ def default_models(settings: Settings, served: dict[str, str]) -> dict[str, str]
         choice = preferred.get(modality)
         defaults[modality] = choice if choice in names else names[0]
     return defaults
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which served models embed an event, by the model it names (or none).
+
+    ``targets``: a model name events may name -> the served models that embed
+    them (one; two while a rollout dual-writes; an empty tuple: not ours, the
+    event is done without embedding, as in a backfill). ``defaults``: modality
+    -> the name events that name none stand for. ``skip_others``: events naming
+    a model missing from ``targets`` are skipped rather than dead-lettered as
+    ``unknown_model``. A worker swaps its whole routing in one assignment.
+    """
+
+    targets: dict[str, tuple[str, ...]]
+    defaults: dict[str, str]
+    skip_others: bool = False
+
+    @classmethod
+    def plain(cls, settings: Settings, served: dict[str, str],
+              targets: dict[str, tuple[str, ...]] | None = None,
+              modality_of: dict[str, str] | None = None) -> Routing:
+        """Each served model (name -> modality) embeds its own events, ``targets`` added
+        (names routed elsewhere, with their modality in ``modality_of``)."""
+        routes: dict[str, tuple[str, ...]] = {name: (name,) for name in served}
+        routes.update(targets or {})
+        names = {**served, **(modality_of or {})}
+        return cls(routes, default_models(settings, {n: names[n] for n in routes if n in names}))

@@ -78,7 +78,9 @@ class InferenceStage:
                 return
             self._heartbeat.busy()
             started = time.perf_counter()
-            result = self.embed(work, self.models[work.model.name])
+            # This thread's instance of the model; a model added since this stage started
+            # may not have one here yet (or one retired may be gone): the batch's own.
+            result = self.embed(work, self.models.get(work.model.name, work.model))
             self._metrics.stage_seconds.labels("inference").observe(time.perf_counter() - started)
             self._metrics.batch_size.labels(work.model.name).observe(len(work.items))
             self._metrics.batch_tokens.labels(work.model.name).observe(work.padded_tokens)

@@ -39,6 +39,7 @@ from typing import Any
 
 from embedstream.envelope import RawRecord
 from embedstream.metrics import Metrics
+from embedstream.models.routing import Routing
 from embedstream.runtime.loader import LoadedModel
 from embedstream.settings import Settings
 from embedstream.sinks.base import Sink
@@ -46,6 +47,7 @@ from embedstream.sinks.results import ResultsPublisher
 from embedstream.sources.base import DeadLetters, RebalanceListener, Source, TopicPartition
 from embedstream.worker.committer import Committer
 from embedstream.worker.deadletters import DeadLetterer
+from embedstream.worker.fanout import Fanout
 from embedstream.worker.inference import InferenceStage
 from embedstream.worker.items import Position, position
 from embedstream.worker.liveness import Liveness
@@ -78,6 +80,7 @@ class Worker:
         results: ResultsPublisher | None = None,
         replicas: list[dict[str, LoadedModel]] | None = None,
         ledger: CrashLedger | None = None,
+        routing: Routing | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -95,13 +98,21 @@ class Worker:
             settings.batch_max_items * settings.queue_depth * 3,
         )
         self.committer = Committer(settings, metrics, self.max_in_flight)
-        self.dead_letters = DeadLetterer(dead_letters, metrics, self.committer.done)
+        # Every completion goes through the fan-out: a dual-written record is done
+        # once each of its models finished it.
+        self.fanout = Fanout(self.committer.done)
+        self.dead_letters = DeadLetterer(dead_letters, metrics, self.fanout.done)
+        self.on_start: list[Callable[[], None]] = []
+        """Called as :meth:`run` starts (background helpers: the model watcher)."""
+        self.on_stop: list[Callable[[], None]] = []
+        """Called as the worker shuts down, before the stages drain."""
         reject = self.dead_letters.reject
 
         batches: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
         results_q: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
         self.pre = PreStage(settings, models, batches, reject, metrics,
-                            self.liveness.heartbeat("pre"), self._abandon, results_q)
+                            self.liveness.heartbeat("pre"), self._abandon, results_q,
+                            routing=routing, fanout=self.fanout)
         # One model set per inference thread: ``models`` first, then the replicas
         # (same models, sessions of their own).
         instances = [models, *(replicas or [])]
@@ -114,7 +125,7 @@ class Worker:
                            settings.batch_max_tokens)
             for i, instance in enumerate(instances)
         ]
-        self.sink_stage = SinkStage(sink, results_q, reject, self.committer.done, metrics,
+        self.sink_stage = SinkStage(sink, results_q, reject, self.fanout.done, metrics,
                                     self.liveness.heartbeat("sink"), self._abandon, results)
 
         self.breaker = Breaker(ledger, settings.poison_max_deaths, self.max_in_flight, reject)
@@ -130,6 +141,7 @@ class Worker:
         # Partitions that went elsewhere, with how many of their records were in flight.
         self._lost: queue.SimpleQueue[dict[TopicPartition, int]] = queue.SimpleQueue()
         self.committer.on_lost(self._lost.put)
+        self.committer.on_lost(self.fanout.forget)
         self.committer.on_commit(self.breaker.committed)
         self._poll_beat = self.liveness.heartbeat("poll")
         for name in self.liveness.names():
@@ -154,6 +166,15 @@ class Worker:
         return sorted(self.pre.modality_of)
 
     # ------------------------------------------------------------------ control
+    def apply_models(self, instances: list[dict[str, LoadedModel]], routing: Routing) -> None:
+        """Serve another model set without a restart (any thread). ``instances`` holds one
+        dict per inference thread (the same models, sessions of their own). The inference
+        threads get theirs first, so a batch routed by the new routing finds its model."""
+        for stage, models in zip(self.inference, instances, strict=True):
+            stage.models = models
+        self.models = instances[0]
+        self.pre.apply(instances[0], routing)
+
     def stop(self) -> None:
         """Ask the worker to drain and exit (safe from signal handlers and threads)."""
         self._stopping.set()
@@ -186,6 +207,8 @@ class Worker:
     # ------------------------------------------------------------ polling thread
     def run(self) -> int:
         self._start_stages()
+        for hook in self.on_start:
+            hook()
         try:
             while not self._stopping.is_set() and self._failure is None:
                 self._poll_once()
@@ -285,6 +308,11 @@ class Worker:
     def _shutdown(self) -> int:
         """Drain within ``shutdown_timeout_s``, commit what is stored, leave the group."""
         in_flight = -1
+        for hook in self.on_stop:
+            try:
+                hook()
+            except Exception:
+                log.exception("stopping a helper failed")
         try:
             deadline = time.monotonic() + self.settings.shutdown_timeout_s
             self.pre.finish()

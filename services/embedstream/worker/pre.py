@@ -33,13 +33,14 @@ from embedstream.batching import Batch, BatchBudget, Batcher
 from embedstream.envelope import HEADER_CONTENT_TYPE, Event, MetadataLimits, RawRecord, decode, header
 from embedstream.errors import EnvelopeError
 from embedstream.metrics import Metrics
-from embedstream.models.routing import default_models
+from embedstream.models.routing import Routing
 from embedstream.payloads import PayloadResolver
 from embedstream.runtime.loader import LoadedModel
 from embedstream.runtime.preprocess import Prepared
 from embedstream.settings import Settings
 from embedstream.sinks.base import Deletion
 from embedstream.worker.deadletters import describe
+from embedstream.worker.fanout import Fanout
 from embedstream.worker.items import STOP, ChunkSpan, DeleteBatch, Item, WorkBatch, put
 from embedstream.worker.liveness import Heartbeat
 
@@ -81,14 +82,16 @@ class PreStage:
         heartbeat: Heartbeat,
         abandon: threading.Event,
         results: queue.Queue[Any] | None = None,
+        routing: Routing | None = None,
+        fanout: Fanout | None = None,
     ) -> None:
         self.settings = settings
-        self.models = models
         self._results = results
         self.modality_of = {settings.topic_for(m.modality): m.modality for m in models.values()}
-        self.default_model = default_models(
-            settings, {name: m.modality for name, m in models.items()}
-        )
+        self._view = (dict(models), routing or Routing.plain(
+            settings, {name: m.modality for name, m in models.items()}))
+        self._known = dict(models)  # every model ever served here, by name (pre thread)
+        self._fanout = fanout
         self._batches = batches
         self._reject = reject
         self._metrics = metrics
@@ -116,6 +119,20 @@ class PreStage:
         }
         self._records: queue.Queue[Any] = queue.Queue()
         self._held: list[Any] = []  # a poll taken from _records but handled next
+
+    @property
+    def models(self) -> dict[str, LoadedModel]:
+        """The models served now."""
+        return self._view[0]
+
+    @property
+    def routing(self) -> Routing:
+        return self._view[1]
+
+    def apply(self, models: dict[str, LoadedModel], routing: Routing) -> None:
+        """Serve ``models`` routed by ``routing`` from the next poll on (any thread: one
+        assignment; a poll being prepared finishes with the set it started with)."""
+        self._view = (dict(models), routing)
 
     # --------------------------------------------------------------- input
     def submit(self, records: list[RawRecord], *, alone: bool = False) -> None:
@@ -171,7 +188,8 @@ class PreStage:
             elif records:
                 self._heartbeat.busy()
                 for name, batch in self.prepare(records).items():
-                    self._emit(name, batchers[name].add_many(batch.singles))
+                    batcher = batchers.setdefault(name, Batcher(self.budget))
+                    self._emit(name, batcher.add_many(batch.singles))
                     for group in batch.groups:
                         self._emit(name, batchers[name].add_group(group))
             for name, batcher in batchers.items():
@@ -239,6 +257,8 @@ class PreStage:
         chunks of a document grouped. Deletions go to the sink stage from here;
         records that cannot be embedded are rejected here, each with its reason."""
         started = time.perf_counter()
+        models, routing = self._view
+        self._known.update(models)
         by_model: dict[str, list[Event]] = {}
         deletions: list[Deletion] = []
         for record in records:
@@ -248,11 +268,21 @@ class PreStage:
             if event is None:
                 continue
             if event.deletes:
-                targets = self._guarded(record, functools.partial(self._delete_targets, event))
+                targets = self._guarded(record, functools.partial(
+                    self._delete_targets, event, models, routing))
                 deletions += [Deletion(event, model.manifest) for model in targets or ()]
+                if targets == [] and self._fanout is not None:
+                    self._fanout.done([(record.topic, record.partition, record.offset)])
                 continue
-            name = self._guarded(record, functools.partial(self._model_of, event))
-            if name is not None:
+            names = self._guarded(record, functools.partial(self._targets_of, event, models,
+                                                            routing))
+            if names is None:
+                continue
+            if not names and self._fanout is not None:  # not ours (a backfill): done
+                self._fanout.done([(record.topic, record.partition, record.offset)])
+            if self._fanout is not None:
+                self._fanout.expect((record.topic, record.partition, record.offset), len(names))
+            for name in names:
                 by_model.setdefault(name, []).append(event)
         self._metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
         if deletions and self._results is not None:
@@ -263,7 +293,7 @@ class PreStage:
         out: dict[str, _ModelBatch] = {}
         for name, events in by_model.items():
             started = time.perf_counter()
-            model = self.models[name]
+            model = models[name]
             kept, inputs = self._inputs(events)
             batch = _ModelBatch()
             for event, result in zip(kept, self._preprocess(model, kept, inputs), strict=True):
@@ -303,12 +333,13 @@ class PreStage:
         return [(Item(event, prepared, ChunkSpan(i, count, start, end)), prepared.cost)
                 for i, ((start, end), prepared) in enumerate(windows)]
 
-    def _delete_targets(self, event: Event) -> list[LoadedModel]:
-        """The models a delete applies to: the one it names, else every one served for
-        its modality (a tombstone names none)."""
+    def _delete_targets(self, event: Event, models: dict[str, LoadedModel],
+                        routing: Routing) -> list[LoadedModel]:
+        """The models a delete applies to: those that embed the model it names, else
+        every one served for its modality (a tombstone names none)."""
         if event.model is not None:
-            return [self.models[self._model_of(event)]]
-        return [m for m in self.models.values() if m.modality == event.modality]
+            return [models[n] for n in self._targets_of(event, models, routing)]
+        return [m for m in models.values() if m.modality == event.modality]
 
     def _guarded(self, record: RawRecord, step: Callable[[], T]) -> T | None:
         """``step()``, or None after rejecting ``record`` for whatever it raised."""
@@ -335,17 +366,22 @@ class PreStage:
         form = "binary_json" if header(record, HEADER_CONTENT_TYPE) is None else "binary_raw"
         return decode(record, modality, self._max_record[form], self._metadata_limits)
 
-    def _model_of(self, event: Event) -> str:
-        """The model that embeds ``event``: the one it names, else its modality's default."""
-        name = event.model or self.default_model.get(event.modality)
-        model = self.models.get(name) if name is not None else None
-        if model is None or model.modality != event.modality:
+    def _targets_of(self, event: Event, models: dict[str, LoadedModel],
+                    routing: Routing) -> tuple[str, ...]:
+        """The models that embed ``event``: those its model (the one it names, else its
+        modality's default) routes to, one unless a rollout dual-writes it."""
+        name = event.model or routing.defaults.get(event.modality)
+        targets = routing.targets.get(name) if name is not None else None
+        if targets is None and routing.skip_others:
+            return ()
+        served = [models.get(t) for t in targets or ()]
+        if not targets or any(m is None or m.modality != event.modality for m in served):
             raise EnvelopeError(
                 "unknown_model",
                 f"no {event.modality} model {name!r} is served here; served: "
-                f"{sorted(n for n, m in self.models.items() if m.modality == event.modality)}",
+                f"{sorted(n for n, m in models.items() if m.modality == event.modality)}",
             )
-        return model.name
+        return targets
 
     def _inputs(self, events: list[Event]) -> tuple[list[Event], list[Any]]:
         """The events whose input could be had, and those inputs (texts or file bytes)."""
@@ -393,6 +429,6 @@ class PreStage:
     def _emit(self, name: str, batches: list[Batch[Item]]) -> None:
         for batch in batches:
             self._heartbeat.idle()  # waiting for room downstream is not this stage's stall
-            put(self._batches, WorkBatch(self.models[name], batch.items, batch.padded_tokens),
+            put(self._batches, WorkBatch(self._known[name], batch.items, batch.padded_tokens),
                 self._abandon)
             self._heartbeat.busy()

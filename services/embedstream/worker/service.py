@@ -15,8 +15,13 @@ import signal
 import time
 from types import FrameType
 
-from embedstream.errors import EmbedstreamError
+import redis
+
+from embedstream.errors import EmbedstreamError, SinkError
 from embedstream.metrics import Metrics
+from embedstream.models.manifest import find_models
+from embedstream.rollout.state import read_control
+from embedstream.rollout.watcher import attach, routing_for
 from embedstream.runtime.loader import LoadedModel, load_models
 from embedstream.runtime.memory import grew, rss_mb
 from embedstream.runtime.onnx import GPU_PROVIDERS, choose_providers, default_threads
@@ -53,8 +58,11 @@ def instances_per_process(settings: Settings, threads: int) -> int:
     return 1 if on_gpu(settings) or threads < 2 else 2
 
 
-def load_instances(settings: Settings) -> list[dict[str, LoadedModel]]:
-    """The models of one worker process, one model set per inference thread, warmed up.
+def load_instances(
+    settings: Settings, names: list[str] | None = None
+) -> list[dict[str, LoadedModel]]:
+    """The models of one worker process (``names``, default ``settings.models``), one
+    model set per inference thread, warmed up.
 
     On CPU the sets share each model's session (weights, tokenizer, activation
     arena): ONNX Runtime runs calls from several threads side by side, so a second
@@ -74,7 +82,7 @@ def load_instances(settings: Settings) -> list[dict[str, LoadedModel]]:
     sets = [
         load_models(
             settings.model_dir,
-            settings.models,
+            settings.models if names is None else names,
             providers=settings.providers,
             threads=max(1, threads // count),
             limits=Limits.from_settings(settings),
@@ -101,7 +109,16 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     ``settings.kafka_client`` names (:mod:`embedstream.sources.registry`).
     """
     metrics = metrics or Metrics()
-    instances = load_instances(settings)
+    # The model set: the configured one as the control document (announced models,
+    # rollouts) amends it; the watcher follows its changes without a restart.
+    control_client = connect(settings)
+    try:
+        control = read_control(control_client, settings.key_prefix)
+    except redis.RedisError as err:
+        raise SinkError(f"cannot read the model control document: {err}") from err
+    configured = settings.models or sorted(find_models(settings.model_dir))
+    names = control.model_set(configured) if configured else []
+    instances = load_instances(settings, names)
     models = instances[0]
     for model in models.values():
         m = model.manifest
@@ -119,7 +136,8 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         results = KafkaResultsPublisher(settings)
     ledger = RedisCrashLedger(connect(settings, retries=False), settings.key_prefix,
                               settings.group_id)
-    return Worker(
+    routing = routing_for(settings, control, {n: m.modality for n, m in models.items()})
+    worker = Worker(
         settings,
         models,
         source_factory=lambda listener: client.source(settings, topics, listener),
@@ -129,7 +147,15 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         results=results,
         replicas=instances[1:],
         ledger=ledger,
+        routing=routing,
     )
+
+    def load_one(name: str) -> list[LoadedModel]:
+        return [instance[name] for instance in load_instances(settings, [name])]
+
+    attach(settings, worker, instances, load_one, sink, control_client, metrics, configured,
+           control)
+    return worker
 
 
 def run_worker(settings: Settings) -> int:
