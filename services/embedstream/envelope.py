@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from embedstream.errors import EnvelopeError
@@ -64,6 +64,8 @@ REASONS = (
     # anything else that went wrong with this one record (exception type and message in
     # the dead letter's embedstream.error header)
     "internal_error",
+    # a CloudEvent (ce_* headers or application/cloudevents+json) that breaks the spec
+    "invalid_cloudevent",
 )
 
 # The raw-bytes form: the record value is the file itself and these headers
@@ -147,8 +149,15 @@ def decode(
     Text events are JSON envelopes. Image and audio events are JSON envelopes
     with ``data`` (base64) or ``uri``, or records in the raw-bytes form
     (see :data:`HEADER_CONTENT_TYPE`). Every string that can reach the model or
-    the store is valid Unicode text when this returns.
+    the store is valid Unicode text when this returns. A CloudEvent (either
+    content mode, see :mod:`embedstream.cloudevent`) is decoded from the record
+    it unwraps to; the event keeps the record as consumed.
     """
+    from embedstream import cloudevent  # (it builds on this module)
+
+    if cloudevent.is_cloudevent(record):
+        native = cloudevent.unwrap(record, modality)
+        return replace(decode(native, modality, max_bytes, metadata_limits), record=record)
     limits = metadata_limits or MetadataLimits()
     if record.value is None:
         return _tombstone(record, modality)
