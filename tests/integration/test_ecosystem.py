@@ -20,11 +20,13 @@ from embedstream.producer import Producer
 from embedstream.sinks.layout import result_key
 
 MODEL = "all-minilm-l6-v2"
+# Topics and tags of their own: the gateway (and its index) is shared with
+# test_gateway_api.py, whose searches must not meet these documents.
 DOCS = {
-    "rocket": ("The rocket reached orbit after a flawless launch.", "en", 2019),
-    "satellite": ("A communications satellite raised its orbit.", "en", 2005),
-    "fusee": ("La fusée a atteint son orbite.", "fr", 2021),
-    "soup": ("Simmer the tomato soup for twenty minutes.", "en", 2012),
+    "violin": ("The violinist tuned her instrument before the concert.", "de", 2019),
+    "piano": ("A grand piano filled the concert hall with music.", "de", 2005),
+    "garden": ("The gardener planted tomatoes in spring.", "it", 2021),
+    "bread": ("Knead the dough and let the bread rise overnight.", "de", 2012),
 }
 
 
@@ -143,21 +145,21 @@ def test_redisvl_recipe(gateway, docs, oai):
     prefix = gateway.settings.key_prefix
     index = SearchIndex.from_existing(f"{prefix}:idx:{MODEL}",
                                       redis_url=gateway.settings.redis_url)
-    query_vector = oai.embeddings.create(model=MODEL, input="spacecraft in orbit",
+    query_vector = oai.embeddings.create(model=MODEL, input="classical music performance",
                                          encoding_format="float").data[0].embedding
     query = VectorQuery(query_vector, "embedding", return_fields=["id", "text", "meta_year"],
                         num_results=2,
-                        filter_expression=(Tag("meta_lang") == "en") & (Num("meta_year") >= 2000))
+                        filter_expression=(Tag("meta_lang") == "de") & (Num("meta_year") >= 2000))
     hits = index.query(query)
     # RedisVL's "id" is the hash's key (<prefix>:<model>:<id>, see sinks/layout.py)
     assert {h["id"] for h in hits} == {result_key(prefix, MODEL, docs[n])
-                                       for n in ("rocket", "satellite")}
-    assert {h["text"] for h in hits} == {DOCS["rocket"][0], DOCS["satellite"][0]}
+                                       for n in ("violin", "piano")}
+    assert {h["text"] for h in hits} == {DOCS["violin"][0], DOCS["piano"][0]}
     assert all(float(h["vector_distance"]) < 0.7 and int(h["meta_year"]) >= 2000 for h in hits)
-    french = index.query(VectorQuery(query_vector, "embedding", return_fields=["text"],
-                                     num_results=5, filter_expression=Tag("meta_lang") == "fr"))
-    assert result_key(prefix, MODEL, docs["fusee"]) in {h["id"] for h in french}
-    assert all(h["id"].startswith(f"{prefix}:{MODEL}:") for h in french)
+    italian = index.query(VectorQuery(query_vector, "embedding", return_fields=["text"],
+                                      num_results=5, filter_expression=Tag("meta_lang") == "it"))
+    assert result_key(prefix, MODEL, docs["garden"]) in {h["id"] for h in italian}
+    assert all(h["id"].startswith(f"{prefix}:{MODEL}:") for h in italian)
 
 
 def test_langchain_recipe(gateway, docs):
@@ -171,9 +173,9 @@ def test_langchain_recipe(gateway, docs):
     store = RedisVectorStore(embeddings, config=RedisConfig(
         index_name=f"{prefix}:idx:{MODEL}", redis_url=gateway.settings.redis_url,
         from_existing=True, content_field="text", embedding_field="embedding"))
-    found = store.similarity_search("tomato soup recipe", k=1)
-    assert found[0].page_content == DOCS["soup"][0]
-    scored = store.similarity_search_with_score("spacecraft in orbit", k=2,
+    found = store.similarity_search("baking bread at home", k=1)
+    assert found[0].page_content == DOCS["bread"][0]
+    scored = store.similarity_search_with_score("a violin concert", k=2,
                                                 filter=Num("meta_year") > 2010)
-    assert scored[0][0].page_content == DOCS["rocket"][0]
+    assert scored[0][0].page_content == DOCS["violin"][0]
     assert all(int(doc.metadata["meta_year"]) > 2010 for doc, _ in scored)
