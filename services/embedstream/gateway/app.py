@@ -135,7 +135,7 @@ def create_app(
         response_model=openai_api.EmbeddingsResponse, summary="Embed texts (OpenAI-compatible)",
         responses={s: {"model": openai_api.OpenAIErrorBody} for s in (400, 401, 404, 413, 503)},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": openai_api.EmbeddingsRequest.model_json_schema()}}}},
+            "schema": openai_api.request_schema([i for i in infos if i.modality == "text"])}}}},
     )
     async def openai_embeddings(request: Request) -> Response:
         body, _ = await _read_body(request, settings.gateway_max_request_bytes)

@@ -39,6 +39,7 @@ import numpy as np
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, ValidationError
 
+from embedstream.envelope import NOT_BLANK
 from embedstream.errors import GatewayError
 from embedstream.gateway.query import ModelInfo, Searcher
 
@@ -100,6 +101,23 @@ class InvalidRequest(GatewayError):
     def __init__(self, code: str, detail: str, param: str | None = None) -> None:
         super().__init__(400, code, detail)
         self.param = param
+
+
+def request_schema(models: list[ModelInfo]) -> dict[str, Any]:
+    """The request body's JSON Schema, as precise as the checks behind it (every request it
+    calls valid is answered 200, bar texts over a model's token limit)."""
+    schema = EmbeddingsRequest.model_json_schema()
+    text = {"type": "string", "pattern": NOT_BLANK}
+    properties = schema["properties"]
+    properties["input"] = {**properties["input"], "anyOf": [
+        text, {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": text}]}
+    if models:
+        properties["model"] = {"type": "string", "enum": [m.name for m in models],
+                               "description": "A served text model's name."}
+        properties["dimensions"] = {"anyOf": [{"type": "integer", "enum": sorted(
+            {d for m in models for d in (m.dimension, *m.shorter_dims)})}, {"type": "null"}],
+            "description": "The model's own dimension, or a Matryoshka length it declares."}
+    return schema
 
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
