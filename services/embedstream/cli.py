@@ -226,6 +226,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--clients", action="store_true",
                        help="Kafka client ceilings instead: produce and consume msg/s of each "
                        "client library and of our Sources, no model (README: Performance)")
+    bench.add_argument("--embeddings", action="store_true",
+                       help="the gateway's dynamic batching instead: POST /v1/embeddings on "
+                       "loopback, 64 concurrent single-text clients vs one client sending "
+                       "batches; texts/s, p50/p99 (README: OpenAI-compatible embeddings)")
     bench.add_argument("--messages", type=int, default=100_000,
                        help="--clients: messages per client and value size (default 100000; "
                        "--smoke: 2000)")

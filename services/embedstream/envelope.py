@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib import resources
 from typing import Any
 
 from embedstream.errors import EnvelopeError
@@ -64,6 +65,8 @@ REASONS = (
     # anything else that went wrong with this one record (exception type and message in
     # the dead letter's embedstream.error header)
     "internal_error",
+    # a CloudEvent (ce_* headers or application/cloudevents+json) that breaks the spec
+    "invalid_cloudevent",
 )
 
 # The raw-bytes form: the record value is the file itself and these headers
@@ -74,8 +77,20 @@ HEADER_ID = "embedstream.id"
 HEADER_MODEL = "embedstream.model"
 HEADER_METADATA = "embedstream.metadata"
 
-MAX_ID_LENGTH = 512
-OPS = ("upsert", "delete")
+# The wire format's JSON Schema (shipped with the package; users validate envelopes in their
+# own language with it): the id rule, the text rule, the operations and the version range
+# come from it, so the schema and this decoder cannot drift apart (tests/unit/test_wire_schema.py
+# checks them against each other on generated envelopes).
+WIRE_SCHEMA: dict[str, Any] = json.loads(
+    resources.files("embedstream").joinpath("data/envelope.schema.json").read_text("utf-8"))
+_DEFS = WIRE_SCHEMA["$defs"]
+MAX_ID_LENGTH: int = _DEFS["id"]["maxLength"]
+ID_PATTERN: str = _DEFS["id"]["pattern"]
+NOT_BLANK: str = _DEFS["textValue"]["pattern"]
+OPS = (_DEFS["upsert"]["properties"]["op"]["const"], _DEFS["delete"]["properties"]["op"]["const"])
+_MAX_VERSION: int = _DEFS["version"]["maximum"]
+_ID = re.compile(ID_PATTERN)
+_NOT_BLANK = re.compile(NOT_BLANK)
 # A JSON escape of a UTF-16 surrogate (\ud800 to \udfff). Alone it decodes to a str that
 # is not valid Unicode text: tokenizers refuse it, Redis clients cannot encode it.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -147,8 +162,15 @@ def decode(
     Text events are JSON envelopes. Image and audio events are JSON envelopes
     with ``data`` (base64) or ``uri``, or records in the raw-bytes form
     (see :data:`HEADER_CONTENT_TYPE`). Every string that can reach the model or
-    the store is valid Unicode text when this returns.
+    the store is valid Unicode text when this returns. A CloudEvent (either
+    content mode, see :mod:`embedstream.cloudevent`) is decoded from the record
+    it unwraps to; the event keeps the record as consumed.
     """
+    from embedstream import cloudevent  # (it builds on this module)
+
+    if cloudevent.is_cloudevent(record):
+        native = cloudevent.unwrap(record, modality)
+        return replace(decode(native, modality, max_bytes, metadata_limits), record=record)
     limits = metadata_limits or MetadataLimits()
     if record.value is None:
         return _tombstone(record, modality)
@@ -182,7 +204,7 @@ def decode(
             raise EnvelopeError("missing_text", "a text event needs a 'text' field")
         if not isinstance(text, str):
             raise EnvelopeError("invalid_field", f"'text' is a {type(text).__name__}, not a string")
-        if not text.strip():
+        if not _NOT_BLANK.search(text):
             raise EnvelopeError("empty_text", "'text' is empty")
     if strict:
         _check_unicode({"id": event_id, "model": model, "text": text, "data": data_b64,
@@ -262,12 +284,19 @@ def _version(body: dict[str, Any], record: RawRecord) -> int:
     The sink never overwrites a stored embedding with an older version, so a
     replay of old records cannot undo newer ones.
     """
-    raw = body.get("version")
+    raw = _integral(body.get("version"))
     if raw is None:
         return max(0, record.timestamp_ms)
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 2**53:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= _MAX_VERSION:
         raise EnvelopeError("invalid_field", "'version' must be an integer in [0, 2^53)")
     return raw
+
+
+def _integral(value: Any) -> Any:
+    """A float with an integral value as an int (JSON has one number type: 3.0 is 3)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 def header(record: RawRecord, name: str) -> bytes | None:
     """The last value of header ``name`` (case-insensitive), or None."""
     found = None
@@ -327,7 +356,7 @@ def _decode_raw(
 
 
 def _event_id(body: dict[str, Any], record: RawRecord) -> str:
-    raw = body.get("id")
+    raw = _integral(body.get("id"))
     if raw is None:
         if record.key:
             try:
@@ -345,7 +374,7 @@ def check_id(event_id: str) -> str:
     """``event_id`` if it is a valid id; :class:`EnvelopeError` (``invalid_field``) if not."""
     if not event_id or len(event_id) > MAX_ID_LENGTH:
         raise EnvelopeError("invalid_field", f"'id' must be 1..{MAX_ID_LENGTH} characters")
-    if any(ch.isspace() or ord(ch) < 32 for ch in event_id):
+    if not _ID.search(event_id):
         raise EnvelopeError("invalid_field", "'id' must not contain whitespace or control chars")
     return event_id
 

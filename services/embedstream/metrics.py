@@ -163,8 +163,8 @@ class Metrics:
             self.stage_seconds.labels(stage=stage)
 
 
-GATEWAY_ROUTES = ("ingest", "search", "embedding", "delete", "models", "page", "health", "metrics",
-                  "docs", "other")
+GATEWAY_ROUTES = ("ingest", "search", "embeddings", "embedding", "delete", "models", "page",
+                  "health", "metrics", "docs", "other")
 
 
 class GatewayMetrics:

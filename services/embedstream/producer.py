@@ -149,9 +149,10 @@ class Producer:
         *,
         timeout_s: float,
         retry_after_s: float = 1.0,
+        headers: Sequence[list[tuple[str, bytes]]] | None = None,
     ) -> None:
         """Send ``(key, value)`` records (a ``None`` value is a tombstone) and wait until the
-        broker confirmed all of them.
+        broker confirmed all of them. ``headers``: each record's, in order.
 
         Raises :class:`Backpressure` when the buffer is full, the broker is
         unreachable or does not confirm within ``timeout_s`` (records already
@@ -162,8 +163,9 @@ class Producer:
         self._reserve(size, retry_after_s)
         futures: list[FutureRecordMetadata] = []
         try:
-            for key, value in records:
-                future = self._producer.send(topic, key=key.encode() if key else None, value=value)
+            for index, (key, value) in enumerate(records):
+                future = self._producer.send(topic, key=key.encode() if key else None, value=value,
+                                             headers=headers[index] if headers else None)
                 futures.append(future)
             deadline = time.monotonic() + timeout_s
             for future in futures:

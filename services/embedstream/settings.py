@@ -366,6 +366,12 @@ class Settings(BaseSettings):
         False, description="Put the vector (a JSON list of floats) in each results record. "
         "Off: consumers read it from Redis by the record's 'key'."
     )
+    results_cloudevents: Literal["off", "binary", "structured"] = Field(
+        "off", description="Emit results records as CloudEvents (Kafka protocol binding): "
+        "'binary' adds ce_* headers to the same JSON value; 'structured' makes the value an "
+        "application/cloudevents+json event with the record in 'data'. Type "
+        "io.embedstream.embedding.stored or .deleted, subject the event id."
+    )
     metadata_schema: dict[str, Literal["tag", "numeric"]] = Field(
         default_factory=dict,
         description="Metadata fields to index for search filters, for every model, e.g. "

@@ -40,6 +40,8 @@ def gateway(stack, model_root, tmp_path_factory) -> Iterator[Gateway]:
     settings = make_settings(
         stack, unique, model_root, topic_image=f"{unique}.image", topic_audio=f"{unique}.audio",
         topic_results=f"{unique}.results", publish_results=True, metadata_schema=SCHEMA,
+        # binary mode: the value stays the plain results JSON, the ce_* headers come along
+        results_cloudevents="binary",
         batch_max_wait_ms=5, intra_op_threads=1,
     )
     worker = ThreadWorker(settings)

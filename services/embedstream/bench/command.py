@@ -64,6 +64,10 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
         from embedstream.bench.clients import run_clients_command
 
         return run_clients_command(settings, args)
+    if getattr(args, "embeddings", False):
+        from embedstream.bench.embeddings import run_embeddings_command
+
+        return run_embeddings_command(settings, args)
     if args.soak is not None:
         return _soak_command(settings, args)
     if args.memory:

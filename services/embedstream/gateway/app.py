@@ -1,7 +1,8 @@
 """The gateway's HTTP application (FastAPI): ingest, search, embeddings, health, page.
 
 Errors are JSON ``{"error": <code>, "detail": <text>}`` with a 4xx/5xx status;
-``code`` is stable (envelope reason codes for invalid events). Nothing of a
+``code`` is stable (envelope reason codes for invalid events); ``/v1/embeddings``
+(OpenAI-compatible) answers in OpenAI's error shape instead. Nothing of a
 refused ingest request reaches Kafka: bodies are read within the size limit,
 every envelope is validated, and only then is the whole request published.
 """
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from embedstream import __version__
 from embedstream.envelope import MAX_ID_LENGTH, check_id
 from embedstream.errors import Backpressure, EnvelopeError, GatewayError, SourceError
+from embedstream.gateway import embeddings as openai_api
 from embedstream.gateway import schemas
 from embedstream.gateway.auth import KeyCheck
 from embedstream.gateway.ingest import Limits, Upload, records_from_json, records_from_uploads
@@ -127,6 +129,18 @@ def create_app(
         if req.k > settings.gateway_search_max_k:
             raise GatewayError(422, "invalid_field", f"k is at most {settings.gateway_search_max_k}")
         return JSONResponse(await run_in_threadpool(_run_search, active, req, query))
+
+    @app.post(
+        openai_api.PATH, name="embeddings", dependencies=auth,
+        response_model=openai_api.EmbeddingsResponse, summary="Embed texts (OpenAI-compatible)",
+        responses={s: {"model": openai_api.OpenAIErrorBody} for s in (400, 401, 404, 413, 503)},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": openai_api.request_schema([i for i in infos if i.modality == "text"])}}}},
+    )
+    async def openai_embeddings(request: Request) -> Response:
+        body, _ = await _read_body(request, settings.gateway_max_request_bytes)
+        out = await openai_api.create_embeddings(body, _require(searcher))
+        return Response(openai_api.dumps(out), media_type="application/json")
 
     @app.get(
         "/v1/embeddings/{model}/{event_id}", name="embedding", dependencies=auth,
@@ -238,15 +252,18 @@ def _ingest_handler(modality: str, settings: Settings, publisher: EventPublisher
 
 def _install_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
     def error(status: int, code: str, detail: str, headers: dict[str, str] | None = None,
-              request: Request | None = None) -> JSONResponse:
+              request: Request | None = None, param: str | None = None) -> JSONResponse:
         if request is not None and request.url.path.startswith("/v1/events/") and status != 202:
             metrics.rejected.labels(code if status != 429 else "backpressure").inc()
+        if request is not None and request.url.path == openai_api.PATH:
+            return JSONResponse(openai_api.error_body(status, code, detail, param),
+                                status_code=status, headers=headers)
         return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, err: GatewayError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return error(err.status, err.code, err.detail, headers, request)
+        return error(err.status, err.code, err.detail, headers, request, getattr(err, "param", None))
 
     @app.exception_handler(Backpressure)
     async def backpressure(request: Request, err: Backpressure) -> JSONResponse:

@@ -1,25 +1,30 @@
 """The search side of the gateway: embed a query, search a model's index, read vectors.
 
 Queries are embedded with the same ONNX models the workers run
-(:func:`embedstream.runtime.loader.load_models`); image and audio queries use
-``LoadedModel.embed_images`` / ``embed_audio`` where the model has them.
+(:func:`embedstream.runtime.loader.load_models`), through one
+:class:`~embedstream.batching.DynamicBatcher` per model under the worker's batch
+budget: concurrent requests (``/v1/search`` queries and ``/v1/embeddings``
+inputs alike) share model calls instead of queueing one text at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import redis
 
+from embedstream.batching import BatchBudget, DynamicBatcher
 from embedstream.errors import EnvelopeError, GatewayError, ModelError, SinkError
 from embedstream.models.routing import default_models
 from embedstream.rollout.query import serving
 from embedstream.runtime.loader import LoadedModel, load_models
+from embedstream.runtime.preprocess import Prepared
 from embedstream.search import Filter, Hit, RangeFilter, TagFilter, search_vector
 from embedstream.settings import Settings
 from embedstream.sinks.redis import metadata_schema, result_key
@@ -36,6 +41,9 @@ class ModelInfo:
     modality: str
     dimension: int
     schema: dict[str, str]
+    shorter_dims: tuple[int, ...] = ()
+    """Shorter lengths the model was trained to be cut to (Matryoshka), from its manifest's
+    ``extra.matryoshka_dims``; empty for most models."""
 
 
 class Searcher:
@@ -46,17 +54,23 @@ class Searcher:
         self._settings = settings
         self._models = models
         self._client = client
-        self.info = {
-            name: ModelInfo(name, m.manifest.modality, m.manifest.dimension,
-                            metadata_schema(m.manifest, settings))
-            for name, m in models.items()
-        }
+        self.info = {name: self._info(m) for name, m in models.items()}
+        # The worker's budget, with no added wait (see embedstream.batching.dynamic).
+        self._budget = BatchBudget(settings.batch_max_items, settings.batch_max_tokens, 0.0,
+                                   settings.batch_max_padding)
+        self._batchers = {name: DynamicBatcher(name, m.embed_prepared, self._budget)
+                          for name, m in models.items()}
         # The same rule as the worker's, so a query embeds with the model ingest used.
         self._defaults = default_models(settings, self.served())
         self._loader = loader or (lambda name: load_models(
             settings.model_dir, [name], providers=settings.providers,
             threads=settings.intra_op_threads or 1)[name])
         self._load_lock = threading.Lock()
+
+    def _info(self, model: LoadedModel) -> ModelInfo:
+        m = model.manifest
+        return ModelInfo(m.name, m.modality, m.dimension, metadata_schema(m, self._settings),
+                         tuple(int(d) for d in m.extra.get("matryoshka_dims", ())))
 
     def served(self) -> dict[str, str]:
         """Model name -> modality."""
@@ -86,9 +100,8 @@ class Searcher:
                                        f"model {name} serves this name but cannot be loaded "
                                        f"here: {err}") from err
                 self._models[name] = model
-                self.info[name] = ModelInfo(name, model.manifest.modality,
-                                            model.manifest.dimension,
-                                            metadata_schema(model.manifest, self._settings))
+                self._batchers[name] = DynamicBatcher(name, model.embed_prepared, self._budget)
+                self.info[name] = self._info(model)
                 log.info("loaded %s for queries (a promoted rollout)", name)
             return self.info[name]
 
@@ -105,19 +118,39 @@ class Searcher:
         return self.info[default]
 
     def embed(self, info: ModelInfo, query: str | bytes) -> np.ndarray:
+        """One query's vector (blocks; for handlers run in the thread pool)."""
+        (future,) = self.submit(info, self.prepare(info, [query]))
+        return self.vector_of(future)
+
+    def prepare(self, info: ModelInfo, inputs: Sequence[str | bytes]) -> list[Prepared]:
+        """Tokenize (or decode) inputs for ``info``'s model; a 422 names the first bad one."""
         model = self._models[info.name]
-        method = getattr(model, _EMBEDDERS[info.modality], None)
-        if method is None:
+        if getattr(model, _EMBEDDERS[info.modality], None) is None:
             raise GatewayError(501, "not_implemented",
                                f"{info.modality} queries are not supported by this build")
         try:
-            return np.asarray(method([query])[0], dtype=np.float32)
-        except EnvelopeError as err:  # the preprocessor refused the query (bad media, ...)
-            raise GatewayError(422, err.reason, f"cannot embed the query: {err.detail}") from err
-        except ModelError as err:
-            raise GatewayError(422, "model_error", f"cannot embed the query: {err}") from err
+            results = model.preprocessor.prepare(inputs)
         except (ValueError, OSError) as err:  # undecodable image / audio bytes
-            raise GatewayError(422, "invalid_media", f"cannot read the query file: {err}") from err
+            raise GatewayError(422, "invalid_media", f"cannot read the input: {err}") from err
+        prepared: list[Prepared] = []
+        for index, result in enumerate(results):
+            if isinstance(result, EnvelopeError):  # the preprocessor refused it (bad media...)
+                where = f"input {index}" if len(inputs) > 1 else "the query"
+                raise GatewayError(422, result.reason, f"cannot embed {where}: {result.detail}")
+            prepared.append(result)
+        return prepared
+
+    def submit(self, info: ModelInfo, prepared: list[Prepared]) -> list[Future[np.ndarray]]:
+        """Queue prepared inputs on the model's batcher; one future per input."""
+        return self._batchers[info.name].submit([(p, p.cost) for p in prepared])
+
+    @staticmethod
+    def vector_of(future: Future[np.ndarray]) -> np.ndarray:
+        """A submitted input's vector (float32), or the 422 its model call raised."""
+        try:
+            return np.asarray(future.result(), dtype=np.float32)
+        except ModelError as err:
+            raise GatewayError(422, "model_error", f"cannot embed the input: {err}") from err
 
     def stored_vector(self, info: ModelInfo, event_id: str,
                       chunk: int = 0) -> tuple[np.ndarray, dict[str, str]]:
@@ -159,7 +192,9 @@ class Searcher:
             return False
 
     def close(self) -> None:
-        """Release the Redis connections (the app's shutdown)."""
+        """Stop the batchers and release the Redis connections (the app's shutdown)."""
+        for batcher in self._batchers.values():
+            batcher.close()
         self._client.close()
 
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from embedstream.envelope import MAX_ID_LENGTH
+from embedstream.envelope import ID_PATTERN, MAX_ID_LENGTH, NOT_BLANK
 from embedstream.gateway.query import ModelInfo
 
-# Whitespace as Python's str.isspace() sees it, spelled out: JSON Schema's (ECMA-262) \s
-# lacks some of it (U+0085), and generators follow ECMA-262.
-_SPACE = r"\s\u001c-\u001f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-ID_PATTERN = rf"^[^{_SPACE}\x00-\x1f]+$"
-# A text must have a character that is not whitespace, so spec and validation agree.
-NOT_BLANK = f"[^{_SPACE}]"
+# ID_PATTERN and NOT_BLANK come from the wire format's JSON Schema (data/envelope.schema.json):
+# whitespace as Python's str.isspace() sees it, spelled out, since JSON Schema's (ECMA-262)
+# \s lacks some of it (U+0085) and generators follow ECMA-262.
+__all__ = ["ID_PATTERN", "NOT_BLANK", "envelope_schema", "ingest_openapi", "search_openapi"]
 
 
 def _model_schema(models: list[str]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ offsets may be committed, the worker publishes one record per event to
 ``results_include_vector``. A deletion is ``{"id", "model", "modality", "deleted":
 true, "version", "source", "stored_at"}``. Contract: a record is
 published only for an event already stored (so "ready" is never announced
-early); the announcement is at-least-once, like the pipeline: a worker that
+early); with ``results_cloudevents`` the records are CloudEvents (binary or
+structured mode); the announcement is at-least-once, like the pipeline: a worker that
 crashes after the write but before the commit stores and announces again.
 """
 
@@ -24,6 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from embedstream import cloudevent
 from embedstream.errors import SinkError, SourceError
 from embedstream.settings import Settings
 from embedstream.sinks.base import Deletion, Embedded
@@ -91,22 +93,29 @@ class KafkaResultsPublisher:
 
     def publish(self, results: Sequence[Embedded | Deletion]) -> None:
         now = time.time()
-        records = [
-            (
-                r.event.id,
-                json.dumps(
-                    deletion_record(r, now) if isinstance(r, Deletion) else
-                    result_record(r, self._settings.key_prefix, now,
-                                  self._settings.results_include_vector),
-                    separators=(",", ":"),
-                ).encode("utf-8"),
-            )
-            for r in results
-        ]
+        settings = self._settings
+        records: list[tuple[str | None, bytes | None]] = []
+        headers: list[list[tuple[str, bytes]]] = []
+        for r in results:
+            body = (deletion_record(r, now) if isinstance(r, Deletion) else
+                    result_record(r, settings.key_prefix, now, settings.results_include_vector))
+            value, extra = _encode(body, settings.results_cloudevents)
+            records.append((r.event.id, value))
+            headers.append(extra)
         try:
-            self._producer.publish(self._settings.topic_results, records, timeout_s=30.0)
+            self._producer.publish(settings.topic_results, records, timeout_s=30.0,
+                                   headers=headers)
         except SourceError as err:
             raise SinkError(f"results of {len(results)} events not published: {err}") from err
 
     def close(self) -> None:
         self._producer.close()
+
+
+def _encode(body: dict[str, Any], cloudevents: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A results record's value and headers: plain JSON, or a CloudEvent in ``cloudevents``
+    mode (see :mod:`embedstream.cloudevent`)."""
+    if cloudevents == "structured":
+        return cloudevent.structured_value(body)
+    value = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return value, cloudevent.binary_headers(body) if cloudevents == "binary" else []

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from embedstream import cloudevent
 from embedstream.batching import Batch, BatchBudget, Batcher
 from embedstream.envelope import HEADER_CONTENT_TYPE, Event, MetadataLimits, RawRecord, decode, header
 from embedstream.errors import EnvelopeError
@@ -363,7 +364,10 @@ class PreStage:
                     f"text has {len(event.text)} characters, limit {self.settings.max_text_chars}",
                 )
             return event
-        form = "binary_json" if header(record, HEADER_CONTENT_TYPE) is None else "binary_raw"
+        ctype = header(record, HEADER_CONTENT_TYPE)
+        json_form = ctype is None or ctype.lower().startswith(b"application/json") or (
+            cloudevent.is_structured(record))
+        form = "binary_json" if json_form else "binary_raw"
         return decode(record, modality, self._max_record[form], self._metadata_limits)
 
     def _targets_of(self, event: Event, models: dict[str, LoadedModel],
