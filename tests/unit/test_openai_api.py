@@ -17,7 +17,11 @@ from support.pipeline import DIM, fake_model
 
 
 class NoRedis:
-    """Embedding needs no store; the app closes it at shutdown."""
+    """Redis without a control document (every name serves itself, no rollout); the app
+    closes it at shutdown."""
+
+    def get(self, key):
+        return None
 
     def close(self) -> None:
         pass
