@@ -143,9 +143,10 @@ class Producer:
         *,
         timeout_s: float,
         retry_after_s: float = 1.0,
+        headers: Sequence[tuple[str, bytes]] = (),
     ) -> None:
-        """Send ``(key, value)`` records (a ``None`` value is a tombstone) and wait until the
-        broker confirmed all of them.
+        """Send ``(key, value)`` records (a ``None`` value is a tombstone), each with
+        ``headers``, and wait until the broker confirmed all of them.
 
         Raises :class:`Backpressure` when the buffer is full, the broker is
         unreachable or does not confirm within ``timeout_s`` (records already
@@ -157,7 +158,8 @@ class Producer:
         futures: list[FutureRecordMetadata] = []
         try:
             for key, value in records:
-                future = self._producer.send(topic, key=key.encode() if key else None, value=value)
+                future = self._producer.send(topic, key=key.encode() if key else None, value=value,
+                                             headers=list(headers) or None)
                 futures.append(future)
             deadline = time.monotonic() + timeout_s
             for future in futures:

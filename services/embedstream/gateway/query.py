@@ -82,10 +82,14 @@ class Searcher:
         except (ValueError, OSError) as err:  # undecodable image / audio bytes
             raise GatewayError(422, "invalid_media", f"cannot read the query file: {err}") from err
 
-    def stored_vector(self, info: ModelInfo, event_id: str,
-                      chunk: int = 0) -> tuple[np.ndarray, dict[str, str]]:
-        """A stored chunk's vector and fields (chunk 0: the document's first, or only)."""
-        key = result_key(self._settings.key_prefix, info.name, event_id, chunk)
+    def stored_vector(self, info: ModelInfo, event_id: str, chunk: int = 0,
+                      tenant: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
+        """A stored chunk's vector and fields (chunk 0: the document's first, or only).
+
+        ``tenant``: the id in that tenant's id space (None: the untenanted one); a
+        tenant's key never reads another's item, even one with the same id.
+        """
+        key = result_key(self._settings.key_prefix, info.name, event_id, chunk, tenant)
         try:
             raw: dict[bytes, bytes] = self._client.hgetall(key)  # type: ignore[assignment]
         except redis.RedisError as err:
@@ -98,10 +102,13 @@ class Searcher:
         return vector, fields
 
     def search(self, info: ModelInfo, vector: np.ndarray, k: int, filters: list[Filter],
-               exclude: str | None = None, per_document: bool = True) -> list[Hit]:
+               exclude: str | None = None, per_document: bool = True,
+               tenant: str | None = None) -> list[Hit]:
+        """Nearest documents (``tenant``: that tenant's only)."""
         try:
             hits = search_vector(self._client, self._settings.key_prefix, info.name, vector,
-                                 k + (1 if exclude else 0), filters, ("dim",), per_document)
+                                 k + (1 if exclude else 0), filters, ("dim",), per_document,
+                                 tenant=tenant)
         except SinkError as err:
             raise GatewayError(503, "store_unavailable", str(err)) from err
         return [h for h in hits if h.id != exclude][:k]

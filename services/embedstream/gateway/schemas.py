@@ -94,3 +94,6 @@ class ModelDescription(BaseModel):
 class ModelsResponse(BaseModel):
     models: list[ModelDescription]
     auth: bool = Field(description="True when requests need an API key.")
+    scopes: list[str] = Field(description="The scopes of the key that asked.")
+    tenant: str | None = Field(None, description="The tenant of the key that asked: what it "
+                               "sees and stores is that tenant's alone (null: every tenant's).")

@@ -324,7 +324,8 @@ class PreStage:
     def _decode(self, record: RawRecord) -> Event:
         modality = self.modality_of[record.topic]
         if modality == "text":
-            event = decode(record, modality, self._max_record["text"], self._metadata_limits)
+            event = decode(record, modality, self._max_record["text"], self._metadata_limits,
+                           self.settings.tenant_from)
             if event.text is not None and len(event.text) > self.settings.max_text_chars:
                 raise EnvelopeError(
                     "text_too_long",
@@ -332,7 +333,8 @@ class PreStage:
                 )
             return event
         form = "binary_json" if header(record, HEADER_CONTENT_TYPE) is None else "binary_raw"
-        return decode(record, modality, self._max_record[form], self._metadata_limits)
+        return decode(record, modality, self._max_record[form], self._metadata_limits,
+                      self.settings.tenant_from)
 
     def _model_of(self, event: Event) -> str:
         """The model that embeds ``event``: the one it names, else its modality's default."""
