@@ -34,7 +34,7 @@ from embedstream.sinks.redis import has_search
 # System fields a hit carries (see embedstream.sinks.layout). The document id is read
 # as doc_id: redis-py's search Document keeps the key in its "id" attribute.
 _RETURN_FIELDS = ("text", "model", "modality", "created_at", "source", "chunk", "chunks",
-                  "start", "end", "metadata")
+                  "start", "end", "metadata", "tenant")
 _FETCH_GROWTH = 4
 _FETCH_MAX = 10_000
 

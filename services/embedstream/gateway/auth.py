@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import Depends, FastAPI, Request, Security, routing
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
@@ -425,7 +425,16 @@ def principal_of(request: Request) -> Principal:
     return principal
 
 
-def route_scope(route: APIRoute) -> str | None:
+def _api_routes(app: FastAPI) -> list[Any]:
+    """Every API route of ``app`` with its effective dependencies (those of the
+    routers it was included through too)."""
+    contexts = getattr(routing, "iter_route_contexts", None)  # FastAPI >= 0.13x: lazy routers
+    if contexts is None:
+        return [r for r in app.routes if isinstance(r, APIRoute)]
+    return [c for c in contexts(app.routes) if isinstance(c.original_route, APIRoute)]
+
+
+def route_scope(route: Any) -> str | None:
     """The scope a route declares (``public`` for :data:`PUBLIC`), or None."""
     for dependency in route.dependencies:
         call = dependency.dependency
@@ -438,11 +447,11 @@ def route_scope(route: APIRoute) -> str | None:
 
 def check_routes(app: FastAPI) -> None:
     """Refuse an app with a route that declares neither a scope nor :data:`PUBLIC`."""
-    for route in app.routes:
-        if isinstance(route, APIRoute) and route_scope(route) is None:
+    for route in _api_routes(app):
+        if route_scope(route) is None:
             raise ConfigError(
-                f"route {','.join(sorted(route.methods or ()))} {route.path} declares no scope: give "
-                "it dependencies=[require('<scope>')] or [PUBLIC] (embedstream.gateway.auth)")
+                f"route {','.join(sorted(route.methods or ()))} {route.path} declares no scope: "
+                "give it dependencies=[require('<scope>')] or [PUBLIC] (embedstream.gateway.auth)")
 
 
 def document_scopes(app: FastAPI) -> None:
@@ -450,17 +459,14 @@ def document_scopes(app: FastAPI) -> None:
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
         spec = build()
-        for route in app.routes:
-            if not isinstance(route, APIRoute) or not route.include_in_schema:
+        for route in _api_routes(app):
+            if not route.include_in_schema:
                 continue
             for method in route.methods or ():
                 operation = spec.get("paths", {}).get(route.path_format, {}).get(method.lower())
                 if operation is not None:
                     operation[SCOPE_EXTENSION] = route_scope(route)
-        app.openapi_schema = spec
         return spec
 
     app.openapi = openapi  # type: ignore[method-assign]
