@@ -167,12 +167,14 @@ def search_vector(
 
 
 def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
-    """Hits sorted best first, one per document (its best chunk)."""
-    seen: set[str] = set()
+    """Hits sorted best first, one per document (its best chunk). A document is its
+    tenant and id: two tenants' documents with one id are two documents."""
+    seen: set[tuple[str, str]] = set()
     out: list[Hit] = []
     for hit in sorted(hits, key=lambda h: h.score, reverse=True):
-        if hit.id not in seen:
-            seen.add(hit.id)
+        document = (hit.fields.get(TENANT_FIELD) or "", hit.id)
+        if document not in seen:
+            seen.add(document)
             out.append(hit)
     return out
 

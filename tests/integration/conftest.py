@@ -119,7 +119,7 @@ def scoped_gateway(gateway, model_root, tmp_path_factory) -> Iterator[ScopedGate
     lines.append(f"{SCOPED_KEYS['tenant-b']} scopes=ingest,search,admin tenant=globex")
     keys_file.write_text("\n".join(lines) + "\n")
     settings = gateway.settings.model_copy(update={"gateway_api_keys_file": keys_file})
-    models = load_models(model_root, [MODEL], threads=1)
+    models = load_models(model_root, [MODEL], providers=[], threads=1)
     searcher = Searcher(settings, models, connect(settings))
     app = create_app(settings, KafkaEventPublisher(settings), searcher)
     with TestClient(app) as client:

@@ -8,6 +8,7 @@ Queries are embedded with the same ONNX models the workers run
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +112,9 @@ class Searcher:
                                  tenant=tenant)
         except SinkError as err:
             raise GatewayError(503, "store_unavailable", str(err)) from err
-        return [h for h in hits if h.id != exclude][:k]
+        # the query document itself: its id in the searched tenant's id space
+        excluded = (tenant or "", exclude)
+        return [h for h in hits if (h.fields.get("tenant") or "", h.id) != excluded][:k]
 
     def ping(self) -> bool:
         try:
@@ -150,6 +153,10 @@ def _tag(field: str, value: Any) -> TagFilter:
     if not values or not all(isinstance(v, str) and v for v in values):
         raise GatewayError(400, "invalid_filter",
                            f"tag filter {field!r} takes a non-empty string or list of them")
+    # RediSearch's query syntax cannot carry control characters, escaped or not
+    if any(unicodedata.category(ch) == "Cc" for v in values for ch in v):
+        raise GatewayError(400, "invalid_filter",
+                           f"tag filter {field!r}: a value holds a control character")
     return TagFilter(field, tuple(values))
 
 
