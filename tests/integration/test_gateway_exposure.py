@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.stack import wait_for
 
 from embedstream.devstack import free_port
+from support.stack import wait_for
 
 RATE, BURST = 5.0, 5
 
