@@ -229,7 +229,8 @@ def _scan(
 
 def _hit(doc_id: str, key: str, score: float, fields: dict[str, str]) -> Hit:
     metadata = metadata_of(fields)
-    shown = {name: value for name, value in fields.items() if name != "metadata"}
+    shown = {name: value for name, value in fields.items()
+             if name != "metadata" and (value or name != TENANT_FIELD)}  # untenanted: no field
     return Hit(id=doc_id, key=key, score=score, fields=shown, metadata=metadata)
 
 

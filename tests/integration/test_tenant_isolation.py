@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.commands.search.field import TagField, VectorField
+from redis.commands.search.index_definition import IndexDefinition, IndexType
 from test_worker_e2e import MODEL, wait_for
+
+from embedstream.models.manifest import load_manifest
+from embedstream.search import search_vector
+from embedstream.settings import Settings
+from embedstream.sinks.redis import RedisSink, index_name, result_key
 
 TEXTS = {"orbit": "The rocket reached orbit after a flawless launch.",
          "soup": "Simmer the tomato soup for twenty minutes."}
@@ -107,3 +116,26 @@ def test_a_tenant_cannot_write_into_another(scoped_gateway):
     res = scoped_gateway.client.post("/v1/events/text", json={"text": "x", "tenant": "globex"},
                                      headers=scoped_gateway.as_key("tenant-a"))
     assert res.status_code == 422 and "tenant" in res.json()["detail"]
+
+
+def test_an_index_from_before_tenants_gains_the_tag_and_keeps_its_items(stack, unique, model_root):
+    """Upgrade: an index made without the tenant tag gets it at the next start (FT.ALTER);
+    items stored before have no tenant: untenanted keys find them, tenants never do."""
+    settings = Settings(redis_url=stack.redis_url, key_prefix=unique)
+    manifest = load_manifest(model_root / MODEL)
+    client = redis.Redis.from_url(stack.redis_url)
+    client.ft(index_name(unique, MODEL)).create_index(
+        [VectorField("embedding", "HNSW", {"TYPE": "FLOAT32", "DIM": manifest.dimension,
+                                           "DISTANCE_METRIC": "COSINE"}), TagField("id")],
+        definition=IndexDefinition(prefix=[result_key(unique, MODEL, "")], index_type=IndexType.HASH))
+    vector = np.ones(manifest.dimension, dtype="<f4")
+    client.hset(result_key(unique, MODEL, "old"), mapping={"id": "old", "embedding": vector.tobytes()})
+    RedisSink(settings).prepare([manifest])
+    info = client.ft(index_name(unique, MODEL)).info()
+    assert any(b"tenant" in attribute or "tenant" in attribute for attribute in info["attributes"])
+
+    def found(tenant: str | None) -> list[str]:
+        return [h.id for h in search_vector(client, unique, MODEL, vector, 5, tenant=tenant)]
+
+    assert wait_for(lambda: found(None) == ["old"], timeout=10)
+    assert found("acme") == []
