@@ -11,6 +11,7 @@ from embedstream.envelope import HEADER_TENANT, RawRecord, decode
 from embedstream.errors import EnvelopeError
 from embedstream.search import TagFilter, filter_expression
 from embedstream.sinks.layout import id_of_segment, key_segment, result_key, tombstone_key
+from embedstream.sources.common import dead_letter
 
 
 def record(value: bytes | None, tenant: bytes | None = None, key: bytes | None = b"d1"):
@@ -77,3 +78,15 @@ def test_a_filter_value_cannot_leave_its_clause(value):
     head = "(@tenant:{acme} @meta_lang:{"
     assert expression.startswith(head) and expression.endswith("})")
     assert _unescape(expression[len(head):-2]) == value
+
+
+def test_a_dead_letter_keeps_the_events_tenant_and_drops_an_earlier_letters_headers():
+    failed_before = [("embedstream.reason", b"model_error"), ("embedstream.redriven_from", b"x"),
+                     (HEADER_TENANT, b"acme"), ("embedstream.model", b"m")]
+    letter = dead_letter(RawRecord("t", 0, 7, b"d1", b"{bad", 1000, tuple(failed_before)),
+                         "invalid_json", "bad", 1_000_000)
+    headers = [(k, v) for k, v in letter.headers]
+    assert (HEADER_TENANT, b"acme") in headers and ("embedstream.model", b"m") in headers
+    assert dict(headers)["embedstream.reason"] == b"invalid_json"
+    assert [k for k, _ in headers].count("embedstream.reason") == 1
+    assert "embedstream.redriven_from" not in dict(headers)
