@@ -103,12 +103,25 @@ def _parser() -> argparse.ArgumentParser:
                          help="port [EMBEDSTREAM_GATEWAY_PORT]")
     gateway.add_argument("--api-keys-file", dest="gateway_api_keys_file", type=Path,
                          help="file of API keys, one a line [EMBEDSTREAM_GATEWAY_API_KEYS_FILE]")
+    gateway.add_argument("--allow-anonymous", dest="gateway_allow_anonymous",
+                         action="store_const", const=True,
+                         help="serve a non-loopback address without API keys, on purpose "
+                         "[EMBEDSTREAM_GATEWAY_ALLOW_ANONYMOUS]")
     gateway.add_argument("--no-search", dest="gateway_search", action="store_const", const=False,
                          help="ingest only: load no models [EMBEDSTREAM_GATEWAY_SEARCH=false]")
     gateway.add_argument("--models", type=lambda s: s.split(","),
                          help="models to search, comma-separated (default: all in --model-dir)")
     _add_connection_flags(gateway)
     _add_model_flags(gateway)
+
+    api_key = sub.add_parser("api-key", help="make a gateway API key and its keys-file line")
+    api_key.add_argument("--scopes", default="ingest,search",
+                         help="comma-separated: ingest, search, admin (default ingest,search)")
+    api_key.add_argument("--tenant", help="bind the key to this tenant")
+    api_key.add_argument("--name", help="a label for logs (never the key)")
+    api_key.add_argument("--rate", type=float, help="requests per second (default: the gateway's)")
+    api_key.add_argument("--plain", action="store_true",
+                         help="print the line with the key itself instead of its salted hash")
 
     export = sub.add_parser("export", help="export a checkpoint to an ONNX model directory")
     export.add_argument("checkpoint", nargs="?",
@@ -327,6 +340,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from embedstream.commands import gateway
 
         return gateway(settings)
+    if args.command == "api-key":
+        from embedstream.commands import make_api_key
+
+        return make_api_key(args)
     if args.command == "export":
         from embedstream.commands import export_model
 

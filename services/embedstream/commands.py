@@ -141,6 +141,22 @@ def gateway(settings: Settings) -> int:
     return run_gateway(settings)
 
 
+def make_api_key(args: argparse.Namespace) -> int:
+    """Print a new API key (give it to the client) and its keys-file line (for the
+    gateway's keys file or Secret; the salted hash unless ``--plain``)."""
+    from embedstream.gateway.auth import hash_key, new_key, parse_line
+
+    key = new_key()
+    options = [f"scopes={args.scopes}"]
+    options += [f"{name}={value}" for name in ("tenant", "rate", "name")
+                if (value := getattr(args, name)) is not None]
+    line = " ".join([key if args.plain else hash_key(key), *options])
+    parse_line(line, "the new key")  # the options are checked as the gateway will
+    print(f"key:  {key}")
+    print(f"line: {line}")
+    return 0
+
+
 def export_model(settings: Settings, args: argparse.Namespace) -> int:
     kind = getattr(args, "kind", "text")
     if kind != "text":

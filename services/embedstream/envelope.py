@@ -76,6 +76,11 @@ HEADER_CONTENT_TYPE = "content-type"
 HEADER_ID = "embedstream.id"
 HEADER_MODEL = "embedstream.model"
 HEADER_METADATA = "embedstream.metadata"
+HEADER_TENANT = "embedstream.tenant"
+"""The tenant of a record (read where ``Settings.tenant_from`` allows it)."""
+TENANT_SOURCES = ("none", "header", "envelope")
+TENANT_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+"""Tenant names: a letter, then letters, digits, ``_ . -``; at most 64 characters."""
 
 # The wire format's JSON Schema (shipped with the package; users validate envelopes in their
 # own language with it): the id rule, the text rule, the operations and the version range
@@ -140,6 +145,9 @@ class Event:
     content_type: str | None = None
     op: str = "upsert"
     """``delete``: remove every chunk of ``id`` (a tombstone or ``"op": "delete"``)."""
+    tenant: str | None = None
+    """The tenant the event belongs to (None: none), where the deployment lets records
+    name one (``Settings.tenant_from``). A system field, never the producer's metadata."""
 
     @property
     def deletes(self) -> bool:
@@ -156,8 +164,12 @@ def decode(
     modality: str,
     max_bytes: int = 1 << 20,
     metadata_limits: MetadataLimits | None = None,
+    tenant_from: str = "none",
 ) -> Event:
     """Parse and validate a record of ``modality``. Raises :class:`EnvelopeError`.
+
+    ``tenant_from`` (``Settings.tenant_from``) says where the record may name its
+    tenant; a record naming one elsewhere is refused (``invalid_field``).
 
     Text events are JSON envelopes. Image and audio events are JSON envelopes
     with ``data`` (base64) or ``uri``, or records in the raw-bytes form
@@ -170,13 +182,15 @@ def decode(
 
     if cloudevent.is_cloudevent(record):
         native = cloudevent.unwrap(record, modality)
-        return replace(decode(native, modality, max_bytes, metadata_limits), record=record)
+        return replace(decode(native, modality, max_bytes, metadata_limits, tenant_from),
+                       record=record)
     limits = metadata_limits or MetadataLimits()
     if record.value is None:
-        return _tombstone(record, modality)
+        return replace(_tombstone(record, modality), tenant=tenant_of({}, record, tenant_from))
     value = record.value
     if modality != "text" and _is_raw(record):
-        return _decode_raw(record, modality, max_bytes, limits)
+        event = _decode_raw(record, modality, max_bytes, limits)
+        return replace(event, tenant=tenant_of({}, record, tenant_from))
     if len(value) > max_bytes:
         raise EnvelopeError(
             "payload_too_large", f"value is {len(value)} bytes, limit {max_bytes}"
@@ -187,6 +201,7 @@ def decode(
     event_id = _event_id(body, record)
     model = _optional_str(body, "model")
     version = _version(body, record)
+    tenant = tenant_of(body, record, tenant_from)
     op = body.get("op", "upsert")
     if op not in OPS:
         raise EnvelopeError("invalid_field", f"'op' must be one of {OPS}")
@@ -194,7 +209,7 @@ def decode(
         if strict:
             _check_unicode({"id": event_id, "model": model})
         return Event(id=event_id, modality=modality, model=model, text=None, metadata={},
-                     record=record, version=version, op="delete")
+                     record=record, version=version, op="delete", tenant=tenant)
     metadata = _metadata(body, limits)
     data_b64 = _optional_str(body, "data")
     uri = _optional_str(body, "uri")
@@ -224,7 +239,48 @@ def decode(
         data_b64=data_b64,
         uri=uri,
         version=version,
+        tenant=tenant,
     )
+
+
+def tenant_of(body: dict[str, Any], record: RawRecord, tenant_from: str) -> str | None:
+    """The tenant a record names (header ``embedstream.tenant``, or the envelope's
+    ``tenant`` where ``tenant_from`` is ``envelope``), or None.
+
+    Naming a tenant where the deployment does not allow it is refused, never
+    ignored: an event silently stored without its tenant would be visible to
+    every untenanted key, and one stored under the wrong one to another tenant.
+    """
+    raw_header = header(record, HEADER_TENANT)
+    in_body = body.get("tenant")
+    if raw_header is None and in_body is None:
+        return None
+    if tenant_from == "none":
+        where = "the envelope's 'tenant'" if in_body is not None else f"header {HEADER_TENANT}"
+        raise EnvelopeError("invalid_field", f"{where} is not accepted: this deployment does "
+                            "not let records name a tenant (tenant_from=none)")
+    if in_body is not None and tenant_from != "envelope":
+        raise EnvelopeError("invalid_field", f"the envelope's 'tenant' is not accepted "
+                            f"(tenant_from={tenant_from}): name it in header {HEADER_TENANT}")
+    from_header = None
+    if raw_header is not None:
+        try:
+            from_header = raw_header.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise EnvelopeError("invalid_field", f"header {HEADER_TENANT} is not UTF-8") from err
+    if from_header is not None and in_body is not None and from_header != in_body:
+        raise EnvelopeError("invalid_field", f"header {HEADER_TENANT} and the envelope's "
+                            "'tenant' name different tenants")
+    tenant = from_header if from_header is not None else in_body
+    return check_tenant(tenant)
+
+
+def check_tenant(tenant: object) -> str:
+    """``tenant`` if it is a valid tenant name; :class:`EnvelopeError` if not."""
+    if not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant):
+        raise EnvelopeError("invalid_field", "a tenant is a letter, then up to 63 letters, "
+                            "digits or '_.-'")
+    return tenant
 
 
 def _tombstone(record: RawRecord, modality: str) -> Event:

@@ -86,6 +86,14 @@ class GatewayError(EmbedstreamError):
         self.detail = detail
 
 
+class RateLimited(GatewayError):
+    """A key spent its request budget: 429 with ``Retry-After`` (``retry_after_s``)."""
+
+    def __init__(self, detail: str, retry_after_s: float) -> None:
+        super().__init__(429, "rate_limited", detail)
+        self.retry_after_s = retry_after_s
+
+
 class Cancelled(EmbedstreamError):
     """A retry loop gave up because its caller is shutting down."""
 

@@ -192,6 +192,12 @@ class GatewayMetrics:
             "too_large, unsupported_media_type, unauthorized, backpressure).",
             ["reason"], registry=reg,
         )
+        self.auth = Counter(
+            f"{PREFIX}_gateway_auth",
+            "Requests checked for a key, by the scope the route needs (ingest, search, admin, "
+            "any) and outcome (allowed, unauthorized, forbidden, rate_limited). Never by key.",
+            ["scope", "outcome"], registry=reg,
+        )
         self.broker_ready = Gauge(
             f"{PREFIX}_gateway_broker_ready", "1 while the gateway's producer is connected.",
             registry=reg,

@@ -33,10 +33,10 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from embedstream.envelope import REASONS
+from embedstream.envelope import HEADER_TENANT, REASONS
 from embedstream.errors import SourceError
 from embedstream.settings import Settings
-from embedstream.sources.common import HEADER_VALUE_KIND
+from embedstream.sources.common import HEADER_VALUE_KIND, LETTER_HEADERS
 from embedstream.sources.kafka import client_config
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def _original(
     settings: Settings, letter: Any, headers: dict[str, bytes]
 ) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]] | None:
     """The record a letter stands for: key, value and its own headers (None if gone)."""
-    kept = [(k, v) for k, v in letter.headers or () if not k.startswith("embedstream.")]
+    kept = [(k, v) for k, v in letter.headers or () if k not in LETTER_HEADERS]
     if headers.get(HEADER_VALUE_KIND) != b"reference":
         return letter.key, letter.value, kept
     try:
@@ -247,7 +247,9 @@ def reembed_range(
             if value is None:
                 report.skipped += 1
                 continue
-            producer.send(topic, key=record.key, value=value)
+            # the tenant stays the event's: a re-embedded item lands in its tenant's space
+            tenant = [(k, v) for k, v in record.headers or () if k == HEADER_TENANT]
+            producer.send(topic, key=record.key, value=value, headers=tenant or None)
             report.published += 1
         producer.flush()
     finally:

@@ -21,13 +21,20 @@ import redis
 from redis.commands.search.query import Query
 
 from embedstream.errors import SinkError
-from embedstream.sinks.layout import index_name, meta_field, metadata_of, result_key
+from embedstream.sinks.layout import (
+    TENANT_FIELD,
+    id_of_segment,
+    index_name,
+    meta_field,
+    metadata_of,
+    result_key,
+)
 from embedstream.sinks.redis import has_search
 
 # System fields a hit carries (see embedstream.sinks.layout). The document id is read
 # as doc_id: redis-py's search Document keeps the key in its "id" attribute.
 _RETURN_FIELDS = ("text", "model", "modality", "created_at", "source", "chunk", "chunks",
-                  "start", "end", "metadata")
+                  "start", "end", "metadata", "tenant")
 _FETCH_GROWTH = 4
 _FETCH_MAX = 10_000
 
@@ -113,12 +120,19 @@ class RangeFilter:
 Filter = TagFilter | RangeFilter
 
 
-def filter_expression(filters: Sequence[Filter]) -> str:
+def filter_expression(filters: Sequence[Filter], tenant: str | None = None) -> str:
     """The RediSearch pre-filter of a hybrid KNN query:
-    ``(@meta_lang:{en} @meta_year:[2000 2020])``."""
-    if not filters:
+    ``(@tenant:{acme} @meta_lang:{en} @meta_year:[2000 2020])``.
+
+    Every tag value is escaped, so no filter value can end its clause early:
+    the tenant's clause always holds.
+    """
+    clauses = [f.query() for f in filters]
+    if tenant is not None:
+        clauses.insert(0, f"@{TENANT_FIELD}:{{{_escape_tag(tenant)}}}")
+    if not clauses:
         return "*"
-    return "(" + " ".join(f.query() for f in filters) + ")"
+    return "(" + " ".join(clauses) + ")"
 
 
 def search_vector(
@@ -130,13 +144,15 @@ def search_vector(
     filters: Sequence[Filter] = (),
     fields: Sequence[str] = (),
     per_document: bool = True,
+    tenant: str | None = None,
 ) -> list[Hit]:
     """The ``k`` stored documents of ``model`` nearest to ``vector``, best first (each
     its best chunk); with ``per_document=False``, the ``k`` nearest chunks.
 
     ``filters`` restrict the candidates (all must hold; their fields must be
     indexed, see :func:`embedstream.sinks.redis.metadata_schema`); ``fields``
-    are hash fields to return besides the system fields.
+    are hash fields to return besides the system fields. ``tenant``: only that
+    tenant's documents (None: every document, whatever its tenant).
     """
     query_vec = np.asarray(vector, dtype="<f4").tobytes()
     wanted = tuple(dict.fromkeys((*_RETURN_FIELDS, *fields)))
@@ -144,7 +160,7 @@ def search_vector(
         if has_search(client):
             fetch = k * _FETCH_GROWTH if per_document else k
             while True:
-                chunks = _knn(client, prefix, model, query_vec, fetch, filters, wanted)
+                chunks = _knn(client, prefix, model, query_vec, fetch, filters, wanted, tenant)
                 moved = {h.fields.get("model", "") for h in chunks} - {model, ""}
                 if moved:  # never answer with vectors of two spaces
                     raise IndexMoved(f"the index of {model} holds {sorted(moved)}'s vectors now")
@@ -152,29 +168,32 @@ def search_vector(
                 if len(hits) >= k or len(chunks) < fetch or fetch >= _FETCH_MAX:
                     return hits[:k]
                 fetch = min(_FETCH_MAX, fetch * _FETCH_GROWTH)
-        chunks = _scan(client, prefix, model, np.frombuffer(query_vec, "<f4"), filters, wanted)
+        chunks = _scan(client, prefix, model, np.frombuffer(query_vec, "<f4"), filters, wanted,
+                       tenant)
         return (best_per_document(chunks) if per_document else chunks)[:k]
     except redis.RedisError as err:
         raise SinkError(f"search in Redis failed: {err}") from err
 
 
 def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
-    """Hits sorted best first, one per document (its best chunk)."""
-    seen: set[str] = set()
+    """Hits sorted best first, one per document (its best chunk). A document is its
+    tenant and id: two tenants' documents with one id are two documents."""
+    seen: set[tuple[str, str]] = set()
     out: list[Hit] = []
     for hit in sorted(hits, key=lambda h: h.score, reverse=True):
-        if hit.id not in seen:
-            seen.add(hit.id)
+        document = (hit.fields.get(TENANT_FIELD) or "", hit.id)
+        if document not in seen:
+            seen.add(document)
             out.append(hit)
     return out
 
 
 def _knn(
     client: redis.Redis, prefix: str, model: str, vec: bytes, k: int,
-    filters: Sequence[Filter], wanted: tuple[str, ...],
+    filters: Sequence[Filter], wanted: tuple[str, ...], tenant: str | None,
 ) -> list[Hit]:
     query = (
-        Query(f"{filter_expression(filters)}=>[KNN {k} @embedding $vec AS distance]")
+        Query(f"{filter_expression(filters, tenant)}=>[KNN {k} @embedding $vec AS distance]")
         .sort_by("distance")
         .return_fields("distance", *wanted)
         .return_field("id", as_field="doc_id")
@@ -195,12 +214,14 @@ def _knn(
 
 def _scan(
     client: redis.Redis, prefix: str, model: str, vec: np.ndarray,
-    filters: Sequence[Filter], wanted: tuple[str, ...],
+    filters: Sequence[Filter], wanted: tuple[str, ...], tenant: str | None,
 ) -> list[Hit]:
     query = vec / (np.linalg.norm(vec) or 1.0)
     scored: list[Hit] = []
     for key in client.scan_iter(match=result_key(prefix, model, "*"), count=1000):
         raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
+        if tenant is not None and raw.get(TENANT_FIELD.encode()) != tenant.encode():
+            continue
         stored = np.frombuffer(raw.get(b"embedding", b""), dtype="<f4")
         if stored.shape != query.shape:
             continue
@@ -217,14 +238,14 @@ def _scan(
 
 def _hit(doc_id: str, key: str, score: float, fields: dict[str, str]) -> Hit:
     metadata = metadata_of(fields)
-    shown = {name: value for name, value in fields.items() if name != "metadata"}
+    shown = {name: value for name, value in fields.items()
+             if name != "metadata" and (value or name != TENANT_FIELD)}  # untenanted: no field
     return Hit(id=doc_id, key=key, score=score, fields=shown, metadata=metadata)
 
 
 def _id_from_key(prefix: str, model: str, key: str) -> str:
     """A document id from a chunk's key (for hashes without an ``id`` field)."""
-    segment = key[len(result_key(prefix, model, "")):].split("#", 1)[0]
-    return segment.replace("%23", "#").replace("%25", "%")
+    return id_of_segment(key[len(result_key(prefix, model, "")):].split("#", 1)[0])
 
 
 _TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")

@@ -380,7 +380,11 @@ class Settings(BaseSettings):
     )
 
     # --- Gateway -----------------------------------------------------------
-    gateway_host: str = Field("0.0.0.0", description="Address the HTTP gateway binds.")
+    gateway_host: str = Field(
+        "127.0.0.1", description="Address the HTTP gateway binds. Loopback by default; a "
+        "non-loopback address (0.0.0.0 in a container) needs API keys or "
+        "gateway_allow_anonymous, or the gateway refuses to start."
+    )
     gateway_port: int = Field(8080, ge=0, le=65535, description="Port of the HTTP gateway.")
     gateway_max_request_bytes: int = Field(
         8 << 20, ge=1024, description="Largest request body the gateway reads (413 above). "
@@ -395,12 +399,42 @@ class Settings(BaseSettings):
     )
     gateway_api_keys: list[SecretStr] = Field(
         default_factory=list,
-        description="API keys the gateway accepts (X-API-Key header or 'Authorization: Bearer'). "
-        "Empty with no keys file: no auth. Env: JSON list. Never logged.",
+        description="API keys the gateway accepts (X-API-Key header or 'Authorization: Bearer'), "
+        "each a line of the keys-file format (README, Gateway security): the key or its "
+        "salted hash, then optional scopes=, tenant=, rate=, burst=, name=. Env: JSON list. "
+        "Never logged.",
     )
     gateway_api_keys_file: Path | None = Field(
-        None, description="File of API keys, one per line ('#' comments), read at start; "
-        "adds to gateway_api_keys. Mount a secret here in Kubernetes."
+        None, description="File of API keys, one a line in the same format ('#' comments); "
+        "adds to gateway_api_keys and is re-read when it changes (a Kubernetes Secret "
+        "mounted here updates without a restart)."
+    )
+    gateway_api_keys_reload_s: float = Field(
+        5.0, gt=0, description="How often (at most) the gateway looks whether the keys file "
+        "changed. A revoked key stops working within this time."
+    )
+    gateway_allow_anonymous: bool = Field(
+        False, description="Serve without API keys on a non-loopback address (every request "
+        "gets every scope, no tenant). Off: the gateway refuses to start open. Logged as a "
+        "warning at every start."
+    )
+    gateway_rate_limit: float = Field(
+        0.0, ge=0, description="Requests per second each key may make (token bucket; 429 with "
+        "Retry-After above it); a key's own rate= overrides it. 0: no limit. Anonymous "
+        "requests share one bucket."
+    )
+    gateway_rate_burst: int = Field(
+        0, ge=0, description="Requests a key may make at once before its rate applies "
+        "(bucket size; a key's burst= overrides it). 0: twice the rate, at least 1."
+    )
+    tenant_from: Literal["none", "header", "envelope"] = Field(
+        "none", description="Where an event on Kafka names its tenant (the worker stores it as "
+        "the system field 'tenant'; searches of a tenant's keys see only that tenant's items). "
+        "'none': events have no tenant, and one that names a tenant is dead-lettered; "
+        "'header': the record header embedstream.tenant (what the gateway writes for a "
+        "tenant-bound key); 'envelope': that header or the envelope's 'tenant' field. Kafka "
+        "ACLs decide who may produce, so allow it only where every producer on the topics "
+        "may name any tenant. Set the same value on workers and gateway."
     )
     gateway_publish_timeout_s: float = Field(
         10.0, gt=0, description="How long an ingest request waits for the broker to confirm "
@@ -443,14 +477,6 @@ class Settings(BaseSettings):
         return {"text": self.topic_text, "image": self.topic_image, "audio": self.topic_audio}[
             modality
         ]
-
-    def api_keys(self) -> list[str]:
-        """Every accepted gateway API key (settings list plus the keys file)."""
-        keys = [k.get_secret_value() for k in self.gateway_api_keys]
-        if self.gateway_api_keys_file is not None:
-            lines = self.gateway_api_keys_file.read_text(encoding="utf-8").splitlines()
-            keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        return [k for k in keys if k]
 
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]

@@ -235,18 +235,22 @@ class MemoryResults:
 
 
 class MemoryPublisher:
-    """The gateway's publisher in memory: ``published`` holds (topic, key, value);
-    ``backpressure`` makes every publish raise :class:`Backpressure`."""
+    """The gateway's publisher in memory: ``published`` holds (topic, key, value),
+    ``headers`` each record's headers (same order); ``backpressure`` makes every
+    publish raise :class:`Backpressure`."""
 
     def __init__(self) -> None:
         self.published: list[tuple[str, str | None, bytes | None]] = []
+        self.headers: list[dict[str, bytes]] = []
         self.backpressure = False
         self.closed = False
 
-    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]]) -> None:
+    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]],
+                headers: Sequence[tuple[str, bytes]] = ()) -> None:
         if self.backpressure:
             raise Backpressure("simulated full buffer", retry_after_s=3)
         self.published.extend((topic, key, value) for key, value in records)
+        self.headers.extend(dict(headers) for _ in records)
 
     def ready(self) -> bool:
         return not self.backpressure

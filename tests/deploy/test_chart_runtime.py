@@ -31,17 +31,19 @@ from embedstream.runtime import onnx as ort_backend
 VALUES: dict[str, dict[str, Any] | None] = {
     "defaults": None,
     **{p.name: load_values(p) for p in CI_VALUES},
-    "gateway-search": {"gateway": {"enabled": True}},
-    "gateway-ingest-only": {"gateway": {"enabled": True, "search": False}},
+    "gateway-search": {"gateway": {"enabled": True, "auth": {"allowAnonymous": True}}},
+    "gateway-ingest-only": {"gateway": {"enabled": True, "search": False,
+                                        "auth": {"existingSecret": "keys"}}},
     "image-mode": {"modelDelivery": {"mode": "image"}, "image": {"tag": "0.1.0-models"},
-                   "gateway": {"enabled": True}},
+                   "gateway": {"enabled": True, "auth": {"allowAnonymous": True}}},
     "pvc-mode": {"modelDelivery": {"mode": "pvc", "pvc": {"claimName": "models", "subPath": "v2"}},
-                 "gateway": {"enabled": True}},
+                 "gateway": {"enabled": True, "auth": {"allowAnonymous": True}}},
     "custom-paths": {"modelDelivery": {"path": "/srv/models", "init": {
         "sourcePath": "/opt/models", "targetPath": "/work/out"}}},
 }
 SECRET_FILE_VARS = ("EMBEDSTREAM_KAFKA_SSL_CAFILE", "EMBEDSTREAM_KAFKA_SSL_CERTFILE",
-                    "EMBEDSTREAM_KAFKA_SSL_KEYFILE", "EMBEDSTREAM_REDIS_SSL_CA_FILE")
+                    "EMBEDSTREAM_KAFKA_SSL_KEYFILE", "EMBEDSTREAM_REDIS_SSL_CA_FILE",
+                    "EMBEDSTREAM_GATEWAY_API_KEYS_FILE")
 
 
 def pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

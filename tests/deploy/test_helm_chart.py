@@ -30,16 +30,17 @@ from deploy_manifests import (
 EXPECTED_KINDS = {
     "cpu-values.yaml": {"ServiceAccount": 1, "Deployment": 2, "PodDisruptionBudget": 2,
                         "HorizontalPodAutoscaler": 1, "PodMonitor": 1, "PrometheusRule": 1,
-                        "ConfigMap": 1},
+                        "ConfigMap": 1, "NetworkPolicy": 1},
     "gpu-values.yaml": {"ServiceAccount": 1, "Deployment": 3, "PodDisruptionBudget": 3,
-                        "Service": 3, "ServiceMonitor": 1},
+                        "Service": 3, "ServiceMonitor": 1, "NetworkPolicy": 1},
     "keda-values.yaml": {"ServiceAccount": 1, "Deployment": 3, "PodDisruptionBudget": 3,
-                         "ScaledObject": 2, "PodMonitor": 2, "Service": 1},
+                         "ScaledObject": 2, "PodMonitor": 2, "Service": 1, "NetworkPolicy": 2},
     "secrets-values.yaml": {"ServiceAccount": 1, "Deployment": 2, "PodDisruptionBudget": 2,
-                            "ScaledObject": 1, "TriggerAuthentication": 1, "Service": 1},
+                            "ScaledObject": 1, "TriggerAuthentication": 1, "Service": 1,
+                            "NetworkPolicy": 2},
     "strimzi-values.yaml": {"ServiceAccount": 1, "Deployment": 3, "PodDisruptionBudget": 3,
                             "ScaledObject": 2, "TriggerAuthentication": 2, "Service": 1,
-                            "KafkaTopic": 3},
+                            "KafkaTopic": 3, "NetworkPolicy": 2, "Ingress": 1},
 }
 
 ids = [p.name for p in CI_VALUES]

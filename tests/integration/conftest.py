@@ -14,10 +14,17 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from test_worker_e2e import ThreadWorker, _env, make_settings
+from fastapi.testclient import TestClient
+from test_worker_e2e import MODEL, ThreadWorker, _env, make_settings, wait_for
 
 from embedstream.devstack import free_port
+from embedstream.gateway.app import create_app
+from embedstream.gateway.auth import hash_key
+from embedstream.gateway.publisher import KafkaEventPublisher
+from embedstream.gateway.query import Searcher
+from embedstream.runtime.loader import load_models
 from embedstream.settings import Settings
+from embedstream.sinks.redis import connect
 
 API_KEY = "test-key-" + uuid.uuid4().hex[:6]
 SCHEMA = {"lang": "tag", "year": "numeric"}
@@ -42,7 +49,7 @@ def gateway(stack, model_root, tmp_path_factory) -> Iterator[Gateway]:
         topic_results=f"{unique}.results", publish_results=True, metadata_schema=SCHEMA,
         # binary mode: the value stays the plain results JSON, the ce_* headers come along
         results_cloudevents="binary",
-        batch_max_wait_ms=5, intra_op_threads=1,
+        batch_max_wait_ms=5, intra_op_threads=1, tenant_from="header",
     )
     worker = ThreadWorker(settings)
     port = free_port()
@@ -52,6 +59,7 @@ def gateway(stack, model_root, tmp_path_factory) -> Iterator[Gateway]:
         "EMBEDSTREAM_TOPIC_AUDIO": settings.topic_audio,
         "EMBEDSTREAM_METADATA_SCHEMA": json.dumps(SCHEMA),
         "EMBEDSTREAM_GATEWAY_API_KEYS": json.dumps([API_KEY]),
+        "EMBEDSTREAM_TENANT_FROM": "header",
     }
     log = (tmp_path_factory.mktemp("gateway") / "gateway.log").open("w")
     proc = subprocess.Popen(
@@ -79,3 +87,43 @@ def gateway(stack, model_root, tmp_path_factory) -> Iterator[Gateway]:
             proc.kill()
         log.close()
         worker.stop()
+
+
+# Keys of the scoped gateway: one per scope, one with every scope, one per tenant (A's
+# given hashed, as a Secret would hold it).
+SCOPED_KEYS = {
+    "ingest": "k-ingest-" + uuid.uuid4().hex, "search": "k-search-" + uuid.uuid4().hex,
+    "admin": "k-admin-" + uuid.uuid4().hex, "all": "k-all-" + uuid.uuid4().hex,
+    "tenant-a": "k-acme-" + uuid.uuid4().hex, "tenant-b": "k-globex-" + uuid.uuid4().hex,
+}
+TENANTS = {"tenant-a": "acme", "tenant-b": "globex"}
+
+
+@dataclass
+class ScopedGateway:
+    """An in-process gateway with scoped and tenant-bound keys over the session
+    gateway's broker, worker, Redis and topics."""
+
+    client: TestClient
+    settings: Settings
+    keys: dict[str, str]
+
+    def as_key(self, name: str | None) -> dict[str, str]:
+        return {"X-API-Key": self.keys[name]} if name else {}
+
+
+@pytest.fixture(scope="session")
+def scoped_gateway(gateway, model_root, tmp_path_factory) -> Iterator[ScopedGateway]:
+    keys_file = tmp_path_factory.mktemp("keys") / "keys"
+    lines = [f"{SCOPED_KEYS[s]} scopes={s} name={s}" for s in ("ingest", "search", "admin")]
+    lines.append(f"{SCOPED_KEYS['all']} scopes=ingest,search,admin name=all")
+    lines.append(f"{hash_key(SCOPED_KEYS['tenant-a'])} scopes=ingest,search,admin tenant=acme")
+    lines.append(f"{SCOPED_KEYS['tenant-b']} scopes=ingest,search,admin tenant=globex")
+    keys_file.write_text("\n".join(lines) + "\n")
+    settings = gateway.settings.model_copy(update={"gateway_api_keys_file": keys_file})
+    models = load_models(model_root, [MODEL], providers=[], threads=1)
+    searcher = Searcher(settings, models, connect(settings))
+    app = create_app(settings, KafkaEventPublisher(settings), searcher)
+    with TestClient(app) as client:
+        assert wait_for(lambda: client.get("/readyz").status_code == 200, timeout=60)
+        yield ScopedGateway(client, settings, SCOPED_KEYS)

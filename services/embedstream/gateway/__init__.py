@@ -32,17 +32,26 @@ def build_searcher(settings: Settings) -> Searcher | None:
 
 
 def run_gateway(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT (uvicorn drains open requests); return the exit code."""
+    """Serve until SIGTERM/SIGINT (uvicorn drains open requests); return the exit code.
+
+    Keys and exposure are checked first, so a gateway that may not start open
+    says so at once, before loading any model.
+    """
     import uvicorn
 
     from embedstream.gateway.app import create_app
+    from embedstream.gateway.auth import Authenticator, check_exposure
     from embedstream.gateway.publisher import KafkaEventPublisher
+    from embedstream.metrics import GatewayMetrics
 
+    metrics = GatewayMetrics()
+    auth = Authenticator(settings, metrics)
+    check_exposure(settings, auth)
     searcher = build_searcher(settings)
-    app = create_app(settings, KafkaEventPublisher(settings), searcher)
+    app = create_app(settings, KafkaEventPublisher(settings), searcher, metrics, auth)
     log.info("gateway on http://%s:%d (search %s, auth %s)", settings.gateway_host,
              settings.gateway_port, "on" if searcher else "off",
-             "on" if settings.api_keys() else "off")
+             f"on, {len(auth.store.entries())} keys" if auth.enabled else "off")
     config = uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port,
                             log_config=None, access_log=False, timeout_graceful_shutdown=10)
     uvicorn.Server(config).run()

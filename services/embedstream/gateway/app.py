@@ -13,13 +13,14 @@ import base64
 import binascii
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -31,11 +32,20 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedstream import __version__
-from embedstream.envelope import MAX_ID_LENGTH, check_id
-from embedstream.errors import Backpressure, EnvelopeError, GatewayError, SourceError
+from embedstream.envelope import HEADER_TENANT, MAX_ID_LENGTH, check_id
+from embedstream.errors import Backpressure, EnvelopeError, GatewayError, RateLimited, SourceError
 from embedstream.gateway import embeddings as openai_api
 from embedstream.gateway import schemas
-from embedstream.gateway.auth import KeyCheck
+from embedstream.gateway.auth import (
+    PUBLIC,
+    Authenticator,
+    Principal,
+    check_exposure,
+    check_routes,
+    document_scopes,
+    principal_of,
+    require,
+)
 from embedstream.gateway.ingest import Limits, Upload, records_from_json, records_from_uploads
 from embedstream.gateway.publisher import EventPublisher
 from embedstream.gateway.query import Searcher, parse_filters
@@ -55,6 +65,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, text in (
         (400, "Malformed body (not JSON, bad filter)."),
         (401, "Missing or wrong API key."),
+        (403, "The API key lacks the scope this operation needs."),
         (404, "Unknown model or stored id, or no model for the query."),
         (413, "Body, envelope or event count over the limit."),
         (415, "Content type not accepted for this modality."),
@@ -63,8 +74,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     )
 }
 _RETRY: dict[int | str, dict[str, Any]] = {
-    429: {"model": schemas.ErrorBody, "description": "Backpressure: retry after the Retry-After "
-          "seconds (producer buffer full or broker unreachable)."}
+    429: {"model": schemas.ErrorBody, "description": "Retry after the Retry-After seconds: the "
+          "API key is over its rate (rate_limited), or backpressure (producer buffer full or "
+          "broker unreachable)."}
+}
+_LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {"model": schemas.ErrorBody, "description": "The API key is over its rate: retry "
+          "after the Retry-After seconds."}
 }
 
 def create_app(
@@ -72,10 +88,20 @@ def create_app(
     publisher: EventPublisher,
     searcher: Searcher | None = None,
     metrics: GatewayMetrics | None = None,
+    auth: Authenticator | None = None,
 ) -> FastAPI:
-    """The gateway application over ``publisher`` (and ``searcher``; None: no search)."""
+    """The gateway application over ``publisher`` (and ``searcher``; None: no search).
+
+    Every route declares the scope it needs (:func:`~embedstream.gateway.auth.require`)
+    or that it is public; an app with a route that does neither is refused, and so
+    is a non-loopback ``gateway_host`` without keys (unless anonymous is allowed).
+    A tenant-bound key's requests are confined to its tenant here, server-side.
+    """
     metrics = metrics or GatewayMetrics()
-    keys = KeyCheck(settings.api_keys())
+    if auth is None:  # else the caller (run_gateway) checked it before loading models
+        auth = Authenticator(settings, metrics)
+        check_exposure(settings, auth)
+    auth.metrics = metrics
     limits = Limits(settings.gateway_max_events, settings.max_event_bytes)
     metrics.broker_ready.set_function(lambda: float(publisher.ready()))
 
@@ -94,22 +120,24 @@ def create_app(
         description="Ingest events over HTTP, search stored embeddings, read vectors.",
         lifespan=lifespan,
     )
+    app.state.auth = auth
     _install_handlers(app, metrics)
-    auth = [Depends(keys)]
 
     infos = list(searcher.info.values()) if searcher is not None else []
     for modality in MODALITIES:
         served_names = sorted(i.name for i in infos if i.modality == modality)
         app.post(
-            f"/v1/events/{modality}", name="ingest", status_code=202, dependencies=auth,
+            f"/v1/events/{modality}", name="ingest", status_code=202,
+            dependencies=[require("ingest")],
             response_model=schemas.Accepted, responses={**_ERRORS, **_RETRY},
             openapi_extra=ingest_openapi(modality, served_names, settings.gateway_max_events),
             summary=f"Publish {modality} events", operation_id=f"ingest_{modality}",
         )(_ingest_handler(modality, settings, publisher, searcher, metrics, limits))
 
     @app.post(
-        "/v1/search", name="search", dependencies=auth, response_model=schemas.SearchResponse,
-        responses={**_ERRORS, 501: {"model": schemas.ErrorBody, "description":
+        "/v1/search", name="search", dependencies=[require("search")],
+        response_model=schemas.SearchResponse,
+        responses={**_ERRORS, **_LIMITED, 501: {"model": schemas.ErrorBody, "description":
                    "The model's modality has no query support in this build."}},
         openapi_extra=search_openapi(infos, settings.gateway_search_max_k),
         summary="Nearest stored items to a text, a file or a stored id",
@@ -128,10 +156,11 @@ def create_app(
                                "send application/json or multipart/form-data")
         if req.k > settings.gateway_search_max_k:
             raise GatewayError(422, "invalid_field", f"k is at most {settings.gateway_search_max_k}")
-        return JSONResponse(await run_in_threadpool(_run_search, active, req, query))
+        tenant = principal_of(request).tenant
+        return JSONResponse(await run_in_threadpool(_run_search, active, req, query, tenant))
 
     @app.post(
-        openai_api.PATH, name="embeddings", dependencies=auth,
+        openai_api.PATH, name="embeddings", dependencies=[require("search")],
         response_model=openai_api.EmbeddingsResponse, summary="Embed texts (OpenAI-compatible)",
         responses={s: {"model": openai_api.OpenAIErrorBody} for s in (400, 401, 404, 413, 503)},
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
@@ -143,15 +172,17 @@ def create_app(
         return Response(openai_api.dumps(out), media_type="application/json")
 
     @app.get(
-        "/v1/embeddings/{model}/{event_id}", name="embedding", dependencies=auth,
+        "/v1/embeddings/{model}/{event_id}", name="embedding", dependencies=[require("search")],
         response_model=schemas.EmbeddingResponse,
-        responses={**_ERRORS, 404: {"model": schemas.ErrorBody, "description": "Not stored."}},
+        responses={**_ERRORS, **_LIMITED,
+                   404: {"model": schemas.ErrorBody, "description": "Not stored."}},
         summary="A stored vector and its fields",
     )
-    def embedding(model: str, event_id: str, chunk: int = 0) -> JSONResponse:
+    def embedding(request: Request, model: str, event_id: str, chunk: int = 0) -> JSONResponse:
         active = _require(searcher)
         info = active.model_for(model, "text")
-        vector, fields = active.stored_vector(info, event_id, chunk)
+        vector, fields = active.stored_vector(info, event_id, chunk,
+                                              tenant=principal_of(request).tenant)
         return JSONResponse({
             "id": event_id, "model": info.name, "dim": int(vector.shape[0]),
             "chunk": int(fields.get("chunk") or 0), "chunks": int(fields.get("chunks") or 1),
@@ -160,11 +191,12 @@ def create_app(
         })
 
     @app.delete(
-        "/v1/items/{event_id}", name="delete", status_code=202, dependencies=auth,
+        "/v1/items/{event_id}", name="delete", status_code=202, dependencies=[require("admin")],
         response_model=schemas.Deleted, responses={**_ERRORS, **_RETRY},
         summary="Delete a document (every chunk, every model) by publishing a tombstone",
     )
     async def delete(
+        request: Request,
         event_id: Annotated[str, PathParam(pattern=ID_PATTERN, max_length=MAX_ID_LENGTH)],
         modality: Literal["text", "image", "audio"] | None = None,
     ) -> JSONResponse:
@@ -173,26 +205,32 @@ def create_app(
         except EnvelopeError as err:
             raise GatewayError(422, err.reason, err.detail) from err
         topics = [settings.topic_for(m) for m in ([modality] if modality else MODALITIES)]
+        headers = _tenant_headers(principal_of(request))
         for topic in topics:
-            await run_in_threadpool(publisher.publish, topic, [(event_id, None)])
+            await run_in_threadpool(publisher.publish, topic, [(event_id, None)], headers)
         return JSONResponse({"id": event_id, "topics": topics}, status_code=202)
 
-    @app.get("/v1/models", name="models", dependencies=auth, response_model=schemas.ModelsResponse,
-             responses=_ERRORS, summary="Models served for search, with their filter fields")
-    def models() -> JSONResponse:
+    @app.get("/v1/models", name="models", dependencies=[require()],
+             response_model=schemas.ModelsResponse, responses={**_ERRORS, **_LIMITED},
+             summary="Models served for search, with their filter fields (any valid key)")
+    def models(request: Request) -> JSONResponse:
         infos = searcher.info.values() if searcher is not None else []
+        principal = principal_of(request)
         return JSONResponse({
             "models": [{"name": i.name, "modality": i.modality, "dimension": i.dimension,
                         "filters": i.schema} for i in infos],
-            "auth": keys.enabled,
+            "auth": auth.enabled,
+            "scopes": sorted(principal.scopes),
+            "tenant": principal.tenant,
             "rollouts": searcher.rollouts() if searcher is not None else [],
         })
 
-    @app.get("/healthz", name="health", summary="Liveness")
+    @app.get("/healthz", name="health", summary="Liveness", dependencies=[PUBLIC])
     def healthz() -> dict[str, bool]:
         return {"alive": True}
 
     @app.get("/readyz", name="health", summary="Readiness: broker, Redis and models",
+             dependencies=[PUBLIC],
              responses={503: {"description": "Not ready; see checks."}})
     def readyz() -> JSONResponse:
         checks = {"broker": publisher.ready()}
@@ -201,16 +239,23 @@ def create_app(
         ok = all(checks.values())
         return JSONResponse({"ready": ok, "checks": checks}, status_code=200 if ok else 503)
 
-    @app.get("/metrics", name="metrics", include_in_schema=False)
+    @app.get("/metrics", name="metrics", include_in_schema=False, dependencies=[PUBLIC])
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", name="page", include_in_schema=False)
+    @app.get("/", name="page", include_in_schema=False, dependencies=[PUBLIC])
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="page-static")
+    check_routes(app)
+    document_scopes(app)
     return app
+
+
+def _tenant_headers(principal: Principal) -> list[tuple[str, bytes]]:
+    """The record headers that stamp a tenant-bound key's tenant on what it publishes."""
+    return [(HEADER_TENANT, principal.tenant.encode())] if principal.tenant else []
 
 
 # ------------------------------------------------------------------ helpers
@@ -242,7 +287,8 @@ def _ingest_handler(modality: str, settings: Settings, publisher: EventPublisher
                                f"{ctype or 'no content type'} is not accepted for {modality} "
                                f"events; send application/json, multipart/form-data or "
                                f"{_raw_types(modality)}")
-        await run_in_threadpool(publisher.publish, topic, records)
+        headers = _tenant_headers(principal_of(request))
+        await run_in_threadpool(publisher.publish, topic, records, headers)
         metrics.accepted.labels(modality).inc(len(records))
         ids = [event_id for event_id, _ in records]
         return JSONResponse({"ids": ids, "topic": topic, "count": len(ids)}, status_code=202)
@@ -263,6 +309,8 @@ def _install_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, err: GatewayError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        if isinstance(err, RateLimited):
+            headers = {"Retry-After": str(max(1, math.ceil(err.retry_after_s)))}
         return error(err.status, err.code, err.detail, headers, request, getattr(err, "param", None))
 
     @app.exception_handler(Backpressure)
@@ -401,20 +449,22 @@ async def _search_form(request: Request, settings: Settings,
 
 
 def _run_search(searcher: Searcher, req: schemas.SearchRequest,
-                query: str | bytes | None) -> dict[str, Any]:
+                query: str | bytes | None, tenant: str | None) -> dict[str, Any]:
+    """Search for ``req``; a tenant's search (``tenant``) sees only that tenant's items,
+    whatever ``req.filters`` say (the tenant clause is ANDed to them in the index)."""
     for _ in range(2):
         try:
-            return _search_once(searcher, req, query)
+            return _search_once(searcher, req, query, tenant)
         except IndexMoved:  # a rollout was promoted meanwhile: embed with the new model
             continue
-    return _search_once(searcher, req, query)
+    return _search_once(searcher, req, query, tenant)
 
 
 def _search_once(searcher: Searcher, req: schemas.SearchRequest,
-                 query: str | bytes | None) -> dict[str, Any]:
+                 query: str | bytes | None, tenant: str | None) -> dict[str, Any]:
     if req.id is not None:
         info = searcher.model_for(req.model, "text")
-        vector, _ = searcher.stored_vector(info, req.id)
+        vector, _ = searcher.stored_vector(info, req.id, tenant=tenant)
     else:
         modality = "text" if isinstance(query, str) else "image"
         info = searcher.model_for(req.model, modality)
@@ -425,7 +475,7 @@ def _search_once(searcher: Searcher, req: schemas.SearchRequest,
         vector = searcher.embed(info, query)
     filters = parse_filters(req.filters, info)
     hits = searcher.search(info, vector, req.k, filters, exclude=req.id,
-                           per_document=not req.all_chunks)
+                           per_document=not req.all_chunks, tenant=tenant)
     return {"model": info.name, "hits": [_hit_json(h) for h in hits]}
 
 

@@ -96,6 +96,9 @@ def validate(envelopes: Iterable[Any], modality: str, topic: str, limits: Limits
         if index >= limits.max_events:
             raise GatewayError(413, "too_many_events",
                                f"more than {limits.max_events} envelopes in one request")
+        if isinstance(body, dict) and "tenant" in body:
+            raise GatewayError(422, "invalid_field", f"envelope {index}: 'tenant' is not "
+                               "yours to set: the API key's tenant is stamped on its events")
         if isinstance(body, dict) and body.get("id") is None:
             body = {**body, "id": uuid.uuid4().hex}
         value = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -23,9 +23,10 @@ _RECONNECT = Backoff(initial_s=1.0, max_s=30.0)
 
 
 class EventPublisher(Protocol):
-    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]]) -> None:
-        """Publish and wait for the broker's confirmation, or raise
-        :class:`Backpressure` (retry later) / :class:`SourceError` (refused)."""
+    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]],
+                headers: Sequence[tuple[str, bytes]] = ()) -> None:
+        """Publish (every record with ``headers``) and wait for the broker's confirmation,
+        or raise :class:`Backpressure` (retry later) / :class:`SourceError` (refused)."""
         ...
 
     def ready(self) -> bool:
@@ -74,7 +75,8 @@ class KafkaEventPublisher:
         self._last_ok = True
         log.info("gateway connected to Kafka at %s", settings.kafka_bootstrap)
 
-    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]]) -> None:
+    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]],
+                headers: Sequence[tuple[str, bytes]] = ()) -> None:
         producer = self._producer
         retry = float(self._settings.gateway_retry_after_s)
         if producer is None:
@@ -82,7 +84,7 @@ class KafkaEventPublisher:
         try:
             producer.publish(
                 topic, records, timeout_s=self._settings.gateway_publish_timeout_s,
-                retry_after_s=retry,
+                retry_after_s=retry, headers=[list(headers)] * len(records) if headers else None,
             )
         except Backpressure:
             self._last_ok = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import unicodedata
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -152,10 +153,14 @@ class Searcher:
         except ModelError as err:
             raise GatewayError(422, "model_error", f"cannot embed the input: {err}") from err
 
-    def stored_vector(self, info: ModelInfo, event_id: str,
-                      chunk: int = 0) -> tuple[np.ndarray, dict[str, str]]:
-        """A stored chunk's vector and fields (chunk 0: the document's first, or only)."""
-        key = result_key(self._settings.key_prefix, info.name, event_id, chunk)
+    def stored_vector(self, info: ModelInfo, event_id: str, chunk: int = 0,
+                      tenant: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
+        """A stored chunk's vector and fields (chunk 0: the document's first, or only).
+
+        ``tenant``: the id in that tenant's id space (None: the untenanted one); a
+        tenant's key never reads another's item, even one with the same id.
+        """
+        key = result_key(self._settings.key_prefix, info.name, event_id, chunk, tenant)
         try:
             raw: dict[bytes, bytes] = self._client.hgetall(key)  # type: ignore[assignment]
         except redis.RedisError as err:
@@ -168,13 +173,18 @@ class Searcher:
         return vector, fields
 
     def search(self, info: ModelInfo, vector: np.ndarray, k: int, filters: list[Filter],
-               exclude: str | None = None, per_document: bool = True) -> list[Hit]:
+               exclude: str | None = None, per_document: bool = True,
+               tenant: str | None = None) -> list[Hit]:
+        """Nearest documents (``tenant``: that tenant's only)."""
         try:
             hits = search_vector(self._client, self._settings.key_prefix, info.name, vector,
-                                 k + (1 if exclude else 0), filters, ("dim",), per_document)
+                                 k + (1 if exclude else 0), filters, ("dim",), per_document,
+                                 tenant=tenant)
         except SinkError as err:
             raise GatewayError(503, "store_unavailable", str(err)) from err
-        return [h for h in hits if h.id != exclude][:k]
+        # the query document itself: its id in the searched tenant's id space
+        excluded = (tenant or "", exclude)
+        return [h for h in hits if (h.fields.get("tenant") or "", h.id) != excluded][:k]
 
     def rollouts(self) -> list[dict[str, Any]]:
         """Every rollout recorded (``embedstream rollout status --json``)."""
@@ -224,6 +234,10 @@ def _tag(field: str, value: Any) -> TagFilter:
     if not values or not all(isinstance(v, str) and v for v in values):
         raise GatewayError(400, "invalid_filter",
                            f"tag filter {field!r} takes a non-empty string or list of them")
+    # RediSearch's query syntax cannot carry control characters, escaped or not
+    if any(unicodedata.category(ch) == "Cc" for v in values for ch in v):
+        raise GatewayError(400, "invalid_filter",
+                           f"tag filter {field!r}: a value holds a control character")
     return TagFilter(field, tuple(values))
 
 

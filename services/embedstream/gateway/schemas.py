@@ -98,3 +98,6 @@ class ModelsResponse(BaseModel):
         default_factory=list, description="Model rollouts recorded (as 'embedstream rollout "
         "status --json'): new, old, state, backfilled, total, rate, eta_s, serving, history "
         "(action, by, at).")
+    scopes: list[str] = Field(description="The scopes of the key that asked.")
+    tenant: str | None = Field(None, description="The tenant of the key that asked: what it "
+                               "sees and stores is that tenant's alone (null: every tenant's).")

@@ -21,6 +21,12 @@ Other tools (search, the gateway, the client, framework recipes) rely on it:
   it back unchanged), and each top-level field is also a hash field
   ``meta_<name>`` (strings as they are, anything else as JSON), which the
   index covers for the fields declared in ``metadata_schema``.
+* A tenant's documents (events that named a tenant, see ``Settings.tenant_from``)
+  live in their tenant's own id space: the key's id segment is
+  ``%<tenant>:<id>`` (``%`` then a letter never occurs in an escaped id, and a
+  tenant name has no ``:``), so tenants A and B may both store ``doc-1``
+  without touching each other; the system field ``tenant`` holds the tenant and
+  the index covers it as a tag, so searches filter by it.
 * A delete leaves ``<prefix>:!tomb:<model>:<id>`` (``version``, ``source``)
   for ``tombstone_retention_s``: a replayed older write cannot bring the
   document back. (``!`` cannot occur in a model name, so no index covers it.)
@@ -33,27 +39,39 @@ from typing import Any
 
 META_PREFIX = "meta_"
 """Hash fields of the producer's metadata: ``meta_<name>``."""
+TENANT_FIELD = "tenant"
+"""The system field (and index tag) of a document's tenant."""
 
 
-def result_key(prefix: str, model: str, event_id: str, chunk: int = 0) -> str:
-    """The hash of chunk ``chunk`` of document ``event_id``."""
-    base = f"{prefix}:{model}:{key_segment(event_id)}"
+def result_key(prefix: str, model: str, event_id: str, chunk: int = 0,
+               tenant: str | None = None) -> str:
+    """The hash of chunk ``chunk`` of document ``event_id`` (of ``tenant``'s, if given)."""
+    base = f"{prefix}:{model}:{key_segment(event_id, tenant)}"
     return base if chunk == 0 else f"{base}#{chunk}"
 
 
-def key_segment(event_id: str) -> str:
-    """An id as it appears in keys: ``%`` and ``#`` escaped (see the module docstring)."""
+def key_segment(event_id: str, tenant: str | None = None) -> str:
+    """An id as it appears in keys: ``%`` and ``#`` escaped, behind its tenant's
+    ``%<tenant>:`` if it has one (see the module docstring)."""
+    scope = f"%{tenant}:" if tenant else ""
     if "%" not in event_id and "#" not in event_id:
-        return event_id
-    return event_id.replace("%", "%25").replace("#", "%23")
+        return scope + event_id
+    return scope + event_id.replace("%", "%25").replace("#", "%23")
+
+
+def id_of_segment(segment: str) -> str:
+    """The id of a key segment (:func:`key_segment` undone, the tenant dropped)."""
+    if segment.startswith("%") and not segment.startswith(("%25", "%23")):
+        segment = segment.split(":", 1)[1] if ":" in segment else segment
+    return segment.replace("%23", "#").replace("%25", "%")
 
 
 def index_name(prefix: str, model: str) -> str:
     return f"{prefix}:idx:{model}"
 
 
-def tombstone_key(prefix: str, model: str, event_id: str) -> str:
-    return f"{prefix}:!tomb:{model}:{key_segment(event_id)}"
+def tombstone_key(prefix: str, model: str, event_id: str, tenant: str | None = None) -> str:
+    return f"{prefix}:!tomb:{model}:{key_segment(event_id, tenant)}"
 
 
 def meta_field(name: str) -> str:

@@ -42,6 +42,7 @@ from embedstream.sinks.base import (
     WriteOutcome,
 )
 from embedstream.sinks.layout import (
+    TENANT_FIELD,
     index_name,
     meta_field,
     result_key,
@@ -335,8 +336,8 @@ class RedisSink:
         for item in deletions:
             event, record = item.event, item.event.record
             self._delete_script(
-                keys=[result_key(self._prefix, item.model.name, event.id),
-                      tombstone_key(self._prefix, item.model.name, event.id)],
+                keys=[result_key(self._prefix, item.model.name, event.id, tenant=event.tenant),
+                      tombstone_key(self._prefix, item.model.name, event.id, event.tenant)],
                 args=[event.version, max(0, record.partition), max(0, record.offset),
                       f"{record.topic}:{record.partition}:{record.offset}", self._retention_ms],
                 client=pipe,
@@ -373,9 +374,10 @@ class RedisSink:
         record = event.record
         name = result.model.name
         parts = result.parts()
-        keys = [result_key(self._prefix, name, event.id),
-                tombstone_key(self._prefix, name, event.id),
-                *(result_key(self._prefix, name, event.id, c.index) for c in parts[1:])]
+        tenant = event.tenant
+        keys = [result_key(self._prefix, name, event.id, tenant=tenant),
+                tombstone_key(self._prefix, name, event.id, tenant),
+                *(result_key(self._prefix, name, event.id, c.index, tenant) for c in parts[1:])]
         common: dict[str, Any] = {
             "id": event.id,
             "model": name,
@@ -386,6 +388,8 @@ class RedisSink:
             "source": f"{record.topic}:{record.partition}:{record.offset}",
             "chunks": len(parts),
         }
+        if tenant is not None:
+            common[TENANT_FIELD] = tenant
         if event.metadata:
             common["metadata"] = json.dumps(event.metadata, ensure_ascii=False,
                                             separators=(",", ":"))
@@ -432,9 +436,12 @@ class RedisSink:
 
 
 # Index attributes every model's index has besides the vector and the metadata fields.
+# An index made before one of them existed gets it by FT.ALTER at the next start
+# (_add_fields): the tenant tag came that way, and hashes stored before it have no
+# tenant, which is what they are.
 _SYSTEM_FIELDS: tuple[TagField | NumericField, ...] = (
     TagField("model"), TagField("modality"), NumericField("created_at"), TagField("id"),
-    NumericField("chunk"),
+    NumericField("chunk"), TagField(TENANT_FIELD),
 )
 
 

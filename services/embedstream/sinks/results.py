@@ -10,7 +10,7 @@ offsets may be committed, the worker publishes one record per event to
 
 ``vector`` (chunk 0's) and ``vectors`` (every chunk's) only with
 ``results_include_vector``. A deletion is ``{"id", "model", "modality", "deleted":
-true, "version", "source", "stored_at"}``. Contract: a record is
+true, "version", "source", "stored_at"}``. Both carry ``tenant`` when the event has one. Contract: a record is
 published only for an event already stored (so "ready" is never announced
 early); with ``results_cloudevents`` the records are CloudEvents (binary or
 structured mode); the announcement is at-least-once, like the pipeline: a worker that
@@ -54,11 +54,13 @@ def result_record(
         "model": result.model.name,
         "modality": result.model.modality,
         "dim": result.model.dimension,
-        "key": result_key(prefix, result.model.name, event.id),
+        "key": result_key(prefix, result.model.name, event.id, tenant=event.tenant),
         "chunks": len(result.parts()),
         "stored_at": stored_at,
         "source": f"{record.topic}:{record.partition}:{record.offset}",
     }
+    if event.tenant is not None:
+        body["tenant"] = event.tenant
     if include_vector:
         vectors = [[float(x) for x in chunk.vector] for chunk in result.parts()]
         body["vector"] = vectors[0]
@@ -71,7 +73,7 @@ def deletion_record(deletion: Deletion, stored_at: float) -> dict[str, Any]:
     """The JSON body of one deletion's results record."""
     event = deletion.event
     record = event.record
-    return {
+    body: dict[str, Any] = {
         "id": event.id,
         "model": deletion.model.name,
         "modality": deletion.model.modality,
@@ -80,6 +82,9 @@ def deletion_record(deletion: Deletion, stored_at: float) -> dict[str, Any]:
         "stored_at": stored_at,
         "source": f"{record.topic}:{record.partition}:{record.offset}",
     }
+    if event.tenant is not None:
+        body["tenant"] = event.tenant
+    return body
 
 
 class KafkaResultsPublisher:

@@ -76,11 +76,22 @@ class BrokerProbe:
         return self._probed[1]
 
 
+LETTER_HEADERS = frozenset({
+    "embedstream.reason", "embedstream.error", "embedstream.source.topic",
+    "embedstream.source.partition", "embedstream.source.offset", "embedstream.failed_at",
+    HEADER_VALUE_KIND, "embedstream.redriven_from",
+})
+"""Headers about a dead letter or a re-drive, not about the event: the event's own
+(``embedstream.id``, ``.model``, ``.metadata`` of the raw-bytes form, ``.tenant``)
+travel with it through the dead-letter topic and back."""
+
+
 def dead_letter_headers(record: RawRecord, reason: str, detail: str) -> list[tuple[str, bytes]]:
     """Headers of a dead letter: reason, detail, source position, then the original headers.
 
-    The record's own ``embedstream.*`` headers are dropped so a re-driven event
-    that fails again carries only its latest reason.
+    An earlier letter's headers (:data:`LETTER_HEADERS`) are dropped so a re-driven
+    event that fails again carries only its latest reason; the event's own headers
+    (its tenant among them) are kept.
     """
     return [*_own_headers(record, reason, detail), *_original_headers(record)]
 
@@ -97,7 +108,7 @@ def _own_headers(record: RawRecord, reason: str, detail: str) -> list[tuple[str,
 
 
 def _original_headers(record: RawRecord) -> list[tuple[str, bytes]]:
-    return [(k, v) for k, v in record.headers if not k.startswith("embedstream.")]
+    return [(k, v) for k, v in record.headers if k not in LETTER_HEADERS]
 
 
 @dataclass(frozen=True, slots=True)

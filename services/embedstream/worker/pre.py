@@ -357,7 +357,8 @@ class PreStage:
     def _decode(self, record: RawRecord) -> Event:
         modality = self.modality_of[record.topic]
         if modality == "text":
-            event = decode(record, modality, self._max_record["text"], self._metadata_limits)
+            event = decode(record, modality, self._max_record["text"], self._metadata_limits,
+                           self.settings.tenant_from)
             if event.text is not None and len(event.text) > self.settings.max_text_chars:
                 raise EnvelopeError(
                     "text_too_long",
@@ -368,7 +369,8 @@ class PreStage:
         json_form = ctype is None or ctype.lower().startswith(b"application/json") or (
             cloudevent.is_structured(record))
         form = "binary_json" if json_form else "binary_raw"
-        return decode(record, modality, self._max_record[form], self._metadata_limits)
+        return decode(record, modality, self._max_record[form], self._metadata_limits,
+                      self.settings.tenant_from)
 
     def _targets_of(self, event: Event, models: dict[str, LoadedModel],
                     routing: Routing) -> tuple[str, ...]:

@@ -18,8 +18,18 @@ function status(text, isError) {
 
 async function loadModels() {
   const res = await fetch("/v1/models", { headers: headers() });
-  if (!res.ok) { status(`cannot list models (${res.status}); an API key may be needed`, true); return; }
-  models = (await res.json()).models;
+  if (!res.ok) {
+    const body = await res.json().catch(() => ({}));
+    const why = body.detail || (res.status === 401 ? "an API key is needed" : "");
+    status(`cannot list models (${res.status}): ${why}`, true);
+    return;
+  }
+  const listing = await res.json();
+  models = listing.models;
+  // What this key may see: the server filters every search to the key's tenant.
+  status(listing.auth ? `key: ${listing.scopes.join(", ")}` +
+    (listing.tenant ? `; tenant ${listing.tenant} (you see its items only)` : "; every tenant") : "");
+  $("whoami").textContent = listing.tenant ? `tenant: ${listing.tenant}` : "";
   $("model").innerHTML = "";
   for (const m of models) {
     const opt = document.createElement("option");
