@@ -23,7 +23,16 @@ BODIES = {
     ("post", "/v1/events/image"): [{"data": _MEDIA}],
     ("post", "/v1/events/audio"): [{"data": _MEDIA}],
     ("post", "/v1/search"): {"text": "authorisation matrix", "k": 1},
+    ("post", "/v1/embeddings"): {"model": MODEL, "input": "authorisation matrix"},
 }
+
+
+def refusal(res) -> tuple[str, str]:
+    """(code, message) of a refusal: ours, or OpenAI's error shape on its endpoint."""
+    body = res.json()
+    if isinstance(body.get("error"), dict):
+        return body["error"]["code"], body["error"]["message"]
+    return body["error"], body["detail"]
 
 
 def expected(scope: str, caller: str | None) -> int | str:
@@ -77,5 +86,6 @@ def test_every_operation_answers_each_caller_as_its_scope_says(scoped_gateway, s
             elif caller == "all" and ((method, path) in BODIES or method in ("get", "delete")):
                 assert res.status_code < 300, f"{method} {path}: {res.status_code} {res.text}"
             if want == 403:
-                assert res.json()["error"] == "forbidden" and f"'{scope}'" in res.json()["detail"]
+                code, message = refusal(res)
+                assert code == "forbidden" and f"'{scope}'" in message
     assert mismatches == []

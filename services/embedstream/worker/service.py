@@ -115,7 +115,7 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     try:
         control = read_control(control_client, settings.key_prefix)
     except redis.RedisError as err:
-        raise SinkError(f"cannot read the model control document: {err}") from err
+        raise SinkError(f"Redis: cannot read the model control document: {err}") from err
     configured = settings.models or sorted(find_models(settings.model_dir))
     names = control.model_set(configured) if configured else []
     instances = load_instances(settings, names)
