@@ -127,6 +127,36 @@ class Settings(BaseSettings):
         True, description="Create a vector index per model when the server supports search."
     )
 
+    # --- Vector index (applied when a model's index is created) -------------
+    # A model's manifest may override any of these (extra.index). An existing index keeps
+    # what it was created with; asking for other values explicitly is refused with how to
+    # roll out to a new index (README, Results in Redis: index settings).
+    index_algorithm: Literal["HNSW", "FLAT", "SVS-VAMANA"] = Field(
+        "HNSW", description="Vector index algorithm. HNSW: approximate, fast queries at any "
+        "size. FLAT: exact, fast writes, but every query scans every vector (and blocks Redis "
+        "meanwhile). SVS-VAMANA: Redis 8.2 or later only (not the embedded dev stack)."
+    )
+    index_vector_type: Literal["FLOAT32", "FLOAT16"] = Field(
+        "FLOAT32", description="Type of the indexed (and stored) vectors. FLOAT16 halves "
+        "their memory; queries are sent in the index's type automatically."
+    )
+    index_m: int = Field(
+        16, ge=1, le=512, description="HNSW M: edges per node and layer (2M on the base "
+        "layer). More: better recall, more memory and slower writes. SVS-VAMANA: "
+        "GRAPH_MAX_DEGREE = 2 x this."
+    )
+    index_ef_construction: int = Field(
+        200, ge=1, le=4096, description="HNSW EF_CONSTRUCTION: candidates considered per "
+        "insert. The main cost of a write into a large index: lower writes faster and "
+        "needs a higher index_ef_runtime for the same recall. SVS-VAMANA: "
+        "CONSTRUCTION_WINDOW_SIZE."
+    )
+    index_ef_runtime: int = Field(
+        10, ge=1, le=4096, description="HNSW EF_RUNTIME: candidates considered per query "
+        "(the index's default for every KNN query; at least k is used). Higher: better "
+        "recall, slower queries; costs writes nothing. SVS-VAMANA: SEARCH_WINDOW_SIZE."
+    )
+
     # --- Models ------------------------------------------------------------
     model_dir: Path = Field(
         Path("models"), description="Root folder of model directories (one per model)."

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
-from redis.commands.search.field import NumericField, TagField, VectorField
+from redis.commands.search.field import NumericField, TagField
 from redis.commands.search.index_definition import IndexDefinition, IndexType
 from redis.retry import Retry
 
@@ -36,7 +36,9 @@ from embedstream.envelope import RESERVED_FIELDS
 from embedstream.errors import ConfigError, SinkError, StoreFull
 from embedstream.models.manifest import Manifest
 from embedstream.settings import Settings
+from embedstream.sinks import index as vector_index
 from embedstream.sinks.base import Embedded, Rejected, WriteOutcome
+from embedstream.sinks.index import IndexConfig
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,9 @@ class RedisSink:
         self._last_ping: tuple[float, bool] = (-1.0, True)
         self._settings = settings
         self.search_enabled = False
+        self.index_configs: dict[str, IndexConfig] = {}
+        """Model name -> the configuration its index has (after :meth:`prepare`); writes
+        must store vectors in its ``vector_type``."""
 
     def prepare(self, models: list[Manifest]) -> None:
         try:
@@ -204,36 +209,40 @@ class RedisSink:
         name = index_name(self._prefix, manifest.name)
         search = self._client.ft(name)
         schema = metadata_schema(manifest, self._settings)
+        # Index settings (algorithm, graph, vector type): see embedstream.sinks.index.
+        wanted = vector_index.index_config(manifest, self._settings)
         try:
             info = search.info()
         except redis.ResponseError:
             info = None
         if info is not None:
-            existing = _index_dimension(info)
-            if existing is not None and existing != manifest.dimension:
-                raise ConfigError(
-                    f"index {name} holds {existing}-d vectors but model {manifest.name} makes "
-                    f"{manifest.dimension}-d ones: give the new model another name"
-                )
+            self.index_configs[manifest.name] = vector_index.check_existing(
+                self._client, name, manifest, wanted, info,
+                asked=vector_index.explicit(manifest, self._settings))
             self._add_fields(search, name, schema, _index_attributes(info))
             return
-        search.create_index(
-            [
-                VectorField(
-                    "embedding",
-                    "HNSW",
-                    {"TYPE": "FLOAT32", "DIM": manifest.dimension, "DISTANCE_METRIC": "COSINE"},
+        try:
+            search.create_index(
+                [
+                    vector_index.vector_field(wanted, manifest.dimension),
+                    TagField("model"),
+                    TagField("modality"),
+                    NumericField("created_at"),
+                    *(_metadata_field(field, kind) for field, kind in schema.items()),
+                ],
+                definition=IndexDefinition(
+                    prefix=[result_key(self._prefix, manifest.name, "")],
+                    index_type=IndexType.HASH,
                 ),
-                TagField("model"),
-                TagField("modality"),
-                NumericField("created_at"),
-                *(_metadata_field(field, kind) for field, kind in schema.items()),
-            ],
-            definition=IndexDefinition(
-                prefix=[result_key(self._prefix, manifest.name, "")], index_type=IndexType.HASH
-            ),
-        )
-        log.info("created vector index %s (%d-d, HNSW, cosine)", name, manifest.dimension)
+            )
+        except redis.ResponseError as err:
+            unsupported = vector_index.creation_error(wanted, err)
+            if unsupported is not None:
+                raise unsupported from err
+            raise
+        self.index_configs[manifest.name] = wanted
+        log.info("created vector index %s (%d-d, %s, cosine)", name, manifest.dimension,
+                 wanted.describe())
 
     def _add_fields(
         self, search: Any, name: str, schema: dict[str, str], existing: set[str]
@@ -346,15 +355,3 @@ def _index_attributes(info: dict[Any, Any]) -> set[str]:
         pairs = dict(zip(values[::2], values[1::2], strict=False))
         names.add(str(pairs.get("attribute") or pairs.get("identifier")))
     return names
-
-
-def _index_dimension(info: dict[Any, Any]) -> int | None:
-    """The DIM of the ``embedding`` vector field from FT.INFO, if found."""
-    for attribute in info.get("attributes", []):
-        values = [v.decode() if isinstance(v, bytes) else v for v in attribute]
-        pairs = dict(zip(values[::2], values[1::2], strict=False))
-        if pairs.get("identifier") == "embedding" or pairs.get("attribute") == "embedding":
-            for i, value in enumerate(values):
-                if str(value).lower() == "dim" and i + 1 < len(values):
-                    return int(values[i + 1])
-    return None
