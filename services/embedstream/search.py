@@ -2,13 +2,16 @@
 
 Uses the model's vector index (FT.SEARCH KNN) where the server has one; on a
 server without the search module it falls back to an exact scan of the
-model's keys, which is fine for development-sized data.
+model's keys, which is fine for development-sized data. The query vector is
+sent in the index's own vector type (FLOAT32 or FLOAT16, read from the server
+and remembered for a minute), see :mod:`embedstream.sinks.index`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,10 +20,15 @@ import redis
 from redis.commands.search.query import Query
 
 from embedstream.errors import SinkError
+from embedstream.sinks.index import index_vector_type, stored_vector, vector_bytes
 from embedstream.sinks.redis import has_search, index_name, result_key
 
 # Not "id": redis-py's search Document uses that attribute for the key.
 _RETURN_FIELDS = ("text", "path", "model", "modality", "created_at", "source")
+_TYPE_TTL_S = 60.0
+# (server, index name) -> (when read, the index's vector type). An index's type never
+# changes (a new type is a new index), so this only saves a round trip per query.
+_index_types: dict[tuple[str, str], tuple[float, str]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,35 +101,51 @@ def search_vector(
     k: int,
     filters: Sequence[Filter] = (),
     fields: Sequence[str] = (),
+    ef_runtime: int | None = None,
 ) -> list[Hit]:
     """The ``k`` stored items of ``model`` nearest to ``vector``, best first.
 
     ``filters`` restrict the candidates (all must hold; their fields must be
     indexed, see :func:`embedstream.sinks.redis.metadata_schema`); ``fields``
     are hash fields to return besides text, model, modality, created_at, source.
+    ``ef_runtime`` overrides the HNSW index's EF_RUNTIME for this query (HNSW only).
     """
-    query_vec = np.asarray(vector, dtype="<f4").tobytes()
+    query = np.asarray(vector, dtype=np.float32)
     wanted = tuple(dict.fromkeys((*_RETURN_FIELDS, *fields)))
     try:
         if has_search(client):
-            return _knn(client, prefix, model, query_vec, k, filters, wanted)
-        return _scan(client, prefix, model, np.frombuffer(query_vec, "<f4"), k, filters, wanted)
+            return _knn(client, prefix, model, query, k, filters, wanted, ef_runtime)
+        return _scan(client, prefix, model, query, k, filters, wanted)
     except redis.RedisError as err:
         raise SinkError(f"search in Redis failed: {err}") from err
 
 
 def _knn(
-    client: redis.Redis, prefix: str, model: str, vec: bytes, k: int,
-    filters: Sequence[Filter], wanted: tuple[str, ...],
+    client: redis.Redis, prefix: str, model: str, vector: np.ndarray, k: int,
+    filters: Sequence[Filter], wanted: tuple[str, ...], ef_runtime: int | None,
 ) -> list[Hit]:
+    index = index_name(prefix, model)
+    ef = " EF_RUNTIME $ef" if ef_runtime is not None else ""
     query = (
-        Query(f"{filter_expression(filters)}=>[KNN {k} @embedding $vec AS distance]")
+        Query(f"{filter_expression(filters)}=>[KNN {k} @embedding $vec{ef} AS distance]")
         .sort_by("distance")
         .return_fields("distance", *wanted)
         .paging(0, k)
         .dialect(2)
     )
-    result = client.ft(index_name(prefix, model)).search(query, query_params={"vec": vec})
+    params: dict[str, str | int | float | bytes] = {}
+    if ef_runtime is not None:
+        params["ef"] = ef_runtime
+    try:
+        params["vec"] = vector_bytes(vector, _vector_type(client, index))
+        result = client.ft(index).search(query, query_params=params)
+    except redis.ResponseError as err:
+        if "blob size" not in str(err):
+            raise
+        # The index was re-created with another type since we looked: look again.
+        _index_types.pop((_server(client), index), None)
+        params["vec"] = vector_bytes(vector, _vector_type(client, index))
+        result = client.ft(index).search(query, query_params=params)
     key_start = len(result_key(prefix, model, ""))
     hits = []
     for doc in result.docs:
@@ -142,8 +166,9 @@ def _scan(
     scored: list[tuple[float, str, dict[str, str]]] = []
     for key in client.scan_iter(match=result_key(prefix, model, "*"), count=1000):
         raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
-        stored = np.frombuffer(raw.get(b"embedding", b""), dtype="<f4")
-        if stored.shape != query.shape:
+        try:
+            stored = stored_vector(raw.get(b"embedding", b""), query.shape[0])
+        except ValueError:  # another dimension, or no vector
             continue
         if not all(f.matches(_optional_text(raw.get(f.field.encode()))) for f in filters):
             continue
@@ -152,6 +177,23 @@ def _scan(
         scored.append((score, _text(key), fields))
     scored.sort(key=lambda hit: hit[0], reverse=True)
     return [Hit(id=key[key_start:], key=key, score=s, fields=f) for s, key, f in scored[:k]]
+
+
+def _vector_type(client: redis.Redis, name: str) -> str:
+    """The vector type of index ``name`` (cached for a minute)."""
+    key = (_server(client), name)
+    now = time.monotonic()
+    cached = _index_types.get(key)
+    if cached is not None and now - cached[0] < _TYPE_TTL_S:
+        return cached[1]
+    kind = index_vector_type(client, name)
+    _index_types[key] = (now, kind)
+    return kind
+
+
+def _server(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db')}{kwargs.get('path', '')}"
 
 
 _TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")
