@@ -184,6 +184,24 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--messages", type=int, default=100_000,
                        help="--clients: messages per client and value size (default 100000; "
                        "--smoke: 2000)")
+    bench.add_argument("--store", action="store_true",
+                       help="the store instead: write rate, memory and recall@10 of each index "
+                       "configuration as the index grows, and the pipeline into the full index")
+    bench.add_argument("--vectors", type=int, default=1_000_000,
+                       help="--store: vectors per configuration (default 1000000; --smoke: 3000)")
+    bench.add_argument("--dim", type=int, help="--store: vector dimension (default: the model's)")
+    bench.add_argument("--store-configs", type=lambda s: s.split(","),
+                       help="--store: comma-separated index configurations: today (before index "
+                       "settings), default (these settings), flat, none, or specs like "
+                       "hnsw:m=16:efc=64:efr=100:type=float16 (default: today,default)")
+    bench.add_argument("--store-steps", type=lambda s: [int(v) for v in s.split(",")],
+                       help="--store: index sizes to measure at, ending at --vectors "
+                       "(default: 1-2-5 steps from --vectors/100)")
+    bench.add_argument("--queries", type=int, default=200,
+                       help="--store: held-out queries for recall@10 (default 200)")
+    bench.add_argument("--store-pipeline", default="default", metavar="CONFIG",
+                       help="--store: configuration the pipeline row writes into at its final "
+                       "size, with --texts texts ('off': no pipeline row; default: default)")
 
     replay = sub.add_parser("replay", help="re-drive dead letters, re-embed a topic range")
     replay_sub = replay.add_subparsers(dest="what", required=True)

@@ -64,6 +64,10 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
         from embedstream.bench.clients import run_clients_command
 
         return run_clients_command(settings, args)
+    if args.store:
+        from embedstream.bench.store import run_store_command
+
+        return run_store_command(settings, args)
     if args.soak is not None:
         return _soak_command(settings, args)
     config = _config(settings, args)
@@ -96,7 +100,7 @@ def _soak_command(settings: Settings, args: argparse.Namespace) -> int:
     else:
         texts = generated_texts(count, args.seed)
     model = args.model or settings.default_text_model
-    _model_dirs(settings, MODALITIES["text"], model, ("pipeline-fp32",))
+    model_dirs(settings, MODALITIES["text"], model, ("pipeline-fp32",))
     config = SoakConfig(
         texts=texts, model=model, rate=args.soak_rate, duration_s=args.soak,
         sample_s=args.soak_sample_s, warmup_s=min(60.0, args.soak / 5), batch_size=args.batch_size,
@@ -139,7 +143,7 @@ def _config(settings: Settings, args: argparse.Namespace) -> BenchConfig:
 
 
 def run_bench(settings: Settings, config: BenchConfig) -> Report:
-    fp32_dir, int8_dir = _model_dirs(settings, config.spec, config.model, config.rows)
+    fp32_dir, int8_dir = model_dirs(settings, config.spec, config.model, config.rows)
     runners: dict[str, Runner] = {}
     if "peer" in config.rows:
         runners["peer"] = config.spec.peer(fp32_dir, config.threads, config.batch_size)
@@ -190,7 +194,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
     return report
 
 
-def _model_dirs(
+def model_dirs(
     settings: Settings, spec: Modality, model: str, rows: tuple[str, ...]
 ) -> tuple[Path, Path]:
     """The fp32 and int8 model directories, exporting / quantizing what the rows need."""

@@ -39,6 +39,7 @@ from embedstream.devstack import free_port
 from embedstream.errors import BenchError
 from embedstream.producer import Producer
 from embedstream.settings import Settings
+from embedstream.sinks.index import stored_vector
 from embedstream.sinks.redis import connect, result_key
 
 _POLL_S = 0.5
@@ -65,11 +66,12 @@ class WorkerProcess:
 
     def __init__(
         self, settings: Settings, model: str, threads: int, batch_size: int,
-        modality: str = "text",
+        modality: str = "text", extra_env: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         env = {
             **os.environ,
+            **(extra_env or {}),
             "EMBEDSTREAM_MODELS": json.dumps([model]),
             f"EMBEDSTREAM_DEFAULT_{modality.upper()}_MODEL": model,
             f"EMBEDSTREAM_TOPIC_{modality.upper()}": settings.topic_for(modality),
@@ -170,23 +172,27 @@ def run_pipeline(
     offered_share: float = 0.5,
     timeout_s: float = 600.0,
     stack_pids: dict[str, int] | None = None,
+    key_prefix: str | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> PipelineResult:
     """Throughput then latency of ``model`` through the whole pipeline.
 
     ``inputs`` are texts (``modality`` "text") or encoded image / audio files.
+    ``key_prefix``: store under this prefix (default: one of the run's own), e.g. into
+    an index already holding vectors; ``worker_env``: more environment for the worker.
     """
     run = "b" + uuid.uuid4().hex[:8]
     settings = base.model_copy(update={
         "topic_text": f"{run}.text", "topic_image": f"{run}.image",
         "topic_audio": f"{run}.audio", "topic_dlq": f"{run}.dlq", "group_id": f"{run}-group",
-        "key_prefix": run,
+        "key_prefix": key_prefix or run,
     })
     ids = [f"{run}-{i}" for i in range(len(inputs))]
     with Producer(settings, topics=[settings.topic_for(modality)]) as producer:
         for event_id, item in zip(ids, inputs, strict=True):
             _send(producer, modality, item, event_id)
         producer.flush()
-    worker = WorkerProcess(settings, model, threads, batch_size, modality)
+    worker = WorkerProcess(settings, model, threads, batch_size, modality, worker_env)
     processes = {"worker": worker.proc.pid, **(stack_pids or {})}
     try:
         # The first write starts the CPU window: caught within 20 ms, before the last one.
@@ -276,12 +282,12 @@ def _read_stored(
     """Vectors (in ``ids`` order) and write times (unix seconds) of stored events."""
     pipe = client.pipeline(transaction=False)
     for event_id in ids:
-        pipe.hmget(result_key(prefix, model, event_id), ["embedding", "created_at"])
+        pipe.hmget(result_key(prefix, model, event_id), ["embedding", "created_at", "dim"])
     rows = pipe.execute()
-    if any(blob is None for blob, _ in rows):
+    if any(blob is None for blob, _, _ in rows):
         raise BenchError("some events are missing from Redis after the pipeline run")
-    vectors = np.stack([np.frombuffer(blob, dtype="<f4") for blob, _ in rows])
-    return vectors, np.array([float(stamp) for _, stamp in rows])
+    vectors = np.stack([stored_vector(blob, int(dim)) for blob, _, dim in rows])
+    return vectors, np.array([float(stamp) for _, stamp, _ in rows])
 
 
 def _seconds_per_run(written_at: np.ndarray) -> float:
