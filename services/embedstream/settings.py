@@ -146,13 +146,13 @@ class Settings(BaseSettings):
         "GRAPH_MAX_DEGREE = 2 x this."
     )
     index_ef_construction: int = Field(
-        200, ge=1, le=4096, description="HNSW EF_CONSTRUCTION: candidates considered per "
+        64, ge=1, le=4096, description="HNSW EF_CONSTRUCTION: candidates considered per "
         "insert. The main cost of a write into a large index: lower writes faster and "
         "needs a higher index_ef_runtime for the same recall. SVS-VAMANA: "
         "CONSTRUCTION_WINDOW_SIZE."
     )
     index_ef_runtime: int = Field(
-        10, ge=1, le=4096, description="HNSW EF_RUNTIME: candidates considered per query "
+        100, ge=1, le=4096, description="HNSW EF_RUNTIME: candidates considered per query "
         "(the index's default for every KNN query; at least k is used). Higher: better "
         "recall, slower queries; costs writes nothing. SVS-VAMANA: SEARCH_WINDOW_SIZE."
     )

@@ -34,7 +34,7 @@ def manifest(**extra: Any) -> Manifest:
 
 
 def info(algorithm: str = "HNSW", data_type: str = "FLOAT32", dim: int = 4, m: int = 16,
-         efc: int = 200) -> dict[str, Any]:
+         efc: int = 64) -> dict[str, Any]:
     """FT.INFO as redis-py returns it over RESP2 (attributes as flat lists)."""
     attribute = ["identifier", "embedding", "attribute", "embedding", "type", "VECTOR",
                  "algorithm", algorithm, "data_type", data_type, "dim", dim,
@@ -95,7 +95,7 @@ def test_create_attributes_per_algorithm() -> None:
         "TYPE": "FLOAT32", "DIM": 4, "DISTANCE_METRIC": "COSINE"}
     svs = IndexConfig(algorithm="SVS-VAMANA").attributes(4)
     assert (svs["GRAPH_MAX_DEGREE"], svs["CONSTRUCTION_WINDOW_SIZE"],
-            svs["SEARCH_WINDOW_SIZE"]) == (32, 200, 10)
+            svs["SEARCH_WINDOW_SIZE"]) == (32, 64, 100)
     args = vector_field(hnsw, 384).redis_args()
     assert args[:3] == ["embedding", "VECTOR", "HNSW"] and args[3] == 12
 
@@ -144,9 +144,9 @@ def test_another_dimension_is_refused() -> None:
 
 
 @pytest.mark.parametrize(("wanted", "have", "ef"), [
-    (IndexConfig(ef_construction=64), info(), 10),
-    (IndexConfig(vector_type="FLOAT16"), info(), 10),
-    (IndexConfig(algorithm="FLAT"), info(), 10),
+    (IndexConfig(ef_construction=100), info(), 100),
+    (IndexConfig(vector_type="FLOAT16"), info(), 100),
+    (IndexConfig(algorithm="FLAT"), info(), 100),
     (IndexConfig(ef_runtime=100), info(), 10),
     (IndexConfig(), info("FLAT"), None),
 ])

@@ -57,9 +57,9 @@ class IndexConfig:
     vector_type: str = "FLOAT32"
     m: int = 16
     """HNSW: most edges per node and layer (2·M on layer 0); SVS-VAMANA: GRAPH_MAX_DEGREE = 2·M."""
-    ef_construction: int = 200
+    ef_construction: int = 64
     """HNSW: candidates kept while inserting; SVS-VAMANA: CONSTRUCTION_WINDOW_SIZE."""
-    ef_runtime: int = 10
+    ef_runtime: int = 100
     """HNSW: candidates kept while searching (the index's default for every query);
     SVS-VAMANA: SEARCH_WINDOW_SIZE."""
 
