@@ -10,13 +10,22 @@ import subprocess
 import numpy as np
 import pytest
 import redis
+from redis.commands.search.index_definition import IndexDefinition, IndexType
 
 from embedstream.devstack import DevStackConfig
+from embedstream.envelope import Event, RawRecord
 from embedstream.errors import ConfigError
 from embedstream.models.manifest import Manifest
 from embedstream.search import search_vector
 from embedstream.settings import Settings
-from embedstream.sinks.index import IndexConfig, existing_config, runtime_ef, vector_bytes
+from embedstream.sinks.base import Embedded
+from embedstream.sinks.index import (
+    IndexConfig,
+    existing_config,
+    runtime_ef,
+    vector_bytes,
+    vector_field,
+)
 from embedstream.sinks.redis import RedisSink, index_name, result_key
 
 MODEL = Manifest(name="idx-test", modality="text", dimension=8, pooling="mean", normalize=True,
@@ -58,15 +67,44 @@ def test_other_settings_for_an_existing_index_are_refused(
 def test_an_index_made_under_older_defaults_is_kept(
     stack: DevStackConfig, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sink(stack, unique, index_algorithm="FLAT", index_vector_type="FLOAT16").prepare([MODEL])
+    sink(stack, unique, index_algorithm="FLAT").prepare([MODEL])
     defaults = RedisSink(Settings(redis_url=stack.redis_url, key_prefix=unique))
     with caplog.at_level(logging.WARNING):
         defaults.prepare([MODEL])
     assert "kept as it is" in caplog.text
-    # Writes must follow the index as it is: its vector type, not the defaults'.
-    assert defaults.index_configs[MODEL.name].vector_type == "FLOAT16"
+    # Writes follow the index as it is (its vector type), not the defaults.
+    assert defaults.index_configs[MODEL.name] == IndexConfig(algorithm="FLAT")
     assert index_of(redis.Redis.from_url(stack.redis_url), unique) == IndexConfig(
-        algorithm="FLAT", vector_type="FLOAT16")
+        algorithm="FLAT")
+
+
+def test_float16_only_where_the_sink_writes_it(stack: DevStackConfig, unique: str) -> None:
+    made = sink(stack, unique, index_vector_type="FLOAT16")
+    if "FLOAT16" not in RedisSink.WRITES_VECTOR_TYPES:
+        # An index whose vectors the sink cannot write would index nothing: refused.
+        with pytest.raises(ConfigError, match="FLOAT16 vectors are not written"):
+            made.prepare([MODEL])
+        return
+    made.prepare([MODEL])
+    vectors = unit_vectors(20)
+    outcome = made.write([Embedded(event(i), MODEL, v) for i, v in enumerate(vectors)])
+    assert outcome.stored == 20
+    client = redis.Redis.from_url(stack.redis_url)
+    assert len(client.hget(result_key(unique, MODEL.name, "d3"), "embedding")) == 2 * 8
+    info = client.ft(index_name(unique, MODEL.name)).info()
+    assert int(info["num_docs"]) == 20 and int(info["hash_indexing_failures"]) == 0
+    assert search_vector(client, unique, MODEL.name, vectors[3], 1)[0].id == "d3"
+
+
+def unit_vectors(count: int) -> np.ndarray:
+    vectors = np.random.default_rng(4).standard_normal((count, MODEL.dimension))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def event(i: int) -> Event:
+    record = RawRecord(topic="t", partition=0, offset=i, key=None, value=None, timestamp_ms=0)
+    return Event(id=f"d{i}", modality="text", model=MODEL.name, text=None, metadata={},
+                 record=record)
 
 
 def test_an_algorithm_the_server_lacks_is_named(stack: DevStackConfig, unique: str) -> None:
@@ -80,11 +118,12 @@ def test_an_algorithm_the_server_lacks_is_named(stack: DevStackConfig, unique: s
 
 @pytest.mark.parametrize("kind", ["FLOAT16", "FLOAT32"])
 def test_queries_are_sent_in_the_index_type(stack: DevStackConfig, unique: str, kind: str) -> None:
-    sink(stack, unique, index_vector_type=kind, index_ef_runtime=20).prepare([MODEL])
     client = redis.Redis.from_url(stack.redis_url)
-    rng = np.random.default_rng(4)
-    vectors = rng.standard_normal((50, MODEL.dimension)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    client.ft(index_name(unique, MODEL.name)).create_index(
+        [vector_field(IndexConfig(vector_type=kind, ef_runtime=20), MODEL.dimension)],
+        definition=IndexDefinition(prefix=[result_key(unique, MODEL.name, "")],
+                                   index_type=IndexType.HASH))
+    vectors = unit_vectors(50)
     for i, vector in enumerate(vectors):  # stored as the write path stores them
         client.hset(result_key(unique, MODEL.name, f"d{i}"),
                     mapping={"embedding": vector_bytes(vector, kind), "model": MODEL.name})

@@ -178,6 +178,9 @@ def has_search(client: redis.Redis) -> bool:
 class RedisSink:
     """See :class:`~embedstream.sinks.base.Sink`."""
 
+    WRITES_VECTOR_TYPES: tuple[str, ...] = ("FLOAT32",)
+    """Vector types :meth:`write` stores; :meth:`prepare` refuses an index of another."""
+
     def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self._client = client if client is not None else connect(settings, retries=False)
         self._prefix = settings.key_prefix
@@ -216,11 +219,14 @@ class RedisSink:
         except redis.ResponseError:
             info = None
         if info is not None:
-            self.index_configs[manifest.name] = vector_index.check_existing(
+            have = vector_index.check_existing(
                 self._client, name, manifest, wanted, info,
                 asked=vector_index.explicit(manifest, self._settings))
+            self._check_writable(name, have)
+            self.index_configs[manifest.name] = have
             self._add_fields(search, name, schema, _index_attributes(info))
             return
+        self._check_writable(name, wanted)
         try:
             search.create_index(
                 [
@@ -243,6 +249,14 @@ class RedisSink:
         self.index_configs[manifest.name] = wanted
         log.info("created vector index %s (%d-d, %s, cosine)", name, manifest.dimension,
                  wanted.describe())
+
+    def _check_writable(self, name: str, config: IndexConfig) -> None:
+        if config.vector_type not in self.WRITES_VECTOR_TYPES:
+            raise ConfigError(
+                f"index {name}: {config.vector_type} vectors are not written by this version "
+                f"(it stores {', '.join(self.WRITES_VECTOR_TYPES)}); set "
+                f"EMBEDSTREAM_INDEX_VECTOR_TYPE=FLOAT32"
+            )
 
     def _add_fields(
         self, search: Any, name: str, schema: dict[str, str], existing: set[str]
