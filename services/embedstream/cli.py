@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, default=400, help="generated images (default 400)")
     bench.add_argument("--clips", type=int, default=300, help="generated audio clips (default 300)")
     bench.add_argument("--file", type=Path, help="your own inputs instead: texts one per line, "
-                       "or a directory (or file) of images / audio files")
+                       "or a directory (or file) of images / audio files (--store: the texts "
+                       "whose embeddings seed the vectors)")
     bench.add_argument("--seed", type=int, default=7, help="seed of the generated inputs")
     bench.add_argument("--batch-size", type=int, default=32, help="batch size of every row")
     bench.add_argument("--threads", type=int, help="inference threads (default: all cores)")

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from embedstream.bench.inputs import generated_texts
+from embedstream.bench.inputs import file_texts, generated_texts
 from embedstream.bench.pipeline import bench_stack, run_pipeline, stack_pids
 from embedstream.bench.store_report import CombinedRow, StepRow, StoreReport, targets
 from embedstream.bench.vectors import SPREAD, ExactNeighbours, SyntheticVectors, recall
@@ -161,6 +161,8 @@ class StoreConfig:
     seed: int
     model: str
     seed_texts: int = SEED_TEXTS
+    seed_file: Path | None = None
+    """The user's own texts (one per line) as the seeds, instead of generated ones."""
     chunk: int = 4096
     """Vectors written to one configuration before the next takes its turn."""
     pipeline: str | None = "default"
@@ -215,7 +217,7 @@ def _config(settings: Settings, args: argparse.Namespace, manifest: Manifest) ->
     return StoreConfig(
         vectors=vectors, dim=dim, steps=steps, candidates=candidates,
         batch_size=args.batch_size, queries=50 if args.smoke else args.queries, seed=args.seed,
-        model=manifest.name, seed_texts=100 if args.smoke else SEED_TEXTS,
+        model=manifest.name, seed_texts=100 if args.smoke else SEED_TEXTS, seed_file=args.file,
         chunk=1000 if args.smoke else 4096, pipeline=pipeline,
         pipeline_texts=48 if args.smoke else args.texts,
         latency_s=3.0 if args.smoke else args.latency_s,
@@ -228,8 +230,12 @@ def _seed_vectors(model_dir: Path, config: StoreConfig) -> np.ndarray:
     from embedstream.bench.rows import OrtRow
 
     row = OrtRow(model_dir, config.threads, 32, "text")
+    texts = (file_texts(config.seed_file, config.seed_texts) if config.seed_file
+             else generated_texts(config.seed_texts, config.seed))
+    if len(texts) < 2:
+        raise BenchError("--store needs at least two seed texts")
     started = time.perf_counter()
-    seeds = row.run(generated_texts(config.seed_texts, config.seed)).vectors
+    seeds = row.run(texts).vectors
     log.info("embedded %d seed texts in %.1fs", len(seeds), time.perf_counter() - started)
     return seeds
 
@@ -407,7 +413,9 @@ def _setup(config: StoreConfig, source: SyntheticVectors, seeds: np.ndarray,
         "vectors": config.vectors, "dim": config.dim, "steps": list(config.steps),
         "model": manifest.name, "configs": {c.label: c.describe() for c in config.candidates},
         "batch_size": config.batch_size, "chunk": config.chunk, "queries": config.queries,
-        "k": K, "seed": config.seed, "seed_texts": len(seeds), "spread": SPREAD,
+        "k": K, "seed": config.seed, "seed_texts": len(seeds),
+        "seed_source": str(config.seed_file) if config.seed_file else "generated",
+        "spread": SPREAD,
         "mean_cosine_to_seed": round(float((sample * source.seeds[which]).sum(axis=1).mean()), 4),
         "top10_variance_share": {"vectors": _top_share(sample), "seeds": _top_share(source.seeds)},
         "server": f"{'valkey' if 'valkey_version' in server else 'redis'} "
