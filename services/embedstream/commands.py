@@ -63,15 +63,18 @@ def produce_files(
 
 
 def search_text(
-    settings: Settings, query: str, *, k: int, model: str | None, as_json: bool
+    settings: Settings, query: str, *, k: int, model: str | None, as_json: bool,
+    all_chunks: bool = False,
 ) -> int:
     name = model or settings.default_text_model
     loaded = _load(settings, name)
-    return _search(settings, name, loaded.embed_texts([query])[0], repr(query), k, as_json)
+    return _search(settings, name, loaded.embed_texts([query])[0], repr(query), k, as_json,
+                   all_chunks)
 
 
 def search_example(
-    settings: Settings, modality: str, path: Path, *, k: int, model: str | None, as_json: bool
+    settings: Settings, modality: str, path: Path, *, k: int, model: str | None, as_json: bool,
+    all_chunks: bool = False,
 ) -> int:
     """Search by example: embed an image or audio file with the model, find its neighbours."""
     name = model or (settings.default_image_model if modality == "image"
@@ -79,7 +82,7 @@ def search_example(
     loaded = _load(settings, name)
     data = path.read_bytes()
     vector = (loaded.embed_images([data]) if modality == "image" else loaded.embed_audio([data]))[0]
-    return _search(settings, name, vector, str(path), k, as_json)
+    return _search(settings, name, vector, str(path), k, as_json, all_chunks)
 
 
 def _load(settings: Settings, name: str) -> LoadedModel:
@@ -91,26 +94,32 @@ def _load(settings: Settings, name: str) -> LoadedModel:
 
 
 def _search(
-    settings: Settings, name: str, vector: np.ndarray, query: str, k: int, as_json: bool
+    settings: Settings, name: str, vector: np.ndarray, query: str, k: int, as_json: bool,
+    all_chunks: bool,
 ) -> int:
     from embedstream.search import search_vector
     from embedstream.sinks.redis import connect
 
     client = connect(settings)
     try:
-        hits = search_vector(client, settings.key_prefix, name, vector, k)
+        hits = search_vector(client, settings.key_prefix, name, vector, k,
+                             per_document=not all_chunks)
     finally:
         client.close()
     if as_json:
-        print(json.dumps([{**h.fields, "id": h.id, "score": h.score} for h in hits], indent=2))
+        print(json.dumps([{**h.fields, "id": h.id, "score": h.score, "chunk": h.chunk,
+                           "chunks": h.chunks, "metadata": h.metadata} for h in hits],
+                         indent=2, ensure_ascii=False))
         return 0
     if not hits:
         print(f"no stored items for model {name}")
         return 0
-    print(f"nearest {len(hits)} to {query} ({name}):")
+    kind = "chunks" if all_chunks else "documents"
+    print(f"nearest {len(hits)} {kind} to {query} ({name}):")
     for rank, hit in enumerate(hits, start=1):
-        label = hit.fields.get("text") or hit.fields.get("path") or hit.id
-        print(f"{rank:>3}. {hit.score:.4f}  {label}")
+        label = hit.fields.get("text") or hit.metadata.get("path") or hit.id
+        where = f" [{hit.id}, chunk {hit.chunk + 1}/{hit.chunks}]" if hit.chunks > 1 else ""
+        print(f"{rank:>3}. {hit.score:.4f}  {label}{where}")
     return 0
 
 
@@ -161,6 +170,45 @@ def quantize_model(settings: Settings, args: argparse.Namespace) -> int:
     print(f"quantized {args.model} -> {directory} ({args.precision}; cosine to fp32 mean "
           f"{report.mean_cosine:.4f}, min {report.min_cosine:.4f})")
     return 0
+
+
+def finetune_model(settings: Settings, args: argparse.Namespace) -> int:
+    """``embedstream finetune``: 0 when written, 3 when refused as worse than the base."""
+    from embedstream.export.finetune import (
+        REPORT_FILE,
+        FinetuneRefused,
+        FinetuneSettings,
+        finetune,
+        format_report,
+    )
+
+    config = FinetuneSettings(
+        pairs=args.pairs, name=args.name, model_dir=settings.model_dir, base=args.base,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        warmup_ratio=args.warmup_ratio, max_length=args.max_length, eval_size=args.eval_size,
+        eval_pairs=args.eval_pairs, seed=args.seed, threads=args.threads, force=args.force,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    try:
+        result = finetune(config)
+    except FinetuneRefused as refused:
+        print(json.dumps(refused.report, indent=2) if args.json else format_report(refused.report))
+        print(f"embedstream: refused: {refused}.\nTo write it anyway, run:\n  "
+              f"{_finetune_command(args)} --force", file=sys.stderr)
+        return 3
+    print(json.dumps(result.report, indent=2) if args.json else format_report(result.report))
+    if not args.json:
+        print(f"wrote {result.directory} (report: {result.directory / REPORT_FILE})")
+    return 0
+
+
+def _finetune_command(args: argparse.Namespace) -> str:
+    """The command line that ran (``args.argv``, set by the CLI), for a suggestion."""
+    import shlex
+
+    argv = getattr(args, "argv", None) or ["finetune", "--pairs", str(args.pairs),
+                                           "--name", args.name]
+    return shlex.join(["embedstream", *argv])
 
 
 def replay(settings: Settings, args: argparse.Namespace) -> int:

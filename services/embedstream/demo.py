@@ -274,7 +274,7 @@ def _searches(settings: Settings, photos: list[Path], clips: list[Path]) -> dict
         hits = search_vector(client, settings.key_prefix, name, embed(models[name]), k=3)
         say(f"search {name} by {label}:")
         for rank, hit in enumerate(hits, start=1):
-            shown = hit.fields.get("text") or Path(hit.fields.get("path") or hit.id).name
+            shown = hit.fields.get("text") or Path(str(hit.metadata.get("path") or hit.id)).name
             print(f"        {rank}. {hit.score:.3f}  {shown}")
     return {
         name: sum(1 for _ in client.scan_iter(match=f"{settings.key_prefix}:{name}:*", count=1000))

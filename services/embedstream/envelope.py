@@ -9,9 +9,17 @@ Binary modalities use ``data`` (base64) or ``uri`` in place of ``text``.
 ``id`` falls back to the record key, then to ``<topic>:<partition>:<offset>``,
 which is stable across redeliveries, so replays overwrite rather than
 duplicate. ``version`` (an integer, default the record timestamp) orders
-updates of one id: an older version never overwrites a newer one. Every way
-an event can be bad maps to one reason code in :data:`REASONS`; the worker
-sends such events to the dead-letter topic.
+updates of one id: an older version never overwrites a newer one. Metadata
+names are the producer's own (``source``, ``model``, ``id`` included): they
+are stored apart from the system's fields and come back unchanged.
+
+Deletes: a tombstone (the record key is the id, the value null), the way
+compacted topics and CDC tools delete, or an envelope ``{"id": ..., "op":
+"delete"}`` for producers that cannot send a null value. Their version is the
+envelope's ``version`` or the record timestamp, like an upsert's.
+
+Every way an event can be bad maps to one reason code in :data:`REASONS`; the
+worker sends such events to the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -67,16 +75,10 @@ HEADER_MODEL = "embedstream.model"
 HEADER_METADATA = "embedstream.metadata"
 
 MAX_ID_LENGTH = 512
+OPS = ("upsert", "delete")
 # A JSON escape of a UTF-16 surrogate (\ud800 to \udfff). Alone it decodes to a str that
 # is not valid Unicode text: tokenizers refuse it, Redis clients cannot encode it.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-# Hash fields the sink writes itself; metadata may not overwrite them.
-RESERVED_FIELDS = frozenset(
-    {"id", "text", "embedding", "model", "modality", "dim", "created_at", "event_ts", "source",
-     "version"}
-)
-
-
 @dataclass(frozen=True, slots=True)
 class MetadataLimits:
     """Bounds on an event's metadata, checked at decode time (``metadata_too_large``).
@@ -111,7 +113,8 @@ class Event:
     modality: str
     model: str | None
     text: str | None
-    metadata: dict[str, str]
+    metadata: dict[str, Any]
+    """The producer's metadata, as sent (JSON values)."""
     record: RawRecord
     data_b64: str | None = None
     uri: str | None = None
@@ -120,6 +123,12 @@ class Event:
     raw: bytes | None = None
     """The file's bytes, for a record in the raw-bytes form."""
     content_type: str | None = None
+    op: str = "upsert"
+    """``delete``: remove every chunk of ``id`` (a tombstone or ``"op": "delete"``)."""
+
+    @property
+    def deletes(self) -> bool:
+        return self.op == "delete"
 
 
 def stable_id(record: RawRecord) -> str:
@@ -141,7 +150,9 @@ def decode(
     the store is valid Unicode text when this returns.
     """
     limits = metadata_limits or MetadataLimits()
-    value = record.value or b""
+    if record.value is None:
+        return _tombstone(record, modality)
+    value = record.value
     if modality != "text" and _is_raw(record):
         return _decode_raw(record, modality, max_bytes, limits)
     if len(value) > max_bytes:
@@ -153,10 +164,18 @@ def decode(
 
     event_id = _event_id(body, record)
     model = _optional_str(body, "model")
+    version = _version(body, record)
+    op = body.get("op", "upsert")
+    if op not in OPS:
+        raise EnvelopeError("invalid_field", f"'op' must be one of {OPS}")
+    if op == "delete":
+        if strict:
+            _check_unicode({"id": event_id, "model": model})
+        return Event(id=event_id, modality=modality, model=model, text=None, metadata={},
+                     record=record, version=version, op="delete")
     metadata = _metadata(body, limits)
     data_b64 = _optional_str(body, "data")
     uri = _optional_str(body, "uri")
-    version = _version(body, record)
     text = body.get("text")
     if modality == "text":
         if text is None:
@@ -167,7 +186,7 @@ def decode(
             raise EnvelopeError("empty_text", "'text' is empty")
     if strict:
         _check_unicode({"id": event_id, "model": model, "text": text, "data": data_b64,
-                        "uri": uri, **_metadata_strings(metadata)})
+                        "uri": uri, **_metadata_strings(flat_metadata(metadata))})
     if modality != "text":
         if data_b64 is None and uri is None:
             raise EnvelopeError("missing_data", f"an {modality} event needs 'data' or 'uri'")
@@ -184,6 +203,14 @@ def decode(
         uri=uri,
         version=version,
     )
+
+
+def _tombstone(record: RawRecord, modality: str) -> Event:
+    """A null value: delete the record key's id (a tombstone needs a key)."""
+    if not record.key:
+        raise EnvelopeError("invalid_field", "a tombstone (null value) needs the id as its key")
+    return Event(id=_event_id({}, record), modality=modality, model=None, text=None, metadata={},
+                 record=record, version=_version({}, record), op="delete")
 
 
 def _parse_object(value: bytes, what: str) -> dict[str, Any]:
@@ -285,7 +312,7 @@ def _decode_raw(
                             "metadata": metadata}
     parsed = _metadata(body, limits)
     if raw_metadata is not None and _SURROGATE_ESCAPE.search(raw_metadata):
-        _check_unicode(_metadata_strings(parsed))
+        _check_unicode(_metadata_strings(flat_metadata(parsed)))
     return Event(
         id=_event_id(body, record),
         modality=modality,
@@ -311,7 +338,11 @@ def _event_id(body: dict[str, Any], record: RawRecord) -> str:
             return stable_id(record)
     if isinstance(raw, bool) or not isinstance(raw, str | int):
         raise EnvelopeError("invalid_field", f"'id' must be a string, not {type(raw).__name__}")
-    event_id = str(raw)
+    return check_id(str(raw))
+
+
+def check_id(event_id: str) -> str:
+    """``event_id`` if it is a valid id; :class:`EnvelopeError` (``invalid_field``) if not."""
     if not event_id or len(event_id) > MAX_ID_LENGTH:
         raise EnvelopeError("invalid_field", f"'id' must be 1..{MAX_ID_LENGTH} characters")
     if any(ch.isspace() or ord(ch) < 32 for ch in event_id):
@@ -328,8 +359,9 @@ def _optional_str(body: dict[str, Any], name: str) -> str | None:
     return value
 
 
-def _metadata(body: dict[str, Any], limits: MetadataLimits) -> dict[str, str]:
-    """Metadata becomes hash fields: flat, string-valued, no reserved names, bounded."""
+def _metadata(body: dict[str, Any], limits: MetadataLimits) -> dict[str, Any]:
+    """The producer's metadata object, as sent, within its limits. Any names: the sink
+    keeps them apart from its own fields."""
     raw = body.get("metadata")
     if raw is None:
         return {}
@@ -339,35 +371,29 @@ def _metadata(body: dict[str, Any], limits: MetadataLimits) -> dict[str, str]:
         raise EnvelopeError(
             "metadata_too_large", f"metadata has {len(raw)} fields, limit {limits.max_fields}"
         )
-    out: dict[str, str] = {}
-    size = 0
-    for key, value in raw.items():
-        if key in RESERVED_FIELDS:
-            raise EnvelopeError("invalid_field", f"metadata field {key!r} is reserved")
-        if isinstance(value, str):
-            text = value
-        else:
-            try:
-                text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-            except (RecursionError, ValueError) as err:
-                raise EnvelopeError(
-                    "metadata_too_large", f"metadata field {key!r} is nested too deeply"
-                ) from err
-        # Characters bound bytes from below; exact UTF-8 sizes only near the limit.
-        size += len(key) + len(text)
-        if size > limits.max_bytes:
-            raise EnvelopeError(
-                "metadata_too_large", f"metadata is over {limits.max_bytes} bytes"
-            )
-        out[key] = text
-    if size * 4 > limits.max_bytes:  # non-ASCII can take up to 4 bytes a character
-        exact = sum(len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
-                    for k, v in out.items())
-        if exact > limits.max_bytes:
-            raise EnvelopeError(
-                "metadata_too_large", f"metadata is {exact} bytes, limit {limits.max_bytes}"
-            )
-    return out
+    try:
+        size = len(json.dumps(raw, ensure_ascii=False, separators=(",", ":")))
+    except (RecursionError, ValueError) as err:
+        raise EnvelopeError("metadata_too_large", "metadata is nested too deeply") from err
+    # Characters bound bytes from below; exact UTF-8 sizes only near the limit.
+    if size > limits.max_bytes or (size * 4 > limits.max_bytes and _utf8_size(raw) > limits.max_bytes):
+        raise EnvelopeError("metadata_too_large", f"metadata is over {limits.max_bytes} bytes")
+    return raw
+
+
+def _utf8_size(value: dict[str, Any]) -> int:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def flat_metadata(metadata: dict[str, Any]) -> dict[str, str]:
+    """Each top-level metadata field as a string: strings as they are, anything else as
+    JSON (what becomes a hash field, and what a search filter compares)."""
+    return {
+        name: value if isinstance(value, str)
+        else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        for name, value in metadata.items()
+    }
 
 
 def encode(
@@ -379,9 +405,13 @@ def encode(
     data_b64: str | None = None,
     uri: str | None = None,
     version: int | None = None,
+    op: str | None = None,
 ) -> bytes:
-    """Serialise an envelope (the producer side of :func:`decode`)."""
+    """Serialise an envelope (the producer side of :func:`decode`); ``op="delete"``
+    makes a delete."""
     body: dict[str, Any] = {"id": event_id}
+    if op is not None:
+        body["op"] = op
     if version is not None:
         body["version"] = version
     if text is not None:

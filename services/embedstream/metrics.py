@@ -54,6 +54,19 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self.deleted = Counter(
+            f"{PREFIX}_events_deleted",
+            "Deletes applied (tombstones and op: delete), per model; a delete of an id not "
+            "stored counts too (its marker keeps older writes out).",
+            ["model"],
+            registry=reg,
+        )
+        self.chunks = Counter(
+            f"{PREFIX}_chunks_stored",
+            "Chunks of documents split into several (a text over its model's token limit).",
+            ["model"],
+            registry=reg,
+        )
         self.truncated = Counter(
             f"{PREFIX}_events_truncated",
             "Text events cut to the model's token limit.",
@@ -133,7 +146,8 @@ class Metrics:
             self.stage_seconds.labels(stage=stage)
 
 
-GATEWAY_ROUTES = ("ingest", "search", "embedding", "models", "page", "health", "metrics", "docs", "other")
+GATEWAY_ROUTES = ("ingest", "search", "embedding", "delete", "models", "page", "health", "metrics",
+                  "docs", "other")
 
 
 class GatewayMetrics:

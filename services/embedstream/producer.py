@@ -139,19 +139,20 @@ class Producer:
     def publish(
         self,
         topic: str,
-        records: Sequence[tuple[str | None, bytes]],
+        records: Sequence[tuple[str | None, bytes | None]],
         *,
         timeout_s: float,
         retry_after_s: float = 1.0,
     ) -> None:
-        """Send ``(key, value)`` records and wait until the broker confirmed all of them.
+        """Send ``(key, value)`` records (a ``None`` value is a tombstone) and wait until the
+        broker confirmed all of them.
 
         Raises :class:`Backpressure` when the buffer is full, the broker is
         unreachable or does not confirm within ``timeout_s`` (records already
         queued may still arrive: callers retry with the same ids, and writes are
         idempotent per id). Any other broker refusal is a :class:`SourceError`.
         """
-        size = sum(len(value) + len(key or "") for key, value in records)
+        size = sum(len(value or b"") + len(key or "") for key, value in records)
         self._reserve(size, retry_after_s)
         futures: list[FutureRecordMetadata] = []
         try:

@@ -1,10 +1,13 @@
-"""Nearest-neighbour search over stored embeddings.
+"""Nearest-neighbour search over stored embeddings: documents, or every chunk.
 
 Uses the model's vector index (FT.SEARCH KNN) where the server has one; on a
 server without the search module it falls back to an exact scan of the
-model's keys, which is fine for development-sized data. The query vector is
-sent in the index's own vector type (FLOAT32 or FLOAT16, read from the server
-and remembered for a minute), see :mod:`embedstream.sinks.index`.
+model's keys, which is fine for development-sized data. By default a search
+returns documents: the best chunk of each, k distinct documents (it asks the
+index for more chunks until it has them); ``per_document=False`` returns
+every chunk. The query vector is sent in the index's own vector type (FLOAT32
+or FLOAT16, read from the server and remembered for a minute), see
+:mod:`embedstream.sinks.index`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import redis
@@ -21,10 +25,15 @@ from redis.commands.search.query import Query
 
 from embedstream.errors import SinkError
 from embedstream.sinks.index import index_vector_type, stored_vector, vector_bytes
-from embedstream.sinks.redis import has_search, index_name, result_key
+from embedstream.sinks.layout import index_name, meta_field, metadata_of, result_key
+from embedstream.sinks.redis import has_search
 
-# Not "id": redis-py's search Document uses that attribute for the key.
-_RETURN_FIELDS = ("text", "path", "model", "modality", "created_at", "source")
+# System fields a hit carries (see embedstream.sinks.layout). The document id is read
+# as doc_id: redis-py's search Document keeps the key in its "id" attribute.
+_RETURN_FIELDS = ("text", "model", "modality", "created_at", "source", "chunk", "chunks",
+                  "start", "end", "metadata")
+_FETCH_GROWTH = 4
+_FETCH_MAX = 10_000
 _TYPE_TTL_S = 60.0
 # (server, index name) -> (when read, the index's vector type). An index's type never
 # changes (a new type is a new index), so this only saves a round trip per query.
@@ -34,20 +43,39 @@ _index_types: dict[tuple[str, str], tuple[float, str]] = {}
 @dataclass(frozen=True, slots=True)
 class Hit:
     id: str
+    """The document id."""
     key: str
+    """The key of the hit's chunk."""
     score: float  # cosine similarity, 1.0 = same direction
     fields: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The document's metadata as its producer sent it."""
+
+    @property
+    def chunk(self) -> int:
+        return int(self.fields.get("chunk") or 0)
+
+    @property
+    def chunks(self) -> int:
+        return int(self.fields.get("chunks") or 1)
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """The chunk's character offsets in the document's text (None: not text)."""
+        start, end = self.fields.get("start"), self.fields.get("end")
+        return (int(start), int(end)) if start and end else None
 
 
 @dataclass(frozen=True, slots=True)
 class TagFilter:
-    """``field`` equals one of ``values`` (a metadata field indexed as ``tag``)."""
+    """Metadata field ``field`` equals one of ``values`` (indexed as ``tag``)."""
 
     field: str
     values: tuple[str, ...]
 
     def query(self) -> str:
-        return f"@{self.field}:{{{' | '.join(_escape_tag(v) for v in self.values)}}}"
+        escaped = " | ".join(_escape_tag(v) for v in self.values)
+        return f"@{meta_field(self.field)}:{{{escaped}}}"
 
     def matches(self, value: str | None) -> bool:
         return value is not None and value in self.values
@@ -55,7 +83,8 @@ class TagFilter:
 
 @dataclass(frozen=True, slots=True)
 class RangeFilter:
-    """``low <= field <= high`` (``None``: unbounded; a metadata field indexed as ``numeric``)."""
+    """``low <= field <= high`` (``None``: unbounded) on a metadata field indexed as
+    ``numeric``."""
 
     field: str
     low: float | None = None
@@ -66,7 +95,7 @@ class RangeFilter:
     def query(self) -> str:
         low = "-inf" if self.low is None else ("(" if self.low_exclusive else "") + repr(self.low)
         high = "+inf" if self.high is None else ("(" if self.high_exclusive else "") + repr(self.high)
-        return f"@{self.field}:[{low} {high}]"
+        return f"@{meta_field(self.field)}:[{low} {high}]"
 
     def matches(self, value: str | None) -> bool:
         try:
@@ -87,7 +116,8 @@ Filter = TagFilter | RangeFilter
 
 
 def filter_expression(filters: Sequence[Filter]) -> str:
-    """The RediSearch pre-filter of a hybrid KNN query: ``(@lang:{en} @year:[2000 2020])``."""
+    """The RediSearch pre-filter of a hybrid KNN query:
+    ``(@meta_lang:{en} @meta_year:[2000 2020])``."""
     if not filters:
         return "*"
     return "(" + " ".join(f.query() for f in filters) + ")"
@@ -101,23 +131,43 @@ def search_vector(
     k: int,
     filters: Sequence[Filter] = (),
     fields: Sequence[str] = (),
+    per_document: bool = True,
     ef_runtime: int | None = None,
 ) -> list[Hit]:
-    """The ``k`` stored items of ``model`` nearest to ``vector``, best first.
+    """The ``k`` stored documents of ``model`` nearest to ``vector``, best first (each
+    its best chunk); with ``per_document=False``, the ``k`` nearest chunks.
 
     ``filters`` restrict the candidates (all must hold; their fields must be
     indexed, see :func:`embedstream.sinks.redis.metadata_schema`); ``fields``
-    are hash fields to return besides text, model, modality, created_at, source.
-    ``ef_runtime`` overrides the HNSW index's EF_RUNTIME for this query (HNSW only).
+    are hash fields to return besides the system fields. ``ef_runtime`` overrides the
+    HNSW index's EF_RUNTIME for this query (HNSW only).
     """
     query = np.asarray(vector, dtype=np.float32)
     wanted = tuple(dict.fromkeys((*_RETURN_FIELDS, *fields)))
     try:
         if has_search(client):
-            return _knn(client, prefix, model, query, k, filters, wanted, ef_runtime)
-        return _scan(client, prefix, model, query, k, filters, wanted)
+            fetch = k * _FETCH_GROWTH if per_document else k
+            while True:
+                chunks = _knn(client, prefix, model, query, fetch, filters, wanted, ef_runtime)
+                hits = best_per_document(chunks) if per_document else chunks
+                if len(hits) >= k or len(chunks) < fetch or fetch >= _FETCH_MAX:
+                    return hits[:k]
+                fetch = min(_FETCH_MAX, fetch * _FETCH_GROWTH)
+        chunks = _scan(client, prefix, model, query, filters, wanted)
+        return (best_per_document(chunks) if per_document else chunks)[:k]
     except redis.RedisError as err:
         raise SinkError(f"search in Redis failed: {err}") from err
+
+
+def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
+    """Hits sorted best first, one per document (its best chunk)."""
+    seen: set[str] = set()
+    out: list[Hit] = []
+    for hit in sorted(hits, key=lambda h: h.score, reverse=True):
+        if hit.id not in seen:
+            seen.add(hit.id)
+            out.append(hit)
+    return out
 
 
 def _knn(
@@ -130,6 +180,7 @@ def _knn(
         Query(f"{filter_expression(filters)}=>[KNN {k} @embedding $vec{ef} AS distance]")
         .sort_by("distance")
         .return_fields("distance", *wanted)
+        .return_field("id", as_field="doc_id")
         .paging(0, k)
         .dialect(2)
     )
@@ -146,37 +197,50 @@ def _knn(
         _index_types.pop((_server(client), index), None)
         params["vec"] = vector_bytes(vector, _vector_type(client, index))
         result = client.ft(index).search(query, query_params=params)
-    key_start = len(result_key(prefix, model, ""))
     hits = []
     for doc in result.docs:
         fields = {name: _text(getattr(doc, name, "")) for name in wanted}
         # The index's COSINE metric returns a distance: 1 - cosine similarity.
         score = 1.0 - float(_text(doc.distance))
         key = _text(doc.id)
-        hits.append(Hit(id=key[key_start:], key=key, score=score, fields=fields))
+        doc_id = _text(getattr(doc, "doc_id", "")) or _id_from_key(prefix, model, key)
+        hits.append(_hit(doc_id, key, score, fields))
     return hits
 
 
 def _scan(
-    client: redis.Redis, prefix: str, model: str, vec: np.ndarray, k: int,
+    client: redis.Redis, prefix: str, model: str, vec: np.ndarray,
     filters: Sequence[Filter], wanted: tuple[str, ...],
 ) -> list[Hit]:
     query = vec / (np.linalg.norm(vec) or 1.0)
-    key_start = len(result_key(prefix, model, ""))
-    scored: list[tuple[float, str, dict[str, str]]] = []
+    scored: list[Hit] = []
     for key in client.scan_iter(match=result_key(prefix, model, "*"), count=1000):
         raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
         try:
             stored = stored_vector(raw.get(b"embedding", b""), query.shape[0])
         except ValueError:  # another dimension, or no vector
             continue
-        if not all(f.matches(_optional_text(raw.get(f.field.encode()))) for f in filters):
+        if not all(f.matches(_optional_text(raw.get(meta_field(f.field).encode())))
+                   for f in filters):
             continue
         score = float(stored @ query / (np.linalg.norm(stored) or 1.0))
         fields = {name: _text(raw.get(name.encode(), b"")) for name in wanted}
-        scored.append((score, _text(key), fields))
-    scored.sort(key=lambda hit: hit[0], reverse=True)
-    return [Hit(id=key[key_start:], key=key, score=s, fields=f) for s, key, f in scored[:k]]
+        doc_id = _text(raw.get(b"id", b"")) or _id_from_key(prefix, model, _text(key))
+        scored.append(_hit(doc_id, _text(key), score, fields))
+    scored.sort(key=lambda hit: hit.score, reverse=True)
+    return scored
+
+
+def _hit(doc_id: str, key: str, score: float, fields: dict[str, str]) -> Hit:
+    metadata = metadata_of(fields)
+    shown = {name: value for name, value in fields.items() if name != "metadata"}
+    return Hit(id=doc_id, key=key, score=score, fields=shown, metadata=metadata)
+
+
+def _id_from_key(prefix: str, model: str, key: str) -> str:
+    """A document id from a chunk's key (for hashes without an ``id`` field)."""
+    segment = key[len(result_key(prefix, model, "")):].split("#", 1)[0]
+    return segment.replace("%23", "#").replace("%25", "%")
 
 
 def _vector_type(client: redis.Redis, name: str) -> str:

@@ -282,9 +282,25 @@ class Settings(BaseSettings):
         100_000, ge=1, description="Longest text accepted before tokenizing (text_too_long); "
         "bounds tokenizer time and memory."
     )
-    text_overflow: Literal["truncate", "reject"] = Field(
-        "truncate", description="Text over the model's token limit: 'truncate' (stored and "
-        "counted) or 'reject' (dead-lettered as text_too_long)."
+    text_overflow: Literal["chunk", "truncate", "reject"] = Field(
+        "chunk", description="Text over the model's token limit: 'chunk' (split into windows "
+        "of at most chunk_tokens with the model's own tokenizer, preferring paragraph and "
+        "sentence boundaries; each window is a vector of its own, all of them replaced or "
+        "deleted together), 'truncate' (the first window only; counted) or 'reject' "
+        "(dead-lettered as text_too_long)."
+    )
+    chunk_tokens: int = Field(
+        0, ge=0, description="Most tokens of one chunk, special tokens included (0: the "
+        "model's limit, 256 for MiniLM). Smaller chunks: more precise hits, more vectors."
+    )
+    chunk_overlap: float = Field(
+        0.15, ge=0, lt=0.9, description="Fraction of chunk_tokens that a chunk repeats of "
+        "the one before it, so a fact cut by a boundary is whole in one of them."
+    )
+    tombstone_retention_s: int = Field(
+        7 * 24 * 3600, ge=60, description="How long a delete's marker (its id and version) "
+        "is kept: a replay of an upsert older than the delete cannot bring the item back "
+        "within it. Longer: safer replays of old history; each marker is ~100 bytes."
     )
     metadata_max_fields: int = Field(
         256, ge=0, description="Most metadata fields one event may carry "

@@ -10,10 +10,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
-from embedstream.envelope import RawRecord
+from embedstream.envelope import Event, RawRecord
 from embedstream.errors import Backpressure, SinkError, StoreFull
 from embedstream.models.manifest import Manifest
-from embedstream.sinks.base import Embedded, Rejected, WriteOutcome
+from embedstream.sinks.base import DeleteOutcome, Deletion, Embedded, Rejected, WriteOutcome
 from embedstream.sources.base import RebalanceListener, TopicPartition
 from embedstream.worker.quarantine import Mark
 
@@ -74,7 +74,8 @@ class MemorySource:
 
 
 class MemorySink:
-    """Stores results in a dict keyed like Redis, with the same versioning rule.
+    """Stores documents in a dict keyed (model, id), with Redis's versioning rules
+    (and its delete markers, kept forever here).
 
     ``fail_next`` simulates outages (the next writes raise :class:`SinkError`),
     ``full_next`` a store out of memory (:class:`StoreFull`), and an event whose
@@ -83,6 +84,7 @@ class MemorySink:
 
     def __init__(self) -> None:
         self.stored: dict[tuple[str, str], Embedded] = {}
+        self.markers: dict[tuple[str, str], tuple[int, int, int]] = {}
         self.writes = 0
         self.fail_next = 0
         self.full_next = 0
@@ -109,15 +111,39 @@ class MemorySink:
                 continue
             key = (result.model.name, result.event.id)
             current = self.stored.get(key)
-            order = _order(result)
-            if current is not None and _order(current) > order:
+            order = _order(result.event)
+            if current is not None and _order(current.event) > order:
                 stale += 1
-            elif current is not None and _order(current) == order:
+            elif current is not None and _order(current.event) == order:
                 duplicates += 1
+            elif key in self.markers and self.markers[key] >= order:
+                stale += 1
             else:
                 self.stored[key] = result
+                self.markers.pop(key, None)
                 stored += 1
         return WriteOutcome(stored, duplicates, stale, tuple(rejected))
+
+    def delete(self, deletions: list[Deletion]) -> DeleteOutcome:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise SinkError("simulated outage")
+        deleted = absent = stale = duplicates = 0
+        for item in deletions:
+            key = (item.model.name, item.event.id)
+            order = _order(item.event)
+            newest = max([self.markers.get(key, (-1, -1, -1)),
+                          *([_order(self.stored[key].event)] if key in self.stored else [])])
+            if newest > order:
+                stale += 1
+            elif newest == order:
+                duplicates += 1
+            else:
+                deleted += key in self.stored
+                absent += key not in self.stored
+                self.stored.pop(key, None)
+                self.markers[key] = order
+        return DeleteOutcome(deleted, absent, stale, duplicates)
 
     def ping(self) -> bool:
         return not self.fail_next
@@ -126,10 +152,9 @@ class MemorySink:
         self.closed = True
 
 
-def _order(result: Embedded) -> tuple[int, int, int]:
-    """What the Redis write script compares: version, then offset, then partition."""
-    record = result.event.record
-    return (result.event.version, record.offset, record.partition)
+def _order(event: Event) -> tuple[int, int, int]:
+    """What the Redis scripts compare: version, then offset, then partition."""
+    return (event.version, event.record.offset, event.record.partition)
 
 
 class MemoryCrashLedger:
@@ -188,16 +213,20 @@ class MemoryResults:
 
     def __init__(self, sink: MemorySink | None = None) -> None:
         self.announced: list[tuple[str, str]] = []
+        self.deleted: list[tuple[str, str]] = []
         self.fail_next = 0
         self.closed = False
         self._sink = sink
 
-    def publish(self, results: list[Embedded]) -> None:
+    def publish(self, results: Sequence[Embedded | Deletion]) -> None:
         if self.fail_next:
             self.fail_next -= 1
             raise SinkError("simulated results outage")
         for result in results:
             key = (result.model.name, result.event.id)
+            if isinstance(result, Deletion):
+                self.deleted.append(key)
+                continue
             assert self._sink is None or key in self._sink.stored, f"{key} announced unstored"
             self.announced.append(key)
 
@@ -210,11 +239,11 @@ class MemoryPublisher:
     ``backpressure`` makes every publish raise :class:`Backpressure`."""
 
     def __init__(self) -> None:
-        self.published: list[tuple[str, str | None, bytes]] = []
+        self.published: list[tuple[str, str | None, bytes | None]] = []
         self.backpressure = False
         self.closed = False
 
-    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes]]) -> None:
+    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]]) -> None:
         if self.backpressure:
             raise Backpressure("simulated full buffer", retry_after_s=3)
         self.published.extend((topic, key, value) for key, value in records)

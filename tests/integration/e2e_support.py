@@ -47,8 +47,10 @@ def wait_for(condition, timeout: float = 60.0, interval: float = 0.1) -> bool:
 
 
 def stored_ids(client: redis.Redis, prefix: str) -> set[str]:
+    """Ids of the documents stored under ``prefix`` (chunk 0's keys; ids without % or #)."""
     pattern = result_key(prefix, MODEL, "*")
-    return {k.decode().rsplit(":", 1)[-1] for k in client.scan_iter(match=pattern, count=1000)}
+    keys = (k.decode().rsplit(":", 1)[-1] for k in client.scan_iter(match=pattern, count=1000))
+    return {key for key in keys if "#" not in key}
 
 
 def dead_letters(settings: Settings, expected: int) -> list:

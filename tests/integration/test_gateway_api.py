@@ -57,13 +57,14 @@ def test_ingested_events_are_searchable(gateway, docs, model_root):
         hits = res.json()["hits"]
         assert {h["id"] for h in hits} == {docs["rocket"], docs["satellite"]}
         assert hits[0]["score"] >= hits[1]["score"] > 0.3
-        assert hits[0]["fields"]["text"] in (DOCS["rocket"][0], DOCS["satellite"][0])
+        assert hits[0]["text"] in (DOCS["rocket"][0], DOCS["satellite"][0])
+        assert hits[0]["chunk"] == 0 and hits[0]["chunks"] == 1
 
         # Filters: a tag and a numeric range, as a hybrid KNN query.
         res = client.post("/v1/search", json={"text": "spacecraft in orbit", "k": 5,
                                               "filters": {"lang": "en", "year": {"gte": 2010}}})
         assert [h["id"] for h in res.json()["hits"]][:2] == [docs["rocket"], docs["soup"]]
-        assert all(h["fields"]["lang"] == "en" and int(h["fields"]["year"]) >= 2010
+        assert all(h["metadata"]["lang"] == "en" and h["metadata"]["year"] >= 2010
                    for h in res.json()["hits"])
         res = client.post("/v1/search", json={"text": "orbit", "filters": {"lang": ["fr"]}})
         assert [h["id"] for h in res.json()["hits"]] == [docs["fusee"]]
@@ -75,7 +76,7 @@ def test_ingested_events_are_searchable(gateway, docs, model_root):
         # The stored vector is the model's embedding of the text.
         res = client.get(f"/v1/embeddings/{MODEL}/{docs['soup']}")
         body = res.json()
-        assert body["dim"] == 384 and body["fields"]["lang"] == "en"
+        assert body["dim"] == 384 and body["metadata"]["lang"] == "en"
         model = load_models(model_root, [MODEL], providers=[], threads=1)[MODEL]
         expected = model.embed_texts([DOCS["soup"][0]])[0]
         assert float(np.asarray(body["vector"]) @ expected) > 0.9999
@@ -137,7 +138,7 @@ def test_python_clients_produce_search_and_get(gateway, docs):
         assert wait_for(lambda: event_id in {h.id for h in es.search(text="sleeping cat", k=3)},
                         timeout=60)
         stored_item = es.get(MODEL, event_id)
-        assert len(stored_item.vector) == 384 and stored_item.fields["year"] == "2024"
+        assert len(stored_item.vector) == 384 and stored_item.metadata["year"] == 2024
         with pytest.raises(embedstream.EmbedstreamError, match="empty_text"):
             es.produce("text", [{"text": ""}])
 

@@ -213,7 +213,7 @@ def test_every_family_and_payload_form_end_to_end(stack, unique, media_model_roo
                                    "<f4")
         assert float(stored_vec @ models["aisfx"].embed_audio([clips["snd-ogg"]])[0]) > 0.9999
         meta = client.hgetall(result_key(unique, "efficientnet-lite0", uri_ids[0]))
-        assert meta[b"modality"] == b"image" and meta[b"path"].endswith(b"cat.jpg")
+        assert meta[b"modality"] == b"image" and meta[b"meta_path"].endswith(b"cat.jpg")
     finally:
         assert worker.stop() == 0
 

@@ -128,7 +128,7 @@ class _Outcomes:
                 self.details.setdefault(self.reasons[position],
                                         headers["embedstream.error"].decode()[:160])
         keys = [k for k in self.store.scan_iter(f"{self.prefix}:*", count=5000)
-                if b":crashloop:" not in k]
+                if b":!" not in k]
         pipe = self.store.pipeline(transaction=False)
         for key in keys:
             pipe.hget(key, "source")

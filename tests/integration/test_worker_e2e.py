@@ -39,7 +39,7 @@ def test_events_flow_from_kafka_to_searchable_redis(stack, unique, model_root, k
     settings = make_settings(stack, unique, model_root, batch_max_items=16, kafka_client=kafka_client)
     texts = [f"Sentence number {i} about {topic}." for i, topic in
              enumerate(["rockets", "cooking", "football", "music"] * 30)]
-    texts.append("word " * 400)  # over the 256-token limit: truncated, still stored
+    texts.append("word " * 400)  # over the 256-token limit: two chunks
     worker = ThreadWorker(settings)
     try:
         with Producer(settings) as producer:
@@ -66,8 +66,9 @@ def test_events_flow_from_kafka_to_searchable_redis(stack, unique, model_root, k
             expected = model.embed_texts([texts[i]])[0]
             assert float(vector @ expected) > 0.9999
             assert fields[b"model"] == MODEL.encode() and fields[b"dim"] == b"384"
-            assert fields[b"modality"] == b"text" and fields[b"lang"] == b"en"
-            assert fields[b"n"] == str(i).encode()
+            assert fields[b"modality"] == b"text" and fields[b"meta_lang"] == b"en"
+            assert fields[b"meta_n"] == str(i).encode()
+            assert json.loads(fields[b"metadata"]) == {"n": i, "lang": "en"}  # as sent
             assert float(fields[b"created_at"]) > time.time() - 600
 
         # The index exists with the model's dimension, and KNN finds the right topic.
@@ -88,7 +89,11 @@ def test_events_flow_from_kafka_to_searchable_redis(stack, unique, model_root, k
         assert int(headers["embedstream.source.offset"]) >= 0
 
         assert worker.value("embedstream_events_embedded_total", model=MODEL) == len(texts)
-        assert worker.value("embedstream_events_truncated_total", model=MODEL) == 1
+        assert worker.value("embedstream_events_truncated_total", model=MODEL) == 0
+        assert worker.value("embedstream_chunks_stored_total", model=MODEL) == 2
+        second = client.hgetall(result_key(unique, MODEL, ids[-1], 1))
+        assert second[b"id"] == ids[-1].encode() and second[b"chunks"] == b"2"
+        assert texts[-1][int(second[b"start"]):int(second[b"end"])] == second[b"text"].decode()
         assert worker.value("embedstream_batch_size_count", model=MODEL) >= len(texts) / 16
     finally:
         assert worker.stop() == 0

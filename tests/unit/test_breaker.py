@@ -35,7 +35,7 @@ def recs(*offsets: int) -> list[RawRecord]:
 def test_a_first_owner_processes_normally_and_leaves_a_mark_at_its_head():
     ledger = MemoryCrashLedger()
     b = breaker(ledger)
-    assert [r.offset for r in b.admit(recs(5, 6))] == [5, 6]
+    assert [r.offset for r in b.admit(recs(5, 6))[0]] == [5, 6]
     assert not b.careful()
     assert state(ledger) == (5, 0, None)
     b.committed({TP: 7})
@@ -80,7 +80,7 @@ def test_a_record_in_hand_alone_at_a_death_is_quarantined_and_the_rest_processed
     ledger.marks[TP] = Mark(5, 1, isolating=7)
     rejected: list[tuple[int, str]] = []
     b = breaker(ledger, rejected=rejected)
-    assert [r.offset for r in b.admit(recs(5, 6, 7, 8))] == [5, 6, 8]
+    assert [r.offset for r in b.admit(recs(5, 6, 7, 8))[0]] == [5, 6, 8]
     assert rejected == [(7, "poison_quarantined")]
     assert not b.careful()
 
@@ -89,7 +89,7 @@ def test_careful_mode_ends_when_caught_up_or_past_the_window():
     ledger = MemoryCrashLedger()
     ledger.marks[TP] = Mark(0, 0)
     b = Breaker(ledger, 2, window=3, reject=lambda *a: None)
-    held = b.admit(recs(0, 1, 2, 3))
+    held, _ = b.admit(recs(0, 1, 2, 3))
     for record in held[:2]:
         b.isolate(record)
         assert b.careful()
@@ -193,3 +193,44 @@ def test_a_careful_partition_ends_care_once_its_death_is_explained_elsewhere():
     ledger.explain("dead")  # another process quarantined what killed "dead"
     b.recheck()
     assert not b.careful() and state(ledger) == (0, 0, None)
+
+
+class FlakyLedger(MemoryCrashLedger):
+    """A ledger whose store can be away (``down``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            import redis
+
+            raise redis.ConnectionError("Redis is away")
+
+    def read(self, tp):
+        self._check()
+        return super().read(tp)
+
+    def write(self, marks):
+        self._check()
+        super().write(marks)
+
+
+def test_a_take_over_the_store_cannot_record_is_held_until_it_can():
+    """A death during a Redis outage must count like any other: until a partition's mark
+    is read and written, its records wait; a careful record goes in only once marked."""
+    ledger = FlakyLedger()
+    ledger.marks[TP] = Mark(5, 0)
+    ledger.down = True
+    b = breaker(ledger)
+    process, later = b.admit(recs(5, 6))
+    assert process == [] and [r.offset for r in later] == [5, 6]
+    ledger.down = False
+    process, later = b.admit(later)
+    assert [r.offset for r in process] == [5, 6] and later == []
+    assert b.careful() == {TP} and state(ledger) == (5, 1, None)  # the death was counted
+    ledger.down = True
+    assert not b.isolate(process[0])  # not marked: it must not go in
+    ledger.down = False
+    assert b.isolate(process[0]) and state(ledger) == (5, 1, 5)

@@ -52,7 +52,8 @@ def test_one_bad_item_does_not_fail_its_batch(model):
 
 
 def test_truncation_is_counted(model):
-    worker, source, sink, _ = make_worker(model, text_records(["w1 " * 20, "w2"]))
+    worker, source, sink, _ = make_worker(model, text_records(["w1 " * 20, "w2"]),
+                                          text_overflow="truncate")
     run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 2)
     assert counter(worker.metrics, "embedstream_events_truncated_total", model="fake") == 1
     assert len(sink.stored) == 2
@@ -273,3 +274,17 @@ def test_crashed_pool_processes_restart_after_a_doubling_delay():
     assert backoff.after_crash(1, lived_s=2) == 1
     assert backoff.after_crash(0, lived_s=120) == 1
     assert backoff.after_crash(0, lived_s=2) == 2
+
+
+def test_queued_records_of_partitions_that_went_elsewhere_are_dropped(model):
+    """Records of a lost partition still queued for the pre stage are its new owner's:
+    dropped here (no wasted work, no death counted against nobody); others stay."""
+    worker, *_ = make_worker(model, [])
+    pre = worker.pre
+    p0, p1 = text_records(["w1", "w2"], partition=0), text_records(["w3"], partition=1)
+    pre.submit(p0 + p1)
+    pre.submit(text_records(["w4"], partition=0, start=2), alone=True)
+    assert pre.drop({("embedstream.text", 0)}) == 3
+    remaining = pre.next_records(0.1)
+    assert [(r.partition, r.offset) for r in remaining] == [(1, 0)]
+    assert pre.next_records(0.01) is None  # the alone-submission of partition 0 is gone

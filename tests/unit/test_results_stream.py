@@ -40,7 +40,7 @@ def test_result_record_format(model):
     body = result_record(Embedded(event, manifest, np.ones(8, np.float32)), "es", 1.5, True)
     assert body == {
         "id": "doc-1", "model": "fake", "modality": "text", "dim": 8, "key": "es:fake:doc-1",
-        "stored_at": 1.5, "source": "embedstream.text:0:0", "vector": [1.0] * 8,
+        "chunks": 1, "stored_at": 1.5, "source": "embedstream.text:0:0", "vector": [1.0] * 8,
     }
     assert "vector" not in result_record(Embedded(event, manifest, np.ones(8)), "es", 1.5, False)
     json.dumps(body)

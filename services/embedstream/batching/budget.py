@@ -70,15 +70,8 @@ class Batcher(Generic[T]):
     def add(self, item: T, length: int) -> list[Batch[T]]:
         """Add one item; return the batch it closed, if any (at most one)."""
         closed: list[Batch[T]] = []
-        batch = self._open
-        if batch.items:
-            longest = max(max(batch.lengths), length)
-            padded = (len(batch) + 1) * longest
-            over_tokens = padded > self.budget.max_tokens
-            limit = self.budget.max_padding
-            over_padding = bool(limit) and padded > limit * (sum(batch.lengths) + length)
-            if over_tokens or over_padding:
-                closed.append(self._take())
+        if self._open.items and not self._fits([length]):
+            closed.append(self._take())
         if not self._open.items:
             self._open.opened_at = self._clock()
         self._open.items.append(item)
@@ -86,6 +79,38 @@ class Batcher(Generic[T]):
         if len(self._open) >= self.budget.max_items:
             closed.append(self._take())
         return closed
+
+    def add_group(self, items: list[tuple[T, int]]) -> list[Batch[T]]:
+        """Add (item, length) pairs that must share one batch (the chunks of a document,
+        written together); return the batches closed. The open batch closes first when
+        the group does not fit beside it; a group over the budget alone is a batch of
+        its own (the inference stage runs it in budget-sized pieces)."""
+        if not items:
+            return []
+        closed: list[Batch[T]] = []
+        lengths = [length for _, length in items]
+        if self._open.items and not self._fits(lengths):
+            closed.append(self._take())
+        if not self._open.items:
+            self._open.opened_at = self._clock()
+        for item, length in items:
+            self._open.items.append(item)
+            self._open.lengths.append(length)
+        if len(self._open) >= self.budget.max_items or not self._fits([]):
+            closed.append(self._take())
+        return closed
+
+    def _fits(self, lengths: list[int]) -> bool:
+        """Would the open batch stay within the budget with ``lengths`` added?"""
+        batch = self._open
+        all_lengths = [*batch.lengths, *lengths]
+        count = len(all_lengths)
+        longest = max(all_lengths, default=0)
+        padded = count * longest
+        if count > self.budget.max_items or padded > self.budget.max_tokens:
+            return False
+        limit = self.budget.max_padding
+        return not (limit and count > 1 and padded > limit * sum(all_lengths))
 
     def deadline(self) -> float | None:
         """When the open batch is due (clock time), or None when it is empty."""

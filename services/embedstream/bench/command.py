@@ -70,6 +70,8 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
         return run_store_command(settings, args)
     if args.soak is not None:
         return _soak_command(settings, args)
+    if args.memory:
+        return _memory_command(settings, args)
     config = _config(settings, args)
     report = run_bench(settings, config)
     print(report.table())
@@ -115,6 +117,40 @@ def _soak_command(settings: Settings, args: argparse.Namespace) -> int:
                           "sample_s": config.sample_s, "warmup_s": config.warmup_s,
                           "threads": config.threads, "batch_size": config.batch_size},
                 "soak": result.as_dict(), "targets": [target]}
+        args.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _memory_command(settings: Settings, args: argparse.Namespace) -> int:
+    from embedstream.bench.memory import MemoryConfig, per_model_text, run_memory, table
+
+    if args.modality != "text":
+        raise BenchError("--memory compares text workers with sentence-transformers; "
+                         "leave out --modality")
+    model = args.model or settings.default_text_model
+    model_dirs(settings, MODALITIES["text"], model, ("ort-fp32",))
+    config = MemoryConfig(
+        model_dir=settings.model_dir, model=model,
+        threads=args.threads or settings.intra_op_threads or default_threads(),
+        batch_size=MODALITIES["text"].smoke_batch if args.smoke else args.batch_size,
+        texts=MODALITIES["text"].smoke_count if args.smoke else args.texts, seed=args.seed,
+        all_models=args.memory_models == "all",
+    )
+    rows, targets = run_memory(config)
+    print(table(rows))
+    if costs := per_model_text(rows):
+        print()
+        print(costs)
+    print()
+    for t in targets:
+        print(f"[{'met ' if t['met'] else 'MISS'}] {t['target']}: {t['figure']}")
+    if args.json:
+        from dataclasses import asdict
+
+        data = {"setup": {"model": model, "threads": config.threads, "texts": config.texts,
+                          "batch_size": config.batch_size, "seed": config.seed},
+                "rows": [asdict(r) for r in rows], "targets": targets}
         args.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.json}")
     return 0

@@ -127,19 +127,7 @@ def reference_model(checkpoint: Path | str, manifest: Manifest) -> Any:
     """
     from sentence_transformers import SentenceTransformer
 
-    try:
-        from sentence_transformers.sentence_transformer.modules import (
-            Normalize,
-            Pooling,
-            Transformer,
-        )
-    except ImportError:  # sentence-transformers < 6
-        from sentence_transformers.models import (  # type: ignore[no-redef]
-            Normalize,
-            Pooling,
-            Transformer,
-        )
-
+    Transformer, Pooling, Normalize = st_modules()
     ckpt = read_text_checkpoint(checkpoint)
     as_declared = (
         ckpt.sentence_transformers
@@ -161,3 +149,20 @@ def reference_model(checkpoint: Path | str, manifest: Manifest) -> Any:
         raise ExportError(f"sentence-transformers cannot load {ckpt.source}: {err}") from err
     model.max_seq_length = manifest.max_length
     return model
+
+
+def st_modules() -> tuple[Any, Any, Any]:
+    """sentence-transformers' ``Transformer``, ``Pooling`` and ``Normalize`` module classes."""
+    try:
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
+        )
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import (  # type: ignore[no-redef]
+            Normalize,
+            Pooling,
+            Transformer,
+        )
+    return Transformer, Pooling, Normalize

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,12 @@ from embedstream.export.checkpoint import (
     default_text_checkpoint,
     read_text_checkpoint,
 )
-from embedstream.export.parity import PARITY_MIN_COSINE, PARITY_SENTENCES, check_parity
+from embedstream.export.parity import (
+    PARITY_MIN_COSINE,
+    PARITY_SENTENCES,
+    ParityReport,
+    check_parity,
+)
 from embedstream.models.manifest import NAME_PATTERN, Manifest, file_sha256
 
 log = logging.getLogger(__name__)
@@ -125,6 +131,8 @@ def export_text_model(
     overwrite: bool = False,
     token_mode: bool = False,
     optimize: bool = True,
+    source: str | None = None,
+    on_checked: Callable[[Path, ParityReport], None] | None = None,
 ) -> Path:
     """Export ``checkpoint`` to ``out_root/<name>/`` and return that directory.
 
@@ -146,6 +154,12 @@ def export_text_model(
     set; a minimum cosine below 0.9999 fails the export. Raises
     :class:`ExportError` for every expected failure; nothing is left in
     ``out_root`` when it does.
+
+    ``source`` replaces the checkpoint's path in the manifest (for a checkpoint
+    that is not kept, such as a fine-tuned one). ``on_checked`` is called with
+    the staging directory and the parity report once the check passed, before
+    the directory is renamed into place: files it writes there ship with the
+    model, and an exception it raises aborts the export.
     """
     ckpt = read_text_checkpoint(checkpoint)
     name = _model_name(name, ckpt)
@@ -163,7 +177,8 @@ def export_text_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=target.parent))
     try:
         manifest = _write_model_dir(
-            staging, name, ckpt, model, hf_tokenizer, pooling, normalize, limit, opset, token_mode
+            staging, name, ckpt, model, hf_tokenizer, pooling, normalize, limit, opset, token_mode,
+            source,
         )
         if optimize:
             manifest = _fuse(staging, manifest)
@@ -176,6 +191,8 @@ def export_text_model(
                 f"exported {name} disagrees with sentence-transformers: min cosine "
                 f"{report.min_cosine:.6f} < {PARITY_MIN_COSINE}, on {worst[:60]!r}"
             )
+        if on_checked is not None:
+            on_checked(staging, report)
         _install(staging, target, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -196,6 +213,7 @@ def _write_model_dir(
     max_length: int,
     opset: int,
     token_mode: bool = False,
+    source: str | None = None,
 ) -> Manifest:
     """Write graph, tokenizer and manifest into ``model_dir``; return the manifest."""
     encoder = SentenceEncoder(model, pooling, normalize, token_mode).eval()
@@ -234,7 +252,7 @@ def _write_model_dir(
         opset=opset,
         precision="fp32",
         sha256=file_sha256(onnx_path),
-        source=ckpt.source,
+        source=ckpt.source if source is None else source,
         exported_at=datetime.now(UTC).isoformat(timespec="seconds"),
         exporter_version=embedstream.__version__,
         extra=extra,

@@ -16,9 +16,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -29,15 +30,18 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedstream import __version__
-from embedstream.errors import Backpressure, GatewayError, SourceError
+from embedstream.envelope import MAX_ID_LENGTH, check_id
+from embedstream.errors import Backpressure, EnvelopeError, GatewayError, SourceError
 from embedstream.gateway import schemas
 from embedstream.gateway.auth import KeyCheck
 from embedstream.gateway.ingest import Limits, Upload, records_from_json, records_from_uploads
 from embedstream.gateway.publisher import EventPublisher
 from embedstream.gateway.query import Searcher, parse_filters
-from embedstream.gateway.spec import ingest_openapi, search_openapi
+from embedstream.gateway.spec import ID_PATTERN, ingest_openapi, search_openapi
 from embedstream.metrics import GATEWAY_ROUTES, GatewayMetrics
+from embedstream.search import Hit
 from embedstream.settings import MODALITIES, Settings
+from embedstream.sinks.layout import metadata_of
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +134,34 @@ def create_app(
         responses={**_ERRORS, 404: {"model": schemas.ErrorBody, "description": "Not stored."}},
         summary="A stored vector and its fields",
     )
-    def embedding(model: str, event_id: str) -> JSONResponse:
+    def embedding(model: str, event_id: str, chunk: int = 0) -> JSONResponse:
         active = _require(searcher)
         info = active.model_for(model, "text")
-        vector, fields = active.stored_vector(info, event_id)
-        return JSONResponse({"id": event_id, "model": info.name, "dim": int(vector.shape[0]),
-                             "vector": vector.tolist(), "fields": fields})
+        vector, fields = active.stored_vector(info, event_id, chunk)
+        return JSONResponse({
+            "id": event_id, "model": info.name, "dim": int(vector.shape[0]),
+            "chunk": int(fields.get("chunk") or 0), "chunks": int(fields.get("chunks") or 1),
+            "vector": vector.tolist(), "metadata": metadata_of(fields),
+            "fields": {k: v for k, v in fields.items() if k != "metadata"},
+        })
+
+    @app.delete(
+        "/v1/items/{event_id}", name="delete", status_code=202, dependencies=auth,
+        response_model=schemas.Deleted, responses={**_ERRORS, **_RETRY},
+        summary="Delete a document (every chunk, every model) by publishing a tombstone",
+    )
+    async def delete(
+        event_id: Annotated[str, PathParam(pattern=ID_PATTERN, max_length=MAX_ID_LENGTH)],
+        modality: Literal["text", "image", "audio"] | None = None,
+    ) -> JSONResponse:
+        try:
+            check_id(event_id)
+        except EnvelopeError as err:
+            raise GatewayError(422, err.reason, err.detail) from err
+        topics = [settings.topic_for(m) for m in ([modality] if modality else MODALITIES)]
+        for topic in topics:
+            await run_in_threadpool(publisher.publish, topic, [(event_id, None)])
+        return JSONResponse({"id": event_id, "topics": topics}, status_code=202)
 
     @app.get("/v1/models", name="models", dependencies=auth, response_model=schemas.ModelsResponse,
              responses=_ERRORS, summary="Models served for search, with their filter fields")
@@ -370,9 +396,18 @@ def _run_search(searcher: Searcher, req: schemas.SearchRequest,
         assert query is not None
         vector = searcher.embed(info, query)
     filters = parse_filters(req.filters, info)
-    hits = searcher.search(info, vector, req.k, filters, exclude=req.id)
+    hits = searcher.search(info, vector, req.k, filters, exclude=req.id,
+                           per_document=not req.all_chunks)
+    return {"model": info.name, "hits": [_hit_json(h) for h in hits]}
+
+
+def _hit_json(hit: Hit) -> dict[str, Any]:
+    span = hit.span
     return {
-        "model": info.name,
-        "hits": [{"id": h.id, "score": h.score, "key": h.key,
-                  "fields": {k: v for k, v in h.fields.items() if v != ""}} for h in hits],
+        "id": hit.id, "score": hit.score, "key": hit.key, "chunk": hit.chunk,
+        "chunks": hit.chunks, "text": hit.fields.get("text") or None,
+        "start": span[0] if span else None, "end": span[1] if span else None,
+        "metadata": hit.metadata,
+        "fields": {k: v for k, v in hit.fields.items()
+                   if v != "" and k not in ("text", "chunk", "chunks", "start", "end")},
     }

@@ -23,7 +23,7 @@ _RECONNECT = Backoff(initial_s=1.0, max_s=30.0)
 
 
 class EventPublisher(Protocol):
-    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes]]) -> None:
+    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]]) -> None:
         """Publish and wait for the broker's confirmation, or raise
         :class:`Backpressure` (retry later) / :class:`SourceError` (refused)."""
         ...
@@ -74,7 +74,7 @@ class KafkaEventPublisher:
         self._last_ok = True
         log.info("gateway connected to Kafka at %s", settings.kafka_bootstrap)
 
-    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes]]) -> None:
+    def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]]) -> None:
         producer = self._producer
         retry = float(self._settings.gateway_retry_after_s)
         if producer is None:

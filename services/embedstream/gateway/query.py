@@ -82,8 +82,10 @@ class Searcher:
         except (ValueError, OSError) as err:  # undecodable image / audio bytes
             raise GatewayError(422, "invalid_media", f"cannot read the query file: {err}") from err
 
-    def stored_vector(self, info: ModelInfo, event_id: str) -> tuple[np.ndarray, dict[str, str]]:
-        key = result_key(self._settings.key_prefix, info.name, event_id)
+    def stored_vector(self, info: ModelInfo, event_id: str,
+                      chunk: int = 0) -> tuple[np.ndarray, dict[str, str]]:
+        """A stored chunk's vector and fields (chunk 0: the document's first, or only)."""
+        key = result_key(self._settings.key_prefix, info.name, event_id, chunk)
         try:
             raw: dict[bytes, bytes] = self._client.hgetall(key)  # type: ignore[assignment]
         except redis.RedisError as err:
@@ -96,11 +98,10 @@ class Searcher:
         return vector, fields
 
     def search(self, info: ModelInfo, vector: np.ndarray, k: int, filters: list[Filter],
-               exclude: str | None = None) -> list[Hit]:
-        fields = (*info.schema, "uri", "thumbnail", "title", "dim")
+               exclude: str | None = None, per_document: bool = True) -> list[Hit]:
         try:
             hits = search_vector(self._client, self._settings.key_prefix, info.name, vector,
-                                 k + (1 if exclude else 0), filters, fields)
+                                 k + (1 if exclude else 0), filters, ("dim",), per_document)
         except SinkError as err:
             raise GatewayError(503, "store_unavailable", str(err)) from err
         return [h for h in hits if h.id != exclude][:k]

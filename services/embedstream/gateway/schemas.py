@@ -17,7 +17,9 @@ class Envelope(BaseModel):
     data: str | None = Field(None, description="Base64 bytes of an image or audio file.")
     uri: str | None = None
     model: str | None = Field(None, description="Model name; default: the modality's.")
-    metadata: dict[str, Any] | None = Field(None, description="Flat fields stored with the vector.")
+    metadata: dict[str, Any] | None = Field(
+        None, description="The producer's own fields (any names, any JSON values): stored "
+        "with every chunk, given back unchanged by search.")
 
 
 class Accepted(BaseModel):
@@ -42,13 +44,23 @@ class SearchRequest(BaseModel):
     filters: dict[str, Any] | None = Field(
         None, description='Metadata filters on indexed fields: {"lang": "en", "year": {"gte": 2000}}.'
     )
+    all_chunks: bool = Field(
+        False, description="Every matching chunk instead of one hit per document (its best "
+        "chunk); k then counts chunks.")
 
 
 class SearchHit(BaseModel):
-    id: str
+    id: str = Field(description="The document id.")
     score: float = Field(description="Cosine similarity, 1 = same direction.")
-    key: str
-    fields: dict[str, str]
+    key: str = Field(description="The Redis key of the hit's chunk.")
+    chunk: int = Field(description="The chunk's index in its document (0 when it is whole).")
+    chunks: int = Field(description="How many chunks the document has.")
+    text: str | None = Field(None, description="The chunk's text (text models).")
+    start: int | None = Field(None, description="The chunk's first character in the text.")
+    end: int | None = Field(None, description="One past the chunk's last character.")
+    metadata: dict[str, Any] = Field(description="The document's metadata, as sent.")
+    fields: dict[str, str] = Field(description="Other stored fields: model, modality, "
+                                   "created_at, source...")
 
 
 class SearchResponse(BaseModel):
@@ -60,8 +72,16 @@ class EmbeddingResponse(BaseModel):
     id: str
     model: str
     dim: int
+    chunk: int
+    chunks: int
     vector: list[float]
+    metadata: dict[str, Any]
     fields: dict[str, str]
+
+
+class Deleted(BaseModel):
+    id: str
+    topics: list[str] = Field(description="Where the tombstones went.")
 
 
 class ModelDescription(BaseModel):

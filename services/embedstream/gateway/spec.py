@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from embedstream.envelope import MAX_ID_LENGTH, RESERVED_FIELDS
+from embedstream.envelope import MAX_ID_LENGTH
 from embedstream.gateway.query import ModelInfo
 
-ID_PATTERN = r"^[^\s\x00-\x1f]+$"
-# A text must have a character that is not whitespace; written as a class of the
-# whitespace Python's str.strip() removes, so spec and validation agree.
+# Whitespace as Python's str.isspace() sees it, spelled out: JSON Schema's (ECMA-262) \s
+# lacks some of it (U+0085), and generators follow ECMA-262.
 _SPACE = r"\s\u001c-\u001f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+ID_PATTERN = rf"^[^{_SPACE}\x00-\x1f]+$"
+# A text must have a character that is not whitespace, so spec and validation agree.
 NOT_BLANK = f"[^{_SPACE}]"
 
 
@@ -35,8 +36,8 @@ def envelope_schema(modality: str, models: list[str]) -> dict[str, Any]:
         "model": {**_model_schema(models), "description": "Default: the modality's model."},
         "metadata": {
             "type": "object",
-            "description": "Fields stored with the vector (not the reserved names).",
-            "propertyNames": {"not": {"enum": sorted(RESERVED_FIELDS)}},
+            "description": "The producer's own fields, any names; stored with every chunk "
+                           "and given back unchanged by search.",
         },
     }
     if modality == "text":

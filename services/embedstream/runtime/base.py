@@ -16,7 +16,8 @@ class Backend(Protocol):
 
     Contract: ``embed`` takes the graph inputs of a whole batch (as produced
     by the model's preprocessor) and returns a float32 array of shape
-    ``[batch, dimension]``. It is called from one thread at a time; it may
+    ``[batch, dimension]``. It may be called from several threads at once
+    (the worker's inference threads share one backend per model); it may
     block (the worker runs it off the consuming thread). It raises
     :class:`embedstream.errors.ModelError` when the model fails.
     """

@@ -13,6 +13,7 @@ import numpy as np
 from embedstream.errors import ConfigError, EnvelopeError, ModelError
 from embedstream.models.manifest import Manifest, find_models, load_manifest
 from embedstream.runtime.base import Backend
+from embedstream.runtime.memory import grew, rss_mb
 from embedstream.runtime.preprocess import Limits, Prepared, Preprocessor, build_preprocessor
 from embedstream.runtime.registry import get_backend_factory
 
@@ -36,6 +37,10 @@ class LoadedModel:
     directory: Path
     backend: Backend
     preprocessor: Preprocessor
+    load_mb: float | None = None
+    """Resident memory that loading this model added (weights, tokenizer, tables)."""
+    warmup_mb: float | None = None
+    """Resident memory that its warm-up batch added (activations kept for reuse)."""
 
     @property
     def name(self) -> str:
@@ -114,7 +119,9 @@ def load_models(
     threads: int,
     limits: Limits | None = None,
 ) -> dict[str, LoadedModel]:
-    """Load ``names`` (all models under ``root`` when empty). Fails on any missing one."""
+    """Load ``names`` (all models under ``root`` when empty). Fails on any missing one.
+
+    Each model's cost in resident memory is logged as it loads."""
     available = find_models(root)
     wanted = names or sorted(available)
     if not wanted:
@@ -129,10 +136,16 @@ def load_models(
         )
     models = {}
     for name in wanted:
+        before = rss_mb()
         models[name] = load_model(
             available[name], backend=backend, providers=providers, threads=threads,
             limits=limits,
         )
-        log.info("model %s ready (%s, %d-d)", name, models[name].manifest.modality,
-                 models[name].manifest.dimension)
+        # What serving this model costs (weights, tokenizer or tables), so a worker
+        # that serves every model in the directory shows where its memory went.
+        after = rss_mb()
+        if before is not None and after is not None:
+            models[name].load_mb = after - before
+        log.info("model %s loaded (%s, %d-d): %s", name, models[name].manifest.modality,
+                 models[name].manifest.dimension, grew(before, after))
     return models

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,37 @@ def provider_options(provider: str, onnx_path: str) -> dict[str, Any]:
     return {}
 
 
+_arena_lock = threading.Lock()
+_arena_registered = False
+
+
+def shared_cpu_arena() -> None:
+    """Register one CPU memory arena for every session of this process (once).
+
+    ONNX Runtime gives each session its own CPU arena by default, and an arena
+    keeps the largest activations its session ever ran (the warm-up batch) for
+    reuse. A worker serving several models therefore held one such high-water
+    mark per model; with the arena registered on the process's environment and
+    ``session.use_env_allocators`` set, the models share one, and it holds what
+    the largest concurrent batches need. Measured on MiniLM (32 x 256 tokens,
+    two sessions warmed one after the other): 836-862 MB with an arena each,
+    550-615 MB sharing one; the same CPU time per text. Arena settings left at
+    ONNX Runtime's defaults: ``kSameAsRequested`` measured no smaller (the
+    memory pattern asks for one block per batch shape either way), no arena at
+    all cost 10% more CPU (page faults on every batch), and a cap turns the
+    warm-up batch into an out-of-memory error rather than saving anything.
+    """
+    global _arena_registered
+    with _arena_lock:
+        if _arena_registered:
+            return
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                 ort.OrtMemType.DEFAULT)
+        # max_mem 0 (no cap), default extend strategy, chunk sizes and dead bytes.
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _arena_registered = True
+
+
 def default_threads() -> int:
     """Cores this process may use (respects CPU affinity, e.g. taskset or cgroups)."""
     try:
@@ -118,9 +151,22 @@ def default_threads() -> int:
 
 
 class OrtBackend:
-    """One ONNX Runtime inference session. See :class:`~embedstream.runtime.base.Backend`."""
+    """One ONNX Runtime inference session. See :class:`~embedstream.runtime.base.Backend`.
 
-    def __init__(self, onnx_path: str, *, providers: list[str], threads: int) -> None:
+    Safe to call from several threads at once (ONNX Runtime sessions are): the
+    worker's inference threads share one backend per model, so the weights are
+    held once per process, and with ``threads`` 1 each call computes on its
+    caller's thread, side by side with the others.
+
+    ``provider_overrides`` replaces or adds options of a provider (the GPU check
+    sets TensorRT's shape profiles and precision this way).
+    """
+
+    def __init__(
+        self, onnx_path: str, *, providers: list[str], threads: int,
+        provider_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        shared_cpu_arena()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or default_threads()
@@ -131,8 +177,12 @@ class OrtBackend:
         # cores the worker's other stages (decode, Redis writes, polling) need,
         # which under light load, many small batches, starves them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # CPU activations come from the process's one arena (see shared_cpu_arena).
+        options.add_session_config_entry("session.use_env_allocators", "1")
         chosen = choose_providers(providers)
-        configured = [(p, provider_options(p, onnx_path)) for p in chosen]
+        overrides = provider_overrides or {}
+        configured = [(p, {**provider_options(p, onnx_path), **overrides.get(p, {})})
+                      for p in chosen]
         try:
             self._session = ort.InferenceSession(onnx_path, options, providers=configured)
         except Exception as err:  # onnxruntime raises its own untyped errors

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from embedstream.errors import EnvelopeError, ModelError
 from embedstream.models.manifest import Manifest
+from embedstream.runtime.chunking import Span, split
 from embedstream.runtime.preprocess import Limits, Prepared, register
 
 
@@ -46,8 +47,12 @@ class TextPreprocessor:
         except Exception as err:  # tokenizers raises plain Exception
             raise ModelError(f"cannot load tokenizer {path}: {err}") from err
         self._tokenizer.no_padding()
+        # The same tokenizer without truncation measures whole texts for chunking.
+        self._measure = Tokenizer.from_str(self._tokenizer.to_str())
+        self._measure.no_truncation()
         self.max_length = manifest.max_length or 512
         self._tokenizer.enable_truncation(self.max_length)
+        self._specials = len(self._measure.encode("").ids)
         self._pad_id = int(manifest.extra.get("pad_token_id", 0))
         self._inputs = list(manifest.inputs)
 
@@ -61,6 +66,23 @@ class TextPreprocessor:
     def prepare(self, inputs: Sequence[str]) -> list[Prepared | EnvelopeError]:
         """Tokenize a batch; the cost of a text is its token count."""
         return [Prepared(t, t.length, t.truncated) for t in self.tokenize(list(inputs))]
+
+    def chunk(self, text: str, max_tokens: int, overlap: float) -> list[tuple[Span, Prepared]]:
+        """``text`` in windows of at most ``max_tokens`` tokens, special tokens included
+        (0 or more than the model's limit: the limit), overlapping by ``overlap`` of that,
+        cut at paragraph, sentence or word boundaries (see :mod:`.chunking`). Each window
+        comes with its character span in ``text`` and its model input."""
+        budget = min(max_tokens or self.max_length, self.max_length)
+        limit = max(1, budget - self._specials)
+        offsets = self._measure.encode(text, add_special_tokens=False).offsets
+
+        def fits(span: Span) -> bool:
+            return len(self._measure.encode(text[span[0]:span[1]]).ids) <= budget
+
+        spans = split(text, offsets, limit, int(overlap * limit), fits)
+        prepared = self.prepare([text[start:end] for start, end in spans])
+        return [(span, item) for span, item in zip(spans, prepared, strict=True)
+                if isinstance(item, Prepared)]
 
     def pack(self, items: Sequence[Prepared | Tokenized]) -> dict[str, np.ndarray]:
         """Pad a batch to its longest sequence and build every graph input."""

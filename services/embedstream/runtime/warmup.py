@@ -1,11 +1,15 @@
 """Warm-up: one batch of the largest shape the budgets allow, before consuming.
 
 ONNX Runtime's CPU arena (and a GPU's memory pool) grows to the largest batch
-a session has run and keeps that memory. Without a warm-up that happens the
-first time a burst packs a full batch of long inputs: minutes or hours into
-a run, as a step in memory (or an out-of-memory kill) and a slow batch. With
-it, the worker reaches its memory high-water mark at startup, where a budget
-too large for the node fails at once, and later memory stays flat.
+it has run and keeps that memory. Without a warm-up that happens the first
+time a burst packs a full batch of long inputs: minutes or hours into a run,
+as a step in memory (or an out-of-memory kill) and a slow batch. With it, the
+worker reaches the high-water mark of one batch at startup, where a budget too
+large for the node fails at once. The CPU arena is one per process, shared by
+every model and by the inference threads that share a model's session
+(:func:`~embedstream.runtime.onnx.shared_cpu_arena`): when two threads run a
+batch of the largest shape at the same moment, it grows once more, to at most
+one such batch per inference thread.
 
 The inputs are synthetic and go through the model's own preprocessor, so the
 shapes are the ones real events produce: text at the model's token limit,
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from embedstream.runtime.loader import LoadedModel
+from embedstream.runtime.memory import grew, rss_mb
 from embedstream.runtime.preprocess import Prepared
 
 log = logging.getLogger(__name__)
@@ -88,11 +93,14 @@ def warm_up(model: LoadedModel, max_items: int, max_tokens: int) -> tuple[int, i
         log.warning("no warm-up for %s: no input of its modality that it accepts", model.name)
         return 0, 0
     count = max(1, min(max_items, max_tokens // max(1, probe.cost)))
-    started = time.perf_counter()
+    started, before = time.perf_counter(), rss_mb()
     if model.token_mode:
         model.embed_prepared_tokens([probe] * count)
     else:
         model.embed_prepared([probe] * count)
-    log.info("warmed up %s: %d x %d in %.2fs", model.name, count, probe.cost,
-             time.perf_counter() - started)
+    after = rss_mb()
+    if before is not None and after is not None:
+        model.warmup_mb = after - before
+    log.info("warmed up %s: %d x %d in %.2fs, %s", model.name, count, probe.cost,
+             time.perf_counter() - started, grew(before, after))
     return count, probe.cost

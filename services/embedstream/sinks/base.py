@@ -1,4 +1,9 @@
-"""The sink interface: where embeddings are stored.
+"""The sink interface: where embeddings are stored, and deleted.
+
+A document is the unit: one event's result, with one vector per chunk (a text
+over its model's token limit is split into chunks; everything else is one).
+All chunks of a document are written together, replacing every chunk of an
+older version, and deleted together.
 
 Contract: :meth:`Sink.write` stores every item of a batch except those it
 returns as :attr:`WriteOutcome.rejected` (refused for the item's own data:
@@ -25,14 +30,51 @@ from embedstream.models.manifest import Manifest
 
 
 @dataclass(frozen=True, slots=True)
-class Embedded:
-    """One event's result."""
+class Chunk:
+    """One window of a document and its vector."""
 
-    event: Event
-    model: Manifest
+    index: int
+    start: int
+    """Character offsets of the window in the event's text (0, len(text) when whole)."""
+    end: int
     vector: np.ndarray
     tokens: np.ndarray | None = None
     """Token-mode models: ``[tokens, dimension]`` contextual token vectors."""
+
+
+@dataclass(frozen=True, slots=True)
+class Embedded:
+    """One event's result: its document's chunks, in order (one for most events)."""
+
+    event: Event
+    model: Manifest
+    vector: np.ndarray | None = None
+    """The one vector of a document that is not chunked (then ``chunks`` is empty)."""
+    tokens: np.ndarray | None = None
+    chunks: tuple[Chunk, ...] = ()
+
+    def parts(self) -> tuple[Chunk, ...]:
+        """Every chunk of the document (a single whole chunk when not chunked)."""
+        if self.chunks:
+            return self.chunks
+        assert self.vector is not None, "an Embedded needs a vector or chunks"
+        return (Chunk(0, 0, len(self.event.text or ""), self.vector, self.tokens),)
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """Delete every chunk of ``event.id`` under ``model`` (a tombstone or ``op: delete``)."""
+
+    event: Event
+    model: Manifest
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOutcome:
+    deleted: int = 0  # a document was there and is gone
+    absent: int = 0  # nothing was there; the delete's marker is kept all the same
+    stale: int = 0  # a newer version is stored; left as it was
+    duplicates: int = 0  # this delete was applied already (a redelivery)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +102,12 @@ class Sink(Protocol):
         ...
 
     def write(self, results: list[Embedded]) -> WriteOutcome: ...
+
+    def delete(self, deletions: list[Deletion]) -> DeleteOutcome:
+        """Delete documents, versioned like writes: an older delete leaves a newer
+        document alone, and a delete leaves a marker (for ``tombstone_retention_s``) so a
+        replayed older write cannot bring the document back. Raises like ``write``."""
+        ...
 
     def ping(self) -> bool:
         """True when the store answers; used by readiness."""

@@ -1,16 +1,13 @@
-"""Redis sink: one HASH per embedding, one vector index per model.
+"""Redis sink: documents as chunk hashes (see :mod:`.layout`), one vector index per model.
 
-Key ``<prefix>:<model>:<id>`` holds ``embedding`` (float32 little-endian
-bytes), ``version`` (writes never replace a newer version; equal versions
-are ordered by the record's offset, then partition), ``id``,
-``model``, ``modality``, ``dim``, ``created_at`` (unix seconds), ``event_ts``
-(the record's timestamp, ms), ``source`` (topic:partition:offset), ``text``
-(text events, unless ``store_text`` is off), the event's metadata fields and,
-for token-mode models, ``token_embeddings`` (``[token_count, dim]`` float32
-bytes) and ``token_count``. Each batch is one
-pipelined round trip. Where the server has the search module (Redis 8,
-Redis Stack, Valkey + RediSearch) each model gets an HNSW/COSINE index over
-its prefix; without it, vectors are still stored.
+Each batch is one pipelined round trip: one script call per document writes
+all of its chunks, versioned (writes never replace a newer version; equal
+versions are ordered by the record's offset, then partition), deletes the
+chunks an older version had beyond the new count, and respects a delete's
+marker; one script call per deletion removes every chunk and leaves the
+marker. Where the server has the search module (Redis 8, Redis Stack, Valkey
++ RediSearch) each model gets an HNSW/COSINE index over its prefix; without
+it, vectors are still stored.
 
 Failures are classified once, here: a reply about one item's data (a script
 error, ``WRONGTYPE``, a value the client cannot encode) rejects that item
@@ -21,6 +18,7 @@ and the rest of the batch is stored; a reply about the server (unreachable,
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -32,50 +30,113 @@ from redis.commands.search.field import NumericField, TagField
 from redis.commands.search.index_definition import IndexDefinition, IndexType
 from redis.retry import Retry
 
-from embedstream.envelope import RESERVED_FIELDS
+from embedstream.envelope import flat_metadata
 from embedstream.errors import ConfigError, SinkError, StoreFull
 from embedstream.models.manifest import Manifest
 from embedstream.settings import Settings
 from embedstream.sinks import index as vector_index
-from embedstream.sinks.base import Embedded, Rejected, WriteOutcome
+from embedstream.sinks.base import (
+    DeleteOutcome,
+    Deletion,
+    Embedded,
+    Rejected,
+    WriteOutcome,
+)
 from embedstream.sinks.index import IndexConfig
+from embedstream.sinks.layout import (
+    index_name,
+    meta_field,
+    result_key,
+    tombstone_key,
+)
 
 log = logging.getLogger(__name__)
 
-# Versioned, idempotent write of one result: KEYS[1] the key, ARGV[1] the
-# version, ARGV[2] the record's partition, ARGV[3] its offset, ARGV[4..]
-# field/value pairs. Returns 1 stored, 2 duplicate (this very record is there
-# already), 0 stale (a newer one is there). Equal versions (two updates in one
-# millisecond, a LogAppendTime batch) are ordered by offset, then partition, read
-# back from the stored ``source`` (topic:partition:offset): processing order
-# never decides. DEL first so metadata fields of an older version do not linger;
-# HSET in slices, as Lua's unpack() has a small limit on results. The shebang makes it
-# a flagged script: a server out of memory refuses it with OOM before it runs (a script
-# without flags would write past maxmemory, and nobody would learn the store is full).
-_WRITE_SCRIPT = """#!lua
-local current = redis.call('HMGET', KEYS[1], 'version', 'source')
-local version = tonumber(ARGV[1])
-local partition = tonumber(ARGV[2])
-local offset = tonumber(ARGV[3])
-if current[1] then
-  local stored = tonumber(current[1])
-  if stored > version then return 0 end
-  if stored == version then
-    local p, o = -1, -1
-    if current[2] then
-      local sp, so = string.match(current[2], ':(%d+):(%d+)$')
-      if sp then p = tonumber(sp); o = tonumber(so) end
-    end
-    if o > offset or (o == offset and p > partition) then return 0 end
-    if o == offset and p == partition then return 2 end
+__all__ = ["RedisSink", "classify", "connect", "has_search", "index_name", "metadata_schema",
+           "result_key"]
+
+# Shared by the two scripts: is the record (v, o, p) older than, the same as, or newer
+# than the one a hash's version and source (topic:partition:offset) name? Versions
+# first, then offsets, then partitions: processing order never decides.
+_ORDER = """
+local function order(version, source)
+  local p, o = -1, -1
+  if source then
+    local sp, so = string.match(source, ':(%d+):(%d+)$')
+    if sp then p = tonumber(sp); o = tonumber(so) end
   end
+  return tonumber(version), o, p
 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'version', ARGV[1])
-for i = 4, #ARGV, 256 do
-  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 255, #ARGV)))
+local function compare(v1, o1, p1, v2, o2, p2)
+  if v1 ~= v2 then return v1 < v2 and -1 or 1 end
+  if o1 ~= o2 then return o1 < o2 and -1 or 1 end
+  if p1 ~= p2 then return p1 < p2 and -1 or 1 end
+  return 0
 end
+"""
+
+# Write one document. KEYS[1] chunk 0's key, KEYS[2] the delete marker's key,
+# KEYS[3..] chunks 1..n-1. ARGV[1] version, ARGV[2] partition, ARGV[3] offset,
+# ARGV[4] chunk count, then per chunk: its count of field/value arguments and
+# the pairs. Returns 1 stored, 2 duplicate (this record is there already), 0
+# stale (a newer version, or a newer delete, is there). Every chunk is DEL'd
+# first so fields of an older version do not linger, and the chunks an older
+# version had beyond the new count go too. HSET in slices (Lua's unpack() has a
+# small limit). The shebang makes it a flagged script: a server out of memory
+# refuses it with OOM before it runs, instead of letting it write past maxmemory.
+_WRITE_SCRIPT = "#!lua\n" + _ORDER + """
+local v, p, o = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local count = tonumber(ARGV[4])
+local current = redis.call('HMGET', KEYS[1], 'version', 'source', 'chunks')
+if current[1] then
+  local c = compare(v, o, p, order(current[1], current[2]))
+  if c < 0 then return 0 end
+  if c == 0 then return 2 end
+end
+local marker = redis.call('HMGET', KEYS[2], 'version', 'source')
+if marker[1] and compare(v, o, p, order(marker[1], marker[2])) <= 0 then return 0 end
+local old = current[1] and tonumber(current[3] or '1') or 0
+for i = 1, old - 1 do redis.call('DEL', KEYS[1] .. '#' .. i) end
+local arg = 5
+for c = 0, count - 1 do
+  local key = (c == 0) and KEYS[1] or KEYS[2 + c]
+  local n = tonumber(ARGV[arg])
+  arg = arg + 1
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'version', ARGV[1])
+  for i = arg, arg + n - 1, 256 do
+    redis.call('HSET', key, unpack(ARGV, i, math.min(i + 255, arg + n - 1)))
+  end
+  arg = arg + n
+end
+if marker[1] then redis.call('DEL', KEYS[2]) end
 return 1
+"""
+
+# Delete one document. KEYS[1] chunk 0's key, KEYS[2] the marker's key; ARGV[1]
+# version, ARGV[2] partition, ARGV[3] offset, ARGV[4] source, ARGV[5] the marker's
+# lifetime (ms). Returns 1 deleted, 3 nothing was there (the marker is written
+# all the same), 2 duplicate (this delete was applied already), 0 stale.
+_DELETE_SCRIPT = "#!lua\n" + _ORDER + """
+local v, p, o = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local current = redis.call('HMGET', KEYS[1], 'version', 'source', 'chunks')
+if current[1] then
+  local c = compare(v, o, p, order(current[1], current[2]))
+  if c < 0 then return 0 end
+  if c == 0 then return 2 end
+end
+local marker = redis.call('HMGET', KEYS[2], 'version', 'source')
+if marker[1] then
+  local c = compare(v, o, p, order(marker[1], marker[2]))
+  if c < 0 then return 0 end
+  if c == 0 then return 2 end
+end
+local old = current[1] and tonumber(current[3] or '1') or 0
+if old > 0 then redis.call('DEL', KEYS[1]) end
+for i = 1, old - 1 do redis.call('DEL', KEYS[1] .. '#' .. i) end
+redis.call('HSET', KEYS[2], 'version', ARGV[1], 'source', ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return old > 0 and 1 or 3
 """
 
 # Replies that are about the server, not the item: retry the batch later.
@@ -106,14 +167,6 @@ def classify(err: Exception) -> str:
     return "transient" if code in _TRANSIENT_CODES else "item"
 
 
-def result_key(prefix: str, model: str, event_id: str) -> str:
-    return f"{prefix}:{model}:{event_id}"
-
-
-def index_name(prefix: str, model: str) -> str:
-    return f"{prefix}:idx:{model}"
-
-
 # Metadata field names that may be indexed: plain identifiers, so they need no
 # escaping in queries.
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -131,7 +184,7 @@ def metadata_schema(manifest: Manifest, settings: Settings) -> dict[str, str]:
         raise ConfigError(f"model {manifest.name}: extra.metadata_schema must be an object")
     schema = {**raw, **settings.metadata_schema}
     for name, kind in schema.items():
-        if not FIELD_NAME.match(name) or name in RESERVED_FIELDS:
+        if not FIELD_NAME.match(name):
             raise ConfigError(f"model {manifest.name}: cannot index metadata field {name!r}")
         if kind not in FIELD_TYPES:
             raise ConfigError(
@@ -186,7 +239,9 @@ class RedisSink:
         self._prefix = settings.key_prefix
         self._create_index = settings.create_index
         self._store_text = settings.store_text
-        self._script = self._client.register_script(_WRITE_SCRIPT)
+        self._write_script = self._client.register_script(_WRITE_SCRIPT)
+        self._delete_script = self._client.register_script(_DELETE_SCRIPT)
+        self._retention_ms = settings.tombstone_retention_s * 1000
         # A separate client for health checks: short timeouts, no retries, so a
         # readiness probe answers at once while Redis is away.
         self._health = connect(settings, quick=True) if client is None else client
@@ -231,9 +286,7 @@ class RedisSink:
             search.create_index(
                 [
                     vector_index.vector_field(wanted, manifest.dimension),
-                    TagField("model"),
-                    TagField("modality"),
-                    NumericField("created_at"),
+                    *_SYSTEM_FIELDS,
                     *(_metadata_field(field, kind) for field, kind in schema.items()),
                 ],
                 definition=IndexDefinition(
@@ -261,42 +314,72 @@ class RedisSink:
     def _add_fields(
         self, search: Any, name: str, schema: dict[str, str], existing: set[str]
     ) -> None:
-        """Index metadata fields declared since the index was made (FT.ALTER; the
-        server re-indexes the existing hashes in the background)."""
-        for field, kind in schema.items():
-            if field not in existing:
-                search.alter_schema_add([_metadata_field(field, kind)])
-                log.info("index %s: added %s field %s", name, kind, field)
+        """Index fields added since the index was made (metadata fields declared since,
+        the document fields of chunking): FT.ALTER; the server re-indexes the existing
+        hashes in the background."""
+        wanted = [*_SYSTEM_FIELDS, *(_metadata_field(f, k) for f, k in schema.items())]
+        for field in wanted:
+            if field.name not in existing:
+                search.alter_schema_add([field])
+                log.info("index %s: added field %s", name, field.name)
 
     def write(self, results: list[Embedded]) -> WriteOutcome:
-        """Store ``results`` in one pipelined round trip.
+        """Store ``results`` (documents) in one pipelined round trip.
 
-        Items the server (or the client's encoder) refuses for their own data
-        come back in ``WriteOutcome.rejected``; everything else is stored.
-        Raises :class:`StoreFull` or :class:`SinkError` for failures about the
-        server: then any part of the batch may be stored, and a retry of the
-        whole batch is safe (those items come back as duplicates).
+        Documents the server (or the client's encoder) refuses for their own data
+        come back in ``WriteOutcome.rejected``; everything else is stored. Raises
+        :class:`StoreFull` or :class:`SinkError` for failures about the server: then
+        any part of the batch may be stored, and a retry of the whole batch is safe
+        (those documents come back as duplicates).
         """
         now = time.time()
         encoder = self._client.get_encoder()
         pipe = self._client.pipeline(transaction=False)
-        sent: list[int] = []  # index in ``results`` of each command in the pipeline
+        sent: list[int] = []  # index in ``results`` of each script call in the pipeline
         rejected: list[Rejected] = []
         for index, result in enumerate(results):
             try:
-                args = [encoder.encode(a) for a in self._script_args(result, now)]
+                keys, args = self._write_call(result, now)
+                encoded = [encoder.encode(a) for a in args]
             except (redis.DataError, UnicodeError, ValueError, TypeError) as err:
                 rejected.append(Rejected(index, f"cannot encode a field: {err}"))
                 continue
-            key = result_key(self._prefix, result.model.name, result.event.id)
-            self._script(keys=[key], args=args, client=pipe)
+            self._write_script(keys=keys, args=encoded, client=pipe)
             sent.append(index)
+        codes = self._execute(pipe, sent, rejected, len(results))
+        return WriteOutcome(
+            stored=codes.count(1), duplicates=codes.count(2), stale=codes.count(0),
+            rejected=tuple(sorted(rejected, key=lambda r: r.index)),
+        )
+
+    def delete(self, deletions: list[Deletion]) -> DeleteOutcome:
+        """Delete documents in one pipelined round trip (see :class:`Sink`)."""
+        pipe = self._client.pipeline(transaction=False)
+        for item in deletions:
+            event, record = item.event, item.event.record
+            self._delete_script(
+                keys=[result_key(self._prefix, item.model.name, event.id),
+                      tombstone_key(self._prefix, item.model.name, event.id)],
+                args=[event.version, max(0, record.partition), max(0, record.offset),
+                      f"{record.topic}:{record.partition}:{record.offset}", self._retention_ms],
+                client=pipe,
+            )
+        rejected: list[Rejected] = []
+        codes = self._execute(pipe, list(range(len(deletions))), rejected, len(deletions))
+        if rejected:  # a delete touches only our own keys: a refusal is about the store
+            raise SinkError(f"Redis refused a delete: {rejected[0].detail}")
+        return DeleteOutcome(deleted=codes.count(1), absent=codes.count(3),
+                             stale=codes.count(0), duplicates=codes.count(2))
+
+    def _execute(self, pipe: Any, sent: list[int], rejected: list[Rejected], size: int) -> list[int]:
+        """Run the pipeline: reply codes of the calls that worked; per-item refusals
+        appended to ``rejected``; failures about the server raised."""
         if not sent:
-            return WriteOutcome(rejected=tuple(rejected))
+            return []
         try:
             replies = pipe.execute(raise_on_error=False)
         except redis.RedisError as err:
-            raise self._failure(err, len(results)) from err
+            raise self._failure(err, size) from err
         codes: list[int] = []
         for index, reply in zip(sent, replies, strict=True):
             if not isinstance(reply, Exception):
@@ -304,36 +387,50 @@ class RedisSink:
             elif classify(reply) == "item":
                 rejected.append(Rejected(index, f"Redis refused the write: {reply}"))
             else:
-                raise self._failure(reply, len(results)) from reply
-        return WriteOutcome(
-            stored=codes.count(1), duplicates=codes.count(2), stale=codes.count(0),
-            rejected=tuple(sorted(rejected, key=lambda r: r.index)),
-        )
+                raise self._failure(reply, size) from reply
+        return codes
 
-    def _script_args(self, result: Embedded, now: float) -> list[Any]:
-        """ARGV of the write script: version, partition, offset, then field/value pairs."""
+    def _write_call(self, result: Embedded, now: float) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the write script for one document."""
         event = result.event
         record = event.record
-        fields: dict[str, Any] = dict(event.metadata)
-        fields.update(
-            id=event.id,
-            embedding=result.vector.astype("<f4", copy=False).tobytes(),
-            model=result.model.name,
-            modality=result.model.modality,
-            dim=result.model.dimension,
-            created_at=now,
-            event_ts=record.timestamp_ms,
-            source=f"{record.topic}:{record.partition}:{record.offset}",
-        )
-        if self._store_text and event.text is not None:
-            fields["text"] = event.text
-        if result.tokens is not None:
-            fields["token_embeddings"] = result.tokens.astype("<f4", copy=False).tobytes()
-            fields["token_count"] = int(result.tokens.shape[0])
-        args: list[Any] = [event.version, max(0, record.partition), max(0, record.offset)]
-        for name, value in fields.items():
-            args.extend((name, value))
-        return args
+        name = result.model.name
+        parts = result.parts()
+        keys = [result_key(self._prefix, name, event.id),
+                tombstone_key(self._prefix, name, event.id),
+                *(result_key(self._prefix, name, event.id, c.index) for c in parts[1:])]
+        common: dict[str, Any] = {
+            "id": event.id,
+            "model": name,
+            "modality": result.model.modality,
+            "dim": result.model.dimension,
+            "created_at": now,
+            "event_ts": record.timestamp_ms,
+            "source": f"{record.topic}:{record.partition}:{record.offset}",
+            "chunks": len(parts),
+        }
+        if event.metadata:
+            common["metadata"] = json.dumps(event.metadata, ensure_ascii=False,
+                                            separators=(",", ":"))
+            for field, value in flat_metadata(event.metadata).items():
+                common[meta_field(field)] = value
+        args: list[Any] = [event.version, max(0, record.partition), max(0, record.offset),
+                           len(parts)]
+        for chunk in parts:
+            fields = dict(common)
+            fields.update(chunk=chunk.index,
+                          embedding=chunk.vector.astype("<f4", copy=False).tobytes())
+            if event.text is not None:
+                fields.update(start=chunk.start, end=chunk.end)
+                if self._store_text:
+                    fields["text"] = event.text[chunk.start:chunk.end]
+            if chunk.tokens is not None:
+                fields["token_embeddings"] = chunk.tokens.astype("<f4", copy=False).tobytes()
+                fields["token_count"] = int(chunk.tokens.shape[0])
+            args.append(2 * len(fields))
+            for field, value in fields.items():
+                args.extend((field, value))
+        return keys, args
 
     @staticmethod
     def _failure(err: Exception, size: int) -> SinkError:
@@ -357,8 +454,16 @@ class RedisSink:
         self._health.close()
 
 
+# Index attributes every model's index has besides the vector and the metadata fields.
+_SYSTEM_FIELDS: tuple[TagField | NumericField, ...] = (
+    TagField("model"), TagField("modality"), NumericField("created_at"), TagField("id"),
+    NumericField("chunk"),
+)
+
+
 def _metadata_field(name: str, kind: str) -> TagField | NumericField:
-    return TagField(name) if kind == "tag" else NumericField(name)
+    field = meta_field(name)
+    return TagField(field) if kind == "tag" else NumericField(field)
 
 
 def _index_attributes(info: dict[Any, Any]) -> set[str]:

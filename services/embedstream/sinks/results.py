@@ -1,14 +1,16 @@
 """The results stream: "embedding ready" records for event-driven applications.
 
-After a batch is stored in Redis, and before its offsets may be committed, the
-worker publishes one record per event to ``settings.topic_results``. Key: the
-event id. Value (UTF-8 JSON)::
+After a batch is stored in Redis (or its deletions applied), and before its
+offsets may be committed, the worker publishes one record per event to
+``settings.topic_results``. Key: the event id. Value (UTF-8 JSON)::
 
     {"id": "doc-42", "model": "all-minilm-l6-v2", "modality": "text", "dim": 384,
-     "key": "embedstream:all-minilm-l6-v2:doc-42", "stored_at": 1767000000.1,
+     "key": "embedstream:all-minilm-l6-v2:doc-42", "chunks": 1, "stored_at": 1767000000.1,
      "source": "embedstream.text:3:1207", "vector": [0.01, ...]}
 
-``vector`` only with ``results_include_vector``. Contract: a record is
+``vector`` (chunk 0's) and ``vectors`` (every chunk's) only with
+``results_include_vector``. A deletion is ``{"id", "model", "modality", "deleted":
+true, "version", "source", "stored_at"}``. Contract: a record is
 published only for an event already stored (so "ready" is never announced
 early); the announcement is at-least-once, like the pipeline: a worker that
 crashes after the write but before the commit stores and announces again.
@@ -19,18 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from embedstream.errors import SinkError, SourceError
 from embedstream.settings import Settings
-from embedstream.sinks.base import Embedded
-from embedstream.sinks.redis import result_key
+from embedstream.sinks.base import Deletion, Embedded
+from embedstream.sinks.layout import result_key
 
 log = logging.getLogger(__name__)
 
 
 class ResultsPublisher(Protocol):
-    def publish(self, results: list[Embedded]) -> None:
+    def publish(self, results: Sequence[Embedded | Deletion]) -> None:
         """Announce a stored batch; return once the broker confirmed it, or raise
         :class:`~embedstream.errors.SinkError` (the caller retries)."""
         ...
@@ -50,12 +53,31 @@ def result_record(
         "modality": result.model.modality,
         "dim": result.model.dimension,
         "key": result_key(prefix, result.model.name, event.id),
+        "chunks": len(result.parts()),
         "stored_at": stored_at,
         "source": f"{record.topic}:{record.partition}:{record.offset}",
     }
     if include_vector:
-        body["vector"] = [float(x) for x in result.vector]
+        vectors = [[float(x) for x in chunk.vector] for chunk in result.parts()]
+        body["vector"] = vectors[0]
+        if len(vectors) > 1:
+            body["vectors"] = vectors
     return body
+
+
+def deletion_record(deletion: Deletion, stored_at: float) -> dict[str, Any]:
+    """The JSON body of one deletion's results record."""
+    event = deletion.event
+    record = event.record
+    return {
+        "id": event.id,
+        "model": deletion.model.name,
+        "modality": deletion.model.modality,
+        "deleted": True,
+        "version": event.version,
+        "stored_at": stored_at,
+        "source": f"{record.topic}:{record.partition}:{record.offset}",
+    }
 
 
 class KafkaResultsPublisher:
@@ -67,12 +89,13 @@ class KafkaResultsPublisher:
         self._settings = settings
         self._producer = Producer(settings, topics=[settings.topic_results])
 
-    def publish(self, results: list[Embedded]) -> None:
+    def publish(self, results: Sequence[Embedded | Deletion]) -> None:
         now = time.time()
         records = [
             (
                 r.event.id,
                 json.dumps(
+                    deletion_record(r, now) if isinstance(r, Deletion) else
                     result_record(r, self._settings.key_prefix, now,
                                   self._settings.results_include_vector),
                     separators=(",", ":"),

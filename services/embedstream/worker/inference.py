@@ -4,7 +4,9 @@ Contract: every item of a batch taken from the batches queue leaves this stage
 in exactly one way: with its vector in a result batch on the results queue, or
 rejected to the dead-letter topic. A batch that fails is retried item by item,
 so one bad item never fails the rest (``model_error`` for what the model
-refused, ``internal_error`` for any other exception). When every item fails
+refused, ``internal_error`` for any other exception); when one chunk of a
+document fails, the document is rejected once and none of its chunks go on. A
+batch over the budget (a document of many chunks) runs in budget-sized pieces. When every item fails
 alone, the model runs a known-good probe input: if that fails too, the fault
 is the model's or the device's, not the events', and the stage raises
 :class:`~embedstream.errors.ModelUnavailable` (the worker stops and is
@@ -28,7 +30,7 @@ from embedstream.runtime.loader import LoadedModel
 from embedstream.runtime.preprocess import Prepared
 from embedstream.runtime.warmup import probe_input
 from embedstream.worker.deadletters import describe
-from embedstream.worker.items import STOP, Item, ResultBatch, WorkBatch, put
+from embedstream.worker.items import STOP, Item, Position, ResultBatch, WorkBatch, position, put
 from embedstream.worker.liveness import Heartbeat
 from embedstream.worker.pre import Reject
 
@@ -48,8 +50,12 @@ class InferenceStage:
         heartbeat: Heartbeat,
         abandon: threading.Event,
         last_one_out: Callable[[], bool],
+        max_items: int = 1 << 30,
+        max_tokens: int = 1 << 30,
     ) -> None:
         self.models = models
+        self._max_items = max_items
+        self._max_tokens = max_tokens
         self._batches = batches
         self._results = results
         self._reject = reject
@@ -83,7 +89,7 @@ class InferenceStage:
     def embed(self, work: WorkBatch, model: LoadedModel) -> ResultBatch:
         """Embed a batch with ``model`` (this thread's instance of ``work.model``)."""
         try:
-            return ResultBatch(model, work.items, *_run(model, [i.prepared for i in work.items]))
+            return ResultBatch(model, work.items, *self._run_pieces(model, work.items))
         except Exception as err:
             log.warning("batch of %d failed (%s); retrying items one by one",
                         len(work.items), describe(err))
@@ -110,11 +116,35 @@ class InferenceStage:
                 f"model {model.name} fails on a known-good input too ({failed[0][2]}); "
                 "stopping rather than dead-letter the events"
             )
+        rejected: set[Position] = set()
         for item, reason, detail in failed:
-            self._reject(item.event.record, reason, detail)
+            if position(item.event.record) not in rejected:  # a document is rejected once
+                rejected.add(position(item.event.record))
+                self._reject(item.event.record, reason, detail)
+        keep = [i for i, item in enumerate(good) if position(item.event.record) not in rejected]
         dim = model.manifest.dimension
-        stacked = np.stack(vectors) if vectors else np.zeros((0, dim), np.float32)
-        return ResultBatch(model, good, stacked, tokens if model.token_mode else None)
+        stacked = np.stack([vectors[i] for i in keep]) if keep else np.zeros((0, dim), np.float32)
+        kept_tokens = [tokens[i] for i in keep] if model.token_mode else None
+        return ResultBatch(model, [good[i] for i in keep], stacked, kept_tokens)
+
+    def _run_pieces(
+        self, model: LoadedModel, items: list[Item]
+    ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Run ``items`` in pieces within the batch budget (most batches are one piece)."""
+        pieces: list[list[Item]] = [[]]
+        for item in items:
+            piece = pieces[-1]
+            longest = max([item.prepared.cost, *(i.prepared.cost for i in piece)])
+            if piece and (len(piece) >= self._max_items
+                          or (len(piece) + 1) * longest > self._max_tokens):
+                pieces.append([])
+            pieces[-1].append(item)
+        results = [_run(model, [i.prepared for i in piece]) for piece in pieces]
+        if len(results) == 1:
+            return results[0]
+        vectors = np.concatenate([r[0] for r in results])
+        tokens = None if results[0][1] is None else [t for r in results for t in r[1] or []]
+        return vectors, tokens
 
     def _model_works(self, model: LoadedModel) -> bool:
         """Run the model's probe input; True when it works (or there is no probe)."""

@@ -12,6 +12,7 @@ import numpy as np
 from embedstream.envelope import Event, RawRecord
 from embedstream.runtime.loader import LoadedModel
 from embedstream.runtime.preprocess import Prepared
+from embedstream.sinks.base import Deletion
 
 STOP = object()
 """End-of-stream marker passed down the stage queues at shutdown."""
@@ -24,12 +25,24 @@ def position(record: RawRecord) -> Position:
     return (record.topic, record.partition, record.offset)
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """Which window of its document an item is: index, count, character offsets."""
+
+    index: int
+    count: int
+    start: int
+    end: int
+
+
 @dataclass(slots=True)
 class Item:
-    """An event with its model input, waiting for or inside a batch."""
+    """An event (or one chunk of it) with its model input, waiting for or inside a batch.
+    The chunks of one document always travel in one batch."""
 
     event: Event
     prepared: Prepared
+    chunk: ChunkSpan | None = None
 
 
 @dataclass(slots=True)
@@ -49,6 +62,13 @@ class ResultBatch:
     items: list[Item]
     vectors: np.ndarray
     tokens: list[np.ndarray] | None = None
+
+
+@dataclass(slots=True)
+class DeleteBatch:
+    """Deletions for the sink stage, straight from the pre stage (no model to run)."""
+
+    deletions: list[Deletion]
 
 
 def put(q: queue.Queue[Any], item: Any, abandon: threading.Event) -> bool:

@@ -101,7 +101,7 @@ class Worker:
         batches: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
         results_q: queue.Queue[Any] = queue.Queue(maxsize=settings.queue_depth)
         self.pre = PreStage(settings, models, batches, reject, metrics,
-                            self.liveness.heartbeat("pre"), self._abandon)
+                            self.liveness.heartbeat("pre"), self._abandon, results_q)
         # One model set per inference thread: ``models`` first, then the replicas
         # (same models, sessions of their own).
         instances = [models, *(replicas or [])]
@@ -110,7 +110,8 @@ class Worker:
         self.inference = [
             InferenceStage(instance, batches, results_q, reject, metrics,
                            self.liveness.heartbeat(_inference_name(i)), self._abandon,
-                           self._inference_finished)
+                           self._inference_finished, settings.batch_max_items,
+                           settings.batch_max_tokens)
             for i, instance in enumerate(instances)
         ]
         self.sink_stage = SinkStage(sink, results_q, reject, self.committer.done, metrics,
@@ -122,6 +123,8 @@ class Worker:
         # turns between partitions (a poison surfaces without waiting for the others).
         self._held: dict[TopicPartition, deque[RawRecord]] = {}
         self._isolated: Position | None = None
+        # Records of partitions whose take-over the breaker could not record yet.
+        self._waiting: list[RawRecord] = []
         self._last_poll = 0.0
         self._last_recheck = 0.0
         self._lost: queue.SimpleQueue[set[TopicPartition]] = queue.SimpleQueue()
@@ -200,14 +203,16 @@ class Worker:
             self.committer.settle()
             self._release()
             return
-        self.committer.apply_backpressure(held=sum(len(q) for q in self._held.values()))
+        self.committer.apply_backpressure(
+            held=len(self._waiting) + sum(len(q) for q in self._held.values()))
         records = self.source.poll(timeout_s=0.1)
         self._last_poll = time.monotonic()
         self.polling_ok = True
         self._forget_lost()
         if records:
             self.committer.track(records)
-            admitted = self.breaker.admit(records)
+        if records or self._waiting:
+            admitted, self._waiting = self.breaker.admit([*self._waiting, *records])
             if self.breaker.careful() or self._held:
                 for r in admitted:
                     self._held.setdefault((r.topic, r.partition), deque()).append(r)
@@ -232,9 +237,11 @@ class Worker:
         if not waiting:
             return
         tp = waiting[0]
-        record = self._held[tp].popleft()
+        record = self._held[tp][0]
+        if not self.breaker.isolate(record):
+            return  # its mark could not be written: it waits (the store is away)
+        self._held[tp].popleft()
         self._held[tp] = self._held.pop(tp)  # its turn is over: to the back of the line
-        self.breaker.isolate(record)
         self._isolated = position(record)
         self.pre.submit([record], alone=True)
 
@@ -264,6 +271,10 @@ class Worker:
                 return
             for tp in lost:
                 self._held.pop(tp, None)
+            self._waiting = [r for r in self._waiting if (r.topic, r.partition) not in lost]
+            dropped = self.pre.drop(lost)
+            if dropped:
+                log.info("dropped %d queued records of partitions now owned elsewhere", dropped)
             self.breaker.leave(lost)
 
     def _shutdown(self) -> int:

@@ -3,11 +3,15 @@
 Per poll (merged with the polls queued behind it, see :meth:`PreStage.next_records`):
 decode each record's envelope, pick its model, resolve binary payloads (inline,
 raw bytes, claim-check URIs), preprocess (tokenize, decode images and audio),
-and pack batches per model under the batch budget.
+split a text over its model's token limit into chunks (``text_overflow``), and
+pack batches per model under the batch budget, the chunks of a document in one
+batch. Deletes (tombstones, ``op: delete``) need no model: they go straight to
+the sink stage, one deletion per model served for their topic.
 
 Contract: every record handed to :meth:`PreStage.submit` leaves this stage in
-exactly one way: inside a batch put on the batches queue, or rejected to the
-dead-letter topic with its reason. Anything that goes wrong with one record,
+exactly one way: inside a batch put on the batches queue (all its chunks in
+one), as deletions put on the results queue, or rejected to the dead-letter
+topic with its reason. Anything that goes wrong with one record,
 whatever the exception, rejects that record alone (``internal_error`` with the
 exception's type and message when no other reason names it); a batch-level
 preprocessing call that fails is retried item by item, so its good items go on.
@@ -21,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from embedstream.batching import Batch, BatchBudget, Batcher
@@ -33,8 +37,9 @@ from embedstream.payloads import PayloadResolver
 from embedstream.runtime.loader import LoadedModel
 from embedstream.runtime.preprocess import Prepared
 from embedstream.settings import Settings
+from embedstream.sinks.base import Deletion
 from embedstream.worker.deadletters import describe
-from embedstream.worker.items import STOP, Item, WorkBatch, put
+from embedstream.worker.items import STOP, ChunkSpan, DeleteBatch, Item, WorkBatch, put
 from embedstream.worker.liveness import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,15 @@ log = logging.getLogger(__name__)
 _AUDIO_WINDOW_BATCHES = 4
 
 Reject = Callable[[RawRecord, str, str], None]
+
+
+@dataclass(slots=True)
+class _ModelBatch:
+    """One model's share of a poll: whole items, and groups (the chunks of a document)."""
+
+    singles: list[tuple[Item, int]] = field(default_factory=list)
+    groups: list[list[tuple[Item, int]]] = field(default_factory=list)
+    truncated: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +79,11 @@ class PreStage:
         metrics: Metrics,
         heartbeat: Heartbeat,
         abandon: threading.Event,
+        results: queue.Queue[Any] | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
+        self._results = results
         self.modality_of = {settings.topic_for(m.modality): m.modality for m in models.values()}
         self.default_model = default_models(
             settings, {name: m.modality for name, m in models.items()}
@@ -106,6 +122,30 @@ class PreStage:
         themselves and send them on at once (the crash-loop breaker's careful mode)."""
         self._records.put(_Alone(records) if alone else records)
 
+    def drop(self, partitions: set[tuple[str, int]]) -> int:
+        """Forget the queued records of partitions that went to another member (any
+        thread): their new owner processes them; here they would be wasted work, or a
+        death counted against nobody. Returns how many were dropped."""
+        dropped = 0
+
+        def keep(item: Any) -> Any:
+            nonlocal dropped
+            if item is STOP:
+                return item
+            records = item.records if isinstance(item, _Alone) else item
+            kept = [r for r in records if (r.topic, r.partition) not in partitions]
+            dropped += len(records) - len(kept)
+            if not kept:
+                return None
+            return _Alone(kept) if isinstance(item, _Alone) else kept
+
+        with self._records.mutex:
+            queued = [k for item in self._records.queue if (k := keep(item)) is not None]
+            self._records.queue.clear()
+            self._records.queue.extend(queued)
+            self._held[:] = [k for item in self._held if (k := keep(item)) is not None]
+        return dropped
+
     def finish(self) -> None:
         """No more records: flush the open batches and pass the stop marker on."""
         self._records.put(STOP)
@@ -123,21 +163,26 @@ class PreStage:
                 return
             if isinstance(records, _Alone):
                 self._heartbeat.busy()
-                for name, items in self.prepare(records.records).items():
+                for name, batch in self.prepare(records.records).items():
+                    items = [*batch.singles, *(pair for group in batch.groups for pair in group)]
                     if items:
                         self._emit(name, [Batch([i for i, _ in items], [c for _, c in items])])
             elif records:
                 self._heartbeat.busy()
-                for name, items in self.prepare(records).items():
-                    self._emit(name, batchers[name].add_many(items))
+                for name, batch in self.prepare(records).items():
+                    self._emit(name, batchers[name].add_many(batch.singles))
+                    for group in batch.groups:
+                        self._emit(name, batchers[name].add_group(group))
             for name, batcher in batchers.items():
                 self._emit(name, batcher.due())
             self._heartbeat.idle()
 
     def next_records(self, timeout: float) -> Any:
         """The next poll (merged with the backlog of its kind), the stop marker, or None."""
-        if self._held:
-            records = self._held.pop()
+        with self._records.mutex:  # drop() may filter the holdover from another thread
+            holdover = self._held.pop() if self._held else None
+        if holdover is not None:
+            records = holdover
         else:
             try:
                 records = self._records.get(timeout=timeout)
@@ -175,7 +220,8 @@ class PreStage:
             except queue.Empty:
                 break
             if more is STOP or isinstance(more, _Alone) or self._kind(more) != kind:
-                self._held.append(more)
+                with self._records.mutex:
+                    self._held.append(more)
                 break
             merged.extend(more)
             backlog = len(more) >= self.settings.max_poll_records
@@ -187,42 +233,81 @@ class PreStage:
         return kinds.pop() if len(kinds) == 1 else None
 
     # ------------------------------------------------------------ per record
-    def prepare(self, records: list[RawRecord]) -> dict[str, list[tuple[Item, int]]]:
-        """Decode and preprocess records, grouped by model: (item, cost) pairs.
-
-        Records that cannot be embedded are rejected here, each with its reason.
-        """
+    def prepare(self, records: list[RawRecord]) -> dict[str, _ModelBatch]:
+        """Decode and preprocess records, grouped by model: (item, cost) pairs, the
+        chunks of a document grouped. Deletions go to the sink stage from here;
+        records that cannot be embedded are rejected here, each with its reason."""
         started = time.perf_counter()
         by_model: dict[str, list[Event]] = {}
+        deletions: list[Deletion] = []
         for record in records:
             self._metrics.consumed.labels(record.topic).inc()
-            routed = self._guarded(record, functools.partial(self._decode_and_route, record))
-            if routed is not None:
-                by_model.setdefault(routed[0], []).append(routed[1])
+            event = self._guarded(record, functools.partial(self._decode, record))
             self._heartbeat.beat()
+            if event is None:
+                continue
+            if event.deletes:
+                targets = self._guarded(record, functools.partial(self._delete_targets, event))
+                deletions += [Deletion(event, model.manifest) for model in targets or ()]
+                continue
+            name = self._guarded(record, functools.partial(self._model_of, event))
+            if name is not None:
+                by_model.setdefault(name, []).append(event)
         self._metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
+        if deletions and self._results is not None:
+            self._heartbeat.idle()
+            put(self._results, DeleteBatch(deletions), self._abandon)
+            self._heartbeat.busy()
 
-        out: dict[str, list[tuple[Item, int]]] = {}
+        out: dict[str, _ModelBatch] = {}
         for name, events in by_model.items():
             started = time.perf_counter()
             model = self.models[name]
             kept, inputs = self._inputs(events)
-            items: list[tuple[Item, int]] = []
+            batch = _ModelBatch()
             for event, result in zip(kept, self._preprocess(model, kept, inputs), strict=True):
-                if isinstance(result, EnvelopeError):
-                    self._reject(event.record, result.reason, result.detail)
-                elif result.truncated and self.settings.text_overflow == "reject":
-                    self._reject(event.record, "text_too_long",
-                                 f"text is over the token limit of {name}")
-                else:
-                    items.append((Item(event, result), result.cost))
-            truncated = sum(item.prepared.truncated for item, _ in items)
-            if truncated:
-                self._metrics.truncated.labels(name).inc(truncated)
-            out[name] = items
+                self._place(model, event, result, batch)
+            if batch.truncated:
+                self._metrics.truncated.labels(name).inc(batch.truncated)
+            out[name] = batch
             stage = "tokenize" if model.modality == "text" else "preprocess"
             self._metrics.stage_seconds.labels(stage).observe(time.perf_counter() - started)
         return out
+
+    def _place(self, model: LoadedModel, event: Event, result: Prepared | EnvelopeError,
+               batch: _ModelBatch) -> None:
+        """Put one preprocessed event in ``batch``: whole, truncated, chunked, or rejected."""
+        if isinstance(result, EnvelopeError):
+            self._reject(event.record, result.reason, result.detail)
+            return
+        overflow = self.settings.text_overflow
+        if not result.truncated:
+            batch.singles.append((Item(event, result), result.cost))
+        elif overflow == "reject":
+            self._reject(event.record, "text_too_long",
+                         f"text is over the token limit of {model.name}")
+        elif overflow == "chunk" and hasattr(model.preprocessor, "chunk") and event.text:
+            group = self._guarded(event.record, functools.partial(self._chunk, model, event))
+            if group:
+                batch.groups.append(group)
+        else:
+            batch.truncated += 1
+            batch.singles.append((Item(event, result), result.cost))
+
+    def _chunk(self, model: LoadedModel, event: Event) -> list[tuple[Item, int]]:
+        assert event.text is not None
+        windows = model.preprocessor.chunk(  # type: ignore[attr-defined]
+            event.text, self.settings.chunk_tokens, self.settings.chunk_overlap)
+        count = len(windows)
+        return [(Item(event, prepared, ChunkSpan(i, count, start, end)), prepared.cost)
+                for i, ((start, end), prepared) in enumerate(windows)]
+
+    def _delete_targets(self, event: Event) -> list[LoadedModel]:
+        """The models a delete applies to: the one it names, else every one served for
+        its modality (a tombstone names none)."""
+        if event.model is not None:
+            return [self.models[self._model_of(event)]]
+        return [m for m in self.models.values() if m.modality == event.modality]
 
     def _guarded(self, record: RawRecord, step: Callable[[], T]) -> T | None:
         """``step()``, or None after rejecting ``record`` for whatever it raised."""
@@ -235,10 +320,6 @@ class PreStage:
                         describe(err), exc_info=True)
             self._reject(record, "internal_error", describe(err))
         return None
-
-    def _decode_and_route(self, record: RawRecord) -> tuple[str, Event]:
-        event = self._decode(record)
-        return self._model_of(event), event
 
     def _decode(self, record: RawRecord) -> Event:
         modality = self.modality_of[record.topic]

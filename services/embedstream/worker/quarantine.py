@@ -33,8 +33,10 @@ the whole assignment for long. What the breaker cannot tell apart is a death
 for a cause outside the pipeline at that very moment (the OOM killer, a lost
 node): the record then goes to the dead-letter topic, where ``replay dlq
 --reason poison_quarantined`` can re-drive it. The marks expire after a week;
-the breaker is best effort when the store is unreachable (then nothing could
-be stored anyway).
+while the store is unreachable, a partition taken over is held back until its
+mark could be read and written (nothing could be stored meanwhile anyway), and
+a careful partition's next record goes in only once its mark says so: a death
+during an outage is counted like any other.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from embedstream.sources.base import TopicPartition
 log = logging.getLogger(__name__)
 
 _MARK_TTL_S = 7 * 24 * 3600
+_UNAVAILABLE = (redis.RedisError, OSError, ValueError)
 _WARN_EVERY_S = 60.0
 
 
@@ -87,12 +90,30 @@ class CrashLedger(Protocol):
     def explained(self, owner: str) -> bool: ...
 
 
+# Marks are written by scripts flagged allow-oom: they are a few bytes, and a Redis out
+# of memory (which the sink waits out) must not blind the breaker meanwhile.
+_WRITE_MARK = """#!lua flags=allow-oom
+redis.call('HSET', KEYS[1], 'head', ARGV[1], 'deaths', ARGV[2], 'isolating', ARGV[3],
+           'owner', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+_EXPLAIN = """#!lua flags=allow-oom
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
 class RedisCrashLedger:
-    """Marks as small hashes ``<prefix>:crashloop:<group>:<topic>:<partition>``."""
+    """Marks as small hashes ``<prefix>:!crashloop:<group>:<topic>:<partition>`` (``!``
+    cannot occur in a model name, so no model's index covers them)."""
 
     def __init__(self, client: redis.Redis, prefix: str, group: str) -> None:
         self._client = client
-        self._base = f"{prefix}:crashloop:{group}"
+        self._base = f"{prefix}:!crashloop:{group}"
+        self._write_mark = client.register_script(_WRITE_MARK)
+        self._explain = client.register_script(_EXPLAIN)
 
     def key(self, tp: TopicPartition) -> str:
         return f"{self._base}:{tp[0]}:{tp[1]}"
@@ -109,12 +130,9 @@ class RedisCrashLedger:
     def write(self, marks: dict[TopicPartition, Mark]) -> None:
         pipe = self._client.pipeline(transaction=False)
         for tp, mark in marks.items():
-            key = self.key(tp)
-            pipe.hset(key, mapping={
-                "head": mark.head, "deaths": mark.deaths, "owner": mark.owner,
-                "isolating": "" if mark.isolating is None else mark.isolating,
-            })
-            pipe.expire(key, _MARK_TTL_S)
+            isolating = "" if mark.isolating is None else mark.isolating
+            self._write_mark(keys=[self.key(tp)], client=pipe,
+                             args=[mark.head, mark.deaths, isolating, mark.owner, _MARK_TTL_S])
         pipe.execute()
 
     def clear(self, tps: set[TopicPartition]) -> None:
@@ -122,11 +140,7 @@ class RedisCrashLedger:
             self._client.delete(*(self.key(tp) for tp in tps))
 
     def explain(self, owner: str) -> None:
-        key = f"{self._base}:explained"
-        pipe = self._client.pipeline(transaction=False)
-        pipe.sadd(key, owner)
-        pipe.expire(key, _MARK_TTL_S)
-        pipe.execute()
+        self._explain(keys=[f"{self._base}:explained"], args=[owner, _MARK_TTL_S])
 
     def explained(self, owner: str) -> bool:
         return bool(self._client.sismember(f"{self._base}:explained", owner))
@@ -160,8 +174,12 @@ class Breaker:
         """The partitions whose records must be processed one at a time."""
         return set(self._careful_until)
 
-    def admit(self, records: list[RawRecord]) -> list[RawRecord]:
-        """The records to process; quarantined ones are dead-lettered here instead."""
+    def admit(self, records: list[RawRecord]) -> tuple[list[RawRecord], list[RawRecord]]:
+        """(records to process, records to hold back and admit again later).
+
+        Quarantined records are dead-lettered here instead. Records of a partition
+        whose take-over could not be recorded (the store is away) are held back.
+        """
         starts: dict[TopicPartition, int] = {}
         for record in records:
             starts.setdefault((record.topic, record.partition), record.offset)
@@ -169,8 +187,12 @@ class Breaker:
         if new:
             self._take_over(new)
         out: list[RawRecord] = []
+        later: list[RawRecord] = []
         for record in records:
             tp = (record.topic, record.partition)
+            if tp not in self._heads:
+                later.append(record)
+                continue
             poison = self._poison.get(tp)
             if poison is not None and poison[0] == record.offset:
                 del self._poison[tp]
@@ -182,14 +204,19 @@ class Breaker:
                 )
                 continue
             out.append(record)
-        return out
+        return out, later
 
     def _take_over(self, starts: dict[TopicPartition, int]) -> None:
         """Partitions seen for the first time since they were assigned: read their marks
-        (all together: a death pinned in one explains the same death in the others)."""
-        marks: dict[TopicPartition, Mark | None] = {
-            tp: self._call("read", tp) for tp in starts
-        }
+        (all together: a death pinned in one explains the same death in the others) and
+        write this owner's. Partitions whose marks cannot be read or written stay not
+        taken over (their records are held back and admitted again)."""
+        marks: dict[TopicPartition, Mark | None] = {}
+        for tp in starts:
+            try:
+                marks[tp] = self._ledger.read(tp) if self._ledger is not None else None
+            except _UNAVAILABLE as err:
+                self._warn(err)
         for tp, mark in marks.items():
             if mark is not None and mark.isolating is not None \
                     and mark.head <= starts[tp] <= mark.isolating:
@@ -198,12 +225,16 @@ class Breaker:
                 self._call("explain", mark.owner)
                 log.warning("%s:%d: a worker died processing offset %d alone: quarantining it",
                             *tp, mark.isolating)
-        written: dict[TopicPartition, Mark] = {}
-        for tp, start in starts.items():
-            self._heads[tp] = start
-            self._deaths[tp] = self._deaths_at(tp, start, marks[tp])
-            written[tp] = Mark(start, self._deaths[tp], owner=self.owner)
-        self._write(written)
+        written = {tp: Mark(starts[tp], self._deaths_at(tp, starts[tp], mark), owner=self.owner)
+                   for tp, mark in marks.items()}
+        if not self._write(written):
+            for tp in written:
+                self._careful_until.pop(tp, None)
+                self._careful_owner.pop(tp, None)
+            return
+        for tp, mark in written.items():
+            self._heads[tp] = mark.head
+            self._deaths[tp] = mark.deaths
 
     def _deaths_at(self, tp: TopicPartition, start: int, mark: Mark | None) -> int:
         """Deaths of owners at ``start`` (0 if the last owner passed it or its death is
@@ -224,15 +255,18 @@ class Breaker:
             )
         return deaths
 
-    def isolate(self, record: RawRecord) -> None:
-        """``record`` goes into the pipeline alone: say so in its partition's mark first."""
+    def isolate(self, record: RawRecord) -> bool:
+        """``record`` goes into the pipeline alone: say so in its partition's mark first.
+        False when the mark could not be written: then it must not go in yet."""
         tp = (record.topic, record.partition)
+        if not self._write({tp: Mark(self._heads.get(tp, record.offset),
+                                     self._deaths.get(tp, 0), record.offset, self.owner)}):
+            return False
         self._isolating = (tp, record.offset)
-        self._write({tp: Mark(self._heads.get(tp, record.offset), self._deaths.get(tp, 0),
-                              record.offset, self.owner)})
         until = self._careful_until.get(tp)
         if until is not None and record.offset + 1 >= until:
             del self._careful_until[tp]
+        return True
 
     def isolated_done(self) -> None:
         """The record in hand alone is stored or dead-lettered: it is not the poison."""
@@ -293,8 +327,16 @@ class Breaker:
     def owned(self) -> set[TopicPartition]:
         return set(self._heads)
 
-    def _write(self, marks: dict[TopicPartition, Mark]) -> None:
-        self._call("write", marks)
+    def _write(self, marks: dict[TopicPartition, Mark]) -> bool:
+        """Write marks; False when the ledger is unreachable (True without a ledger)."""
+        if self._ledger is None:
+            return True
+        try:
+            self._ledger.write(marks)
+        except _UNAVAILABLE as err:
+            self._warn(err)
+            return False
+        return True
 
     def _call(self, method: str, *args: Any) -> Any:
         """``ledger.<method>(*args)``; None without a ledger or when it is unreachable."""
@@ -302,9 +344,12 @@ class Breaker:
             return None
         try:
             return getattr(self._ledger, method)(*args)
-        except (redis.RedisError, OSError, ValueError) as err:
-            now = time.monotonic()
-            if now - self._warned > _WARN_EVERY_S:
-                self._warned = now
-                log.warning("crash-loop marks unavailable (%s); processing without them", err)
+        except _UNAVAILABLE as err:
+            self._warn(err)
             return None
+
+    def _warn(self, err: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warned > _WARN_EVERY_S:
+            self._warned = now
+            log.warning("crash-loop marks unavailable (%s); holding back what needs them", err)

@@ -17,7 +17,8 @@ from types import FrameType
 
 from embedstream.errors import EmbedstreamError
 from embedstream.metrics import Metrics
-from embedstream.runtime.loader import load_models
+from embedstream.runtime.loader import LoadedModel, load_models
+from embedstream.runtime.memory import grew, rss_mb
 from embedstream.runtime.onnx import GPU_PROVIDERS, choose_providers, default_threads
 from embedstream.runtime.preprocess import Limits
 from embedstream.runtime.warmup import warm_up
@@ -37,14 +38,60 @@ def threads_per_process(settings: Settings) -> int:
     return max(1, default_threads() // settings.processes)
 
 
+def on_gpu(settings: Settings) -> bool:
+    """Whether the worker's sessions run on a GPU provider (the first one that would be tried)."""
+    return choose_providers(settings.providers)[0] in GPU_PROVIDERS
+
+
 def instances_per_process(settings: Settings, threads: int) -> int:
-    """Model instances per worker process: ``inference_instances``, or when it is 0 (auto),
-    2 on CPU with at least 2 threads (two 1-thread sessions lose less to the other
-    stages and to synchronising threads than one 2-thread session), else 1."""
+    """Model instances (inference threads) per worker process: ``inference_instances``, or
+    when it is 0 (auto), 2 on CPU with at least 2 threads (two threads running 1-thread
+    batches lose less to the other stages and to synchronising threads than one thread
+    running 2-thread batches), else 1."""
     if settings.inference_instances:
         return settings.inference_instances
-    on_gpu = choose_providers(settings.providers)[0] in GPU_PROVIDERS
-    return 1 if on_gpu or threads < 2 else 2
+    return 1 if on_gpu(settings) or threads < 2 else 2
+
+
+def load_instances(settings: Settings) -> list[dict[str, LoadedModel]]:
+    """The models of one worker process, one model set per inference thread, warmed up.
+
+    On CPU the sets share each model's session (weights, tokenizer, activation
+    arena): ONNX Runtime runs calls from several threads side by side, so a second
+    set holds no weights of its own, and its activations come from the process's
+    one arena. Before, each set had its own sessions, and a worker serving MiniLM
+    on 2 threads held its weights and its warm-up batch's activations twice. On a
+    GPU each set keeps sessions of its own, as before: instances there are for
+    overlapping one's host work and copies with another's kernels, and GPU pods
+    are not packed by host memory. What each model costs is logged as it loads
+    and warms up, and the total once all are ready (every model in the directory
+    when none are named).
+    """
+    started, before = time.perf_counter(), rss_mb()
+    threads = threads_per_process(settings)
+    count = instances_per_process(settings, threads)
+    shared = not on_gpu(settings)
+    sets = [
+        load_models(
+            settings.model_dir,
+            settings.models,
+            providers=settings.providers,
+            threads=max(1, threads // count),
+            limits=Limits.from_settings(settings),
+        )
+        for _ in range(1 if shared else count)
+    ]
+    if settings.warmup:
+        for models in sets:
+            for model in models.values():
+                warm_up(model, settings.batch_max_items, settings.batch_max_tokens)
+    log.info("%d model(s) ready in %.1fs for %d inference thread(s) of %d thread(s) each, "
+             "%s: %s", len(sets[0]), time.perf_counter() - started, count,
+             max(1, threads // count), "sharing one session per model" if shared
+             else "a session per model each", grew(before, rss_mb()))
+    if shared:
+        sets += [dict(sets[0]) for _ in range(count - 1)]
+    return sets
 
 
 def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
@@ -54,27 +101,11 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     ``settings.kafka_client`` names (:mod:`embedstream.sources.registry`).
     """
     metrics = metrics or Metrics()
-    threads = threads_per_process(settings)
-    count = instances_per_process(settings, threads)
-    instances = [
-        load_models(
-            settings.model_dir,
-            settings.models,
-            providers=settings.providers,
-            threads=max(1, threads // count),
-            limits=Limits.from_settings(settings),
-        )
-        for _ in range(count)
-    ]
-    log.info("%d model instance(s) of %d thread(s) each", count, max(1, threads // count))
+    instances = load_instances(settings)
     models = instances[0]
     for model in models.values():
         m = model.manifest
         metrics.model_info.labels(m.name, m.modality, str(m.dimension), model.backend.provider).set(1)
-    if settings.warmup:
-        for instance in instances:
-            for model in instance.values():
-                warm_up(model, settings.batch_max_items, settings.batch_max_tokens)
     sink = RedisSink(settings)
     sink.prepare([m.manifest for m in models.values()])
     topics = sorted({settings.topic_for(m.manifest.modality) for m in models.values()})

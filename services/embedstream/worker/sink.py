@@ -1,13 +1,15 @@
-"""The sink stage: result batches in, stored (and announced) events out.
+"""The sink stage: result batches in, stored (and announced) documents out; deletions applied.
 
-Contract: every item of a result batch leaves this stage in exactly one way:
-stored in the store (and, with the results stream, announced) and then done,
-or rejected to the dead-letter topic (``store_rejected``: the store refused it
-for its own data). Failures of the store itself (unreachable, busy, failing
-over, out of memory) are about the world: the whole batch is retried with a
-jittered backoff, nothing of it is done (so nothing is committed) meanwhile,
-readiness goes false, and an out-of-memory store is counted and reported on its
-own so an operator can make room. A shutdown abandons the retry: the batch
+Contract: every document of a result batch (its chunks come together) leaves
+this stage in exactly one way: stored in the store (and, with the results
+stream, announced) and then done, or rejected to the dead-letter topic
+(``store_rejected``: the store refused it for its own data). Every deletion is
+applied (or found stale or already applied), announced, counted, then done.
+Failures of the store itself (unreachable, busy, failing over, out of memory)
+are about the world: the whole batch is retried with a jittered backoff,
+nothing of it is done (so nothing is committed) meanwhile, readiness goes
+false, and an out-of-memory store is counted and reported on its own so an
+operator can make room. A shutdown abandons the retry: the batch
 stays uncommitted and is redelivered.
 """
 
@@ -26,10 +28,10 @@ import numpy as np
 from embedstream.errors import Cancelled, SinkError, StoreFull
 from embedstream.metrics import Metrics
 from embedstream.retry import Backoff, retry
-from embedstream.sinks.base import Embedded, Rejected, Sink, WriteOutcome
+from embedstream.sinks.base import Chunk, Embedded, Rejected, Sink, WriteOutcome
 from embedstream.sinks.results import ResultsPublisher
 from embedstream.worker.deadletters import describe
-from embedstream.worker.items import STOP, Item, Position, ResultBatch, position
+from embedstream.worker.items import STOP, DeleteBatch, Item, Position, ResultBatch, position
 from embedstream.worker.liveness import Heartbeat
 from embedstream.worker.pre import Reject
 
@@ -77,7 +79,10 @@ class SinkStage:
                 return
             self._heartbeat.busy()
             try:
-                self.store(result)
+                if isinstance(result, DeleteBatch):
+                    self.delete(result)
+                else:
+                    self.store(result)
             except Cancelled:
                 return  # abandoned while the store was away: nothing of it is committed
             finally:
@@ -85,34 +90,44 @@ class SinkStage:
 
     def store(self, result: ResultBatch) -> None:
         """Write one result batch, reject what the store refused, announce, then done."""
-        tokens: list[np.ndarray | None] = (
-            list(result.tokens) if result.tokens is not None else [None] * len(result.items)
-        )
-        embedded = [
-            Embedded(item.event, result.model.manifest, vector, item_tokens)
-            for item, vector, item_tokens in zip(result.items, result.vectors, tokens, strict=True)
-        ]
+        documents = _documents(result)
+        embedded = [doc for doc, _ in documents]
         started = time.perf_counter()
         outcome = self._write(embedded)
         self._metrics.stage_seconds.labels("sink").observe(time.perf_counter() - started)
         refused = {r.index for r in outcome.rejected}
         for rejection in outcome.rejected:
-            self._reject(result.items[rejection.index].event.record, rejection.reason,
+            self._reject(embedded[rejection.index].event.record, rejection.reason,
                          rejection.detail)
-        stored_items = [item for i, item in enumerate(result.items) if i not in refused]
-        if self.announcer is not None and stored_items:
-            announced = [e for i, e in enumerate(embedded) if i not in refused]
-            self._retry(functools.partial(self.announcer.publish, announced),
+        stored = [doc for i, doc in enumerate(embedded) if i not in refused]
+        if self.announcer is not None and stored:
+            self._retry(functools.partial(self.announcer.publish, stored),
                         "results stream unavailable")
-        self._count(result, stored_items, outcome)
-        if stored_items:
-            self._done([position(item.event.record) for item in stored_items])
+        self._count(result.model.name, stored, outcome)
+        if stored:
+            self._done([position(doc.event.record) for doc in stored])
+
+    def delete(self, batch: DeleteBatch) -> None:
+        """Apply deletions (versioned, see the sink), announce them, then done."""
+        started = time.perf_counter()
+        outcome = self._retry(functools.partial(self.sink.delete, batch.deletions),
+                              "store unavailable", on_success=self._store_back)
+        self._metrics.stage_seconds.labels("sink").observe(time.perf_counter() - started)
+        if self.announcer is not None:
+            self._retry(functools.partial(self.announcer.publish, batch.deletions),
+                        "results stream unavailable")
+        for deletion in batch.deletions:
+            self._metrics.deleted.labels(deletion.model.name).inc()
+        if outcome.stale:
+            self._metrics.stale.labels(batch.deletions[0].model.name).inc(outcome.stale)
+        self._done(list(dict.fromkeys(position(d.event.record) for d in batch.deletions)))
+
+    def _store_back(self) -> None:
+        self.store_ok = True
+        self.store_full = False
 
     def _write(self, embedded: list[Embedded]) -> WriteOutcome:
-        def on_success() -> None:
-            self.store_ok = True
-            self.store_full = False
-
+        on_success = self._store_back
         try:
             return self._retry(lambda: self.sink.write(embedded), "store unavailable",
                                on_success=on_success)
@@ -160,14 +175,41 @@ class SinkStage:
         return retry(call, transient=(SinkError,), backoff=self._backoff, cancel=self._abandon,
                      on_retry=on_retry, on_success=on_success)
 
-    def _count(self, result: ResultBatch, stored: list[Item], outcome: WriteOutcome) -> None:
-        name = result.model.name
+    def _count(self, name: str, stored: list[Embedded], outcome: WriteOutcome) -> None:
         self._metrics.embedded.labels(name).inc(outcome.stored)
         if outcome.duplicates:
             self._metrics.duplicates.labels(name).inc(outcome.duplicates)
         if outcome.stale:
             self._metrics.stale.labels(name).inc(outcome.stale)
+        chunks = sum(len(doc.parts()) for doc in stored)
+        if chunks > len(stored):
+            self._metrics.chunks.labels(name).inc(chunks)
         now_ms = time.time() * 1000
         e2e = self._metrics.end_to_end_seconds.labels(name)
-        for item in stored:
-            e2e.observe(max(0.0, now_ms - item.event.record.timestamp_ms) / 1000)
+        for doc in stored:
+            e2e.observe(max(0.0, now_ms - doc.event.record.timestamp_ms) / 1000)
+
+
+def _documents(result: ResultBatch) -> list[tuple[Embedded, list[Item]]]:
+    """The batch's items as documents: the chunks of one record together, in order."""
+    tokens: list[np.ndarray | None] = (
+        list(result.tokens) if result.tokens is not None else [None] * len(result.items)
+    )
+    by_record: dict[Position, list[tuple[Item, np.ndarray, np.ndarray | None]]] = {}
+    for item, vector, item_tokens in zip(result.items, result.vectors, tokens, strict=True):
+        by_record.setdefault(position(item.event.record), []).append((item, vector, item_tokens))
+    documents: list[tuple[Embedded, list[Item]]] = []
+    manifest = result.model.manifest
+    for parts in by_record.values():
+        event = parts[0][0].event
+        if parts[0][0].chunk is None:
+            item, vector, item_tokens = parts[0]
+            documents.append((Embedded(event, manifest, vector, item_tokens), [item]))
+            continue
+        parts.sort(key=lambda part: part[0].chunk.index)  # type: ignore[union-attr]
+        chunks = tuple(
+            Chunk(item.chunk.index, item.chunk.start, item.chunk.end, vector, item_tokens)
+            for item, vector, item_tokens in parts if item.chunk is not None
+        )
+        documents.append((Embedded(event, manifest, chunks=chunks), [p[0] for p in parts]))
+    return documents

@@ -53,8 +53,10 @@ function setFile(f) {
 }
 
 function thumbnail(hit, modality) {
-  const f = hit.fields;
-  const src = f.thumbnail || (modality === "image" && /^(https?:|data:image\/)/.test(f.uri || "") ? f.uri : null);
+  const f = hit.metadata || {};
+  const uri = typeof f.uri === "string" ? f.uri : "";
+  const src = (typeof f.thumbnail === "string" && f.thumbnail) ||
+    (modality === "image" && /^(https?:|data:image\/)/.test(uri) ? uri : null);
   if (src) {
     const img = document.createElement("img");
     img.className = "thumb"; img.src = src; img.alt = hit.id;
@@ -78,13 +80,15 @@ function render(data) {
     body.className = "body";
     const label = document.createElement("div");
     label.className = "label";
-    label.textContent = hit.fields.text || hit.fields.title || hit.id;
+    const metadata = hit.metadata || {};
+    label.textContent = hit.text || metadata.title || hit.id;
     const meta = document.createElement("div");
     meta.className = "meta";
-    const extras = Object.entries(hit.fields)
-      .filter(([k]) => !["text", "title", "model", "modality", "created_at", "source", "dim", "uri", "thumbnail"].includes(k))
-      .map(([k, v]) => `${k}=${v}`);
-    meta.textContent = [`#${rank + 1}`, hit.id, ...extras].join("  \u00b7  ");
+    const extras = Object.entries(metadata)
+      .filter(([k]) => !["title", "uri", "thumbnail"].includes(k))
+      .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`);
+    const where = hit.chunks > 1 ? [`chunk ${hit.chunk + 1}/${hit.chunks}`] : [];
+    meta.textContent = [`#${rank + 1}`, hit.id, ...where, ...extras].join("  \u00b7  ");
     body.append(label, meta);
     const score = document.createElement("div");
     score.className = "score"; score.textContent = hit.score.toFixed(3);

@@ -1,0 +1,73 @@
+"""The storage contract: which keys a document's chunks live at, and what their hashes hold.
+
+Other tools (search, the gateway, the client, framework recipes) rely on it:
+
+* A document's chunk 0 (and a one-chunk document) is the hash
+  ``<prefix>:<model>:<id>``; chunk *n* ≥ 1 is ``<prefix>:<model>:<id>#<n>``.
+  In the key, an id's ``%`` and ``#`` are written ``%25`` and ``%23``, so that
+  the chunk suffix is never ambiguous (``page#1`` and chunk 1 of ``page``);
+  the ``id`` field holds the id as it is.
+  Every chunk's hash is covered by the model's vector index
+  ``<prefix>:idx:<model>``.
+* System fields: ``id`` (the document id), ``chunk`` (this chunk's index),
+  ``chunks`` (their count), ``start``/``end`` (character offsets of the chunk
+  in the original text), ``text`` (the chunk's own text), ``embedding``
+  (float32 little-endian), ``model``, ``modality``, ``dim``, ``version``,
+  ``created_at`` (unix seconds), ``event_ts`` (the record's timestamp, ms),
+  ``source`` (topic:partition:offset of the record), and for token-mode models
+  ``token_embeddings``/``token_count``.
+* The producer's metadata, whatever its names (``source``, ``model``, ``id``
+  included): ``metadata`` holds it as sent (a JSON object; search results give
+  it back unchanged), and each top-level field is also a hash field
+  ``meta_<name>`` (strings as they are, anything else as JSON), which the
+  index covers for the fields declared in ``metadata_schema``.
+* A delete leaves ``<prefix>:!tomb:<model>:<id>`` (``version``, ``source``)
+  for ``tombstone_retention_s``: a replayed older write cannot bring the
+  document back. (``!`` cannot occur in a model name, so no index covers it.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+META_PREFIX = "meta_"
+"""Hash fields of the producer's metadata: ``meta_<name>``."""
+
+
+def result_key(prefix: str, model: str, event_id: str, chunk: int = 0) -> str:
+    """The hash of chunk ``chunk`` of document ``event_id``."""
+    base = f"{prefix}:{model}:{key_segment(event_id)}"
+    return base if chunk == 0 else f"{base}#{chunk}"
+
+
+def key_segment(event_id: str) -> str:
+    """An id as it appears in keys: ``%`` and ``#`` escaped (see the module docstring)."""
+    if "%" not in event_id and "#" not in event_id:
+        return event_id
+    return event_id.replace("%", "%25").replace("#", "%23")
+
+
+def index_name(prefix: str, model: str) -> str:
+    return f"{prefix}:idx:{model}"
+
+
+def tombstone_key(prefix: str, model: str, event_id: str) -> str:
+    return f"{prefix}:!tomb:{model}:{key_segment(event_id)}"
+
+
+def meta_field(name: str) -> str:
+    """The hash field (and index attribute) of metadata field ``name``."""
+    return f"{META_PREFIX}{name}"
+
+
+def metadata_of(fields: dict[str, str]) -> dict[str, Any]:
+    """A hash's metadata, as the producer sent it (``{}`` when there is none)."""
+    raw = fields.get("metadata")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
