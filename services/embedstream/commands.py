@@ -103,7 +103,8 @@ def _search(
     client = connect(settings)
     try:
         hits = search_vector(client, settings.key_prefix, name, vector, k,
-                             per_document=not all_chunks)
+                             per_document=not all_chunks,
+                             cluster_search=settings.redis_cluster_search)
     finally:
         client.close()
     if as_json:

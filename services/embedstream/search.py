@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 import redis
 from redis.commands.search.query import Query
+from redis.exceptions import RedisClusterException
 
 from embedstream.errors import SinkError
+from embedstream.sinks.cluster import Client, SearchMode, index_targets, is_cluster, search_mode
 from embedstream.sinks.index import index_vector_type, stored_vector, vector_bytes
-from embedstream.sinks.layout import index_name, meta_field, metadata_of, result_key
+from embedstream.sinks.layout import id_of_segment, meta_field, metadata_of, result_key
 from embedstream.sinks.redis import has_search
 
 # System fields a hit carries (see embedstream.sinks.layout). The document id is read
@@ -38,6 +40,7 @@ _TYPE_TTL_S = 60.0
 # (server, index name) -> (when read, the index's vector type). An index's type never
 # changes (a new type is a new index), so this only saves a round trip per query.
 _index_types: dict[tuple[str, str], tuple[float, str]] = {}
+_search_modes: dict[tuple[int, str], tuple[float, SearchMode]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,7 @@ def filter_expression(filters: Sequence[Filter]) -> str:
 
 
 def search_vector(
-    client: redis.Redis,
+    client: Client,
     prefix: str,
     model: str,
     vector: np.ndarray,
@@ -133,6 +136,7 @@ def search_vector(
     fields: Sequence[str] = (),
     per_document: bool = True,
     ef_runtime: int | None = None,
+    cluster_search: str = "auto",
 ) -> list[Hit]:
     """The ``k`` stored documents of ``model`` nearest to ``vector``, best first (each
     its best chunk); with ``per_document=False``, the ``k`` nearest chunks.
@@ -140,23 +144,55 @@ def search_vector(
     ``filters`` restrict the candidates (all must hold; their fields must be
     indexed, see :func:`embedstream.sinks.redis.metadata_schema`); ``fields``
     are hash fields to return besides the system fields. ``ef_runtime`` overrides the
-    HNSW index's EF_RUNTIME for this query (HNSW only).
+    HNSW index's EF_RUNTIME for this query (HNSW only). On a Redis Cluster without the
+    query engine's coordinator every master is asked and their top k merged (see
+    :mod:`embedstream.sinks.cluster`); ``cluster_search`` is ``settings.redis_cluster_search``.
     """
     query = np.asarray(vector, dtype=np.float32)
     wanted = tuple(dict.fromkeys((*_RETURN_FIELDS, *fields)))
     try:
         if has_search(client):
+            targets = index_targets(client, prefix, model, _search_mode(client, cluster_search))
             fetch = k * _FETCH_GROWTH if per_document else k
             while True:
-                chunks = _knn(client, prefix, model, query, fetch, filters, wanted, ef_runtime)
+                chunks = _merged(targets, prefix, model, query, fetch, filters, wanted,
+                                 ef_runtime)
                 hits = best_per_document(chunks) if per_document else chunks
                 if len(hits) >= k or len(chunks) < fetch or fetch >= _FETCH_MAX:
                     return hits[:k]
                 fetch = min(_FETCH_MAX, fetch * _FETCH_GROWTH)
         chunks = _scan(client, prefix, model, query, filters, wanted)
         return (best_per_document(chunks) if per_document else chunks)[:k]
-    except redis.RedisError as err:
+    except (redis.RedisError, RedisClusterException) as err:
         raise SinkError(f"search in Redis failed: {err}") from err
+
+
+def _merged(
+    targets: list[tuple[redis.Redis, str]], prefix: str, model: str, vector: np.ndarray,
+    k: int, filters: Sequence[Filter], wanted: tuple[str, ...], ef_runtime: int | None,
+) -> list[Hit]:
+    """The ``k`` nearest chunks over every index of ``targets`` (one per shard, or one)."""
+    if len(targets) == 1:
+        node, index = targets[0]
+        return _knn(node, index, prefix, model, vector, k, filters, wanted, ef_runtime)
+    hits = [hit for node, index in targets
+            for hit in _knn(node, index, prefix, model, vector, k, filters, wanted, ef_runtime)]
+    return sorted(hits, key=lambda hit: hit.score, reverse=True)[:k]
+
+
+def _search_mode(client: Client, wanted: str) -> SearchMode:
+    """The client's search mode, cached a minute (a cluster gains no coordinator at run
+    time; this saves the question per query)."""
+    if not is_cluster(client):
+        return "single"
+    key = (id(client), wanted)
+    now = time.monotonic()
+    cached = _search_modes.get(key)
+    if cached is not None and now - cached[0] < _TYPE_TTL_S:
+        return cached[1]
+    mode = search_mode(client, wanted)
+    _search_modes[key] = (now, mode)
+    return mode
 
 
 def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
@@ -171,10 +207,9 @@ def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
 
 
 def _knn(
-    client: redis.Redis, prefix: str, model: str, vector: np.ndarray, k: int,
+    client: redis.Redis, index: str, prefix: str, model: str, vector: np.ndarray, k: int,
     filters: Sequence[Filter], wanted: tuple[str, ...], ef_runtime: int | None,
 ) -> list[Hit]:
-    index = index_name(prefix, model)
     ef = " EF_RUNTIME $ef" if ef_runtime is not None else ""
     query = (
         Query(f"{filter_expression(filters)}=>[KNN {k} @embedding $vec{ef} AS distance]")
@@ -209,12 +244,13 @@ def _knn(
 
 
 def _scan(
-    client: redis.Redis, prefix: str, model: str, vec: np.ndarray,
+    client: Client, prefix: str, model: str, vec: np.ndarray,
     filters: Sequence[Filter], wanted: tuple[str, ...],
 ) -> list[Hit]:
     query = vec / (np.linalg.norm(vec) or 1.0)
     scored: list[Hit] = []
-    for key in client.scan_iter(match=result_key(prefix, model, "*"), count=1000):
+    pattern = result_key(prefix, model, "*", tagged=is_cluster(client))
+    for key in client.scan_iter(match=pattern, count=1000):
         raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
         try:
             stored = stored_vector(raw.get(b"embedding", b""), query.shape[0])
@@ -239,8 +275,7 @@ def _hit(doc_id: str, key: str, score: float, fields: dict[str, str]) -> Hit:
 
 def _id_from_key(prefix: str, model: str, key: str) -> str:
     """A document id from a chunk's key (for hashes without an ``id`` field)."""
-    segment = key[len(result_key(prefix, model, "")):].split("#", 1)[0]
-    return segment.replace("%23", "#").replace("%25", "%")
+    return id_of_segment(key[len(f"{prefix}:{model}:"):].split("#", 1)[0])
 
 
 def _vector_type(client: redis.Redis, name: str) -> str:

@@ -116,6 +116,20 @@ class Settings(BaseSettings):
         "transient failure (and is retried by the worker's own backoff; redis-py's retries "
         "are off, so the two never stack). Keep it well under shutdown_timeout_s."
     )
+    redis_cluster: Literal["auto", "yes", "no"] = Field(
+        "auto", description="Whether redis_url names a node of a Redis Cluster: 'auto' asks "
+        "the server (INFO cluster) when connecting, 'yes'/'no' skip the question (a worker "
+        "that starts while Redis is away takes 'no' under 'auto'). In a cluster the client "
+        "follows slots, writes go as one pipeline per master, and a document's keys carry "
+        "its id as a hash tag (<prefix>:<model>:{<id>}) so all its chunks share a slot."
+    )
+    redis_cluster_search: Literal["auto", "coordinator", "shards"] = Field(
+        "auto", description="How a cluster searches: 'coordinator' (the query engine's "
+        "coordinator, e.g. Redis 8: one FT.CREATE and one FT.SEARCH for the cluster), "
+        "'shards' (no coordinator: each master indexes its own keys under a hash-tagged "
+        "index name whose slot it owns, and search asks every master and merges the top "
+        "k), 'auto' (coordinator when the server has its shard-local _FT.SEARCH command)."
+    )
     key_prefix: str = Field(
         "embedstream", description="Prefix of result keys: <prefix>:<model>:<id>."
     )

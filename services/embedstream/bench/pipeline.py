@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
-import redis
 
 from embedstream import devstack
 from embedstream.devstack import free_port
 from embedstream.errors import BenchError
 from embedstream.producer import Producer
 from embedstream.settings import Settings
+from embedstream.sinks.cluster import Client, is_cluster
 from embedstream.sinks.index import stored_vector
 from embedstream.sinks.redis import connect, result_key
 
@@ -277,12 +277,13 @@ def wait_stored(
 
 
 def _read_stored(
-    client: redis.Redis, prefix: str, model: str, ids: list[str]
+    client: Client, prefix: str, model: str, ids: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Vectors (in ``ids`` order) and write times (unix seconds) of stored events."""
     pipe = client.pipeline(transaction=False)
     for event_id in ids:
-        pipe.hmget(result_key(prefix, model, event_id), ["embedding", "created_at", "dim"])
+        pipe.hmget(result_key(prefix, model, event_id, tagged=is_cluster(client)),
+                   ["embedding", "created_at", "dim"])
     rows = pipe.execute()
     if any(blob is None for blob, _, _ in rows):
         raise BenchError("some events are missing from Redis after the pipeline run")
@@ -307,7 +308,7 @@ def _seconds_per_run(written_at: np.ndarray) -> float:
 def _offered_load(
     settings: Settings,
     worker: WorkerProcess,
-    client: redis.Redis,
+    client: Client,
     model: str,
     modality: str,
     inputs: list[Any],
@@ -331,7 +332,8 @@ def _offered_load(
     wait_stored(worker, before + count, max(1.0, deadline - time.monotonic()))
     pipe = client.pipeline(transaction=False)
     for event_id in ids:
-        pipe.hmget(result_key(settings.key_prefix, model, event_id), ["created_at", "event_ts"])
+        pipe.hmget(result_key(settings.key_prefix, model, event_id, tagged=is_cluster(client)),
+                   ["created_at", "event_ts"])
     stamps = np.array([(float(c) * 1000, float(e)) for c, e in pipe.execute()])
     span_s = (stamps[:, 0].max() - stamps[:, 1].min()) / 1000
     return stamps[:, 0] - stamps[:, 1], count / max(span_s, 1e-9)

@@ -355,7 +355,8 @@ def run_store_bench(
     with bench_stack("bench-store") as stack:
         base = settings.model_copy(update={"redis_url": stack.redis_url,
                                            "kafka_bootstrap": stack.bootstrap})
-        client = connect(base)
+        client = connect(base.model_copy(update={"redis_cluster": "no"}))
+        assert isinstance(client, redis.Redis)  # the bench's own single server
         found = [_Target(c, base, client, manifest, f"{run}{i}")
                  for i, c in enumerate(config.candidates)]
         written, turn = 0, 0

@@ -19,6 +19,7 @@ from embedstream.models.routing import default_models
 from embedstream.runtime.loader import LoadedModel
 from embedstream.search import Filter, Hit, RangeFilter, TagFilter, search_vector
 from embedstream.settings import Settings
+from embedstream.sinks.cluster import Client, is_cluster
 from embedstream.sinks.redis import metadata_schema, result_key
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class ModelInfo:
 class Searcher:
     """Embeds queries and searches Redis. Thread-safe (ONNX Runtime sessions are)."""
 
-    def __init__(self, settings: Settings, models: dict[str, LoadedModel], client: redis.Redis) -> None:
+    def __init__(self, settings: Settings, models: dict[str, LoadedModel], client: Client) -> None:
         self._settings = settings
         self._models = models
         self._client = client
@@ -85,7 +86,8 @@ class Searcher:
     def stored_vector(self, info: ModelInfo, event_id: str,
                       chunk: int = 0) -> tuple[np.ndarray, dict[str, str]]:
         """A stored chunk's vector and fields (chunk 0: the document's first, or only)."""
-        key = result_key(self._settings.key_prefix, info.name, event_id, chunk)
+        key = result_key(self._settings.key_prefix, info.name, event_id, chunk,
+                         tagged=is_cluster(self._client))
         try:
             raw: dict[bytes, bytes] = self._client.hgetall(key)  # type: ignore[assignment]
         except redis.RedisError as err:
@@ -101,7 +103,8 @@ class Searcher:
                exclude: str | None = None, per_document: bool = True) -> list[Hit]:
         try:
             hits = search_vector(self._client, self._settings.key_prefix, info.name, vector,
-                                 k + (1 if exclude else 0), filters, ("dim",), per_document)
+                                 k + (1 if exclude else 0), filters, ("dim",), per_document,
+                                 cluster_search=self._settings.redis_cluster_search)
         except SinkError as err:
             raise GatewayError(503, "store_unavailable", str(err)) from err
         return [h for h in hits if h.id != exclude][:k]

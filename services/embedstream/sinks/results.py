@@ -42,7 +42,8 @@ class ResultsPublisher(Protocol):
 
 
 def result_record(
-    result: Embedded, prefix: str, stored_at: float, include_vector: bool
+    result: Embedded, prefix: str, stored_at: float, include_vector: bool,
+    tagged: bool = False,
 ) -> dict[str, Any]:
     """The JSON body of one results record."""
     event = result.event
@@ -52,7 +53,7 @@ def result_record(
         "model": result.model.name,
         "modality": result.model.modality,
         "dim": result.model.dimension,
-        "key": result_key(prefix, result.model.name, event.id),
+        "key": result_key(prefix, result.model.name, event.id, tagged=tagged),
         "chunks": len(result.parts()),
         "stored_at": stored_at,
         "source": f"{record.topic}:{record.partition}:{record.offset}",
@@ -83,10 +84,11 @@ def deletion_record(deletion: Deletion, stored_at: float) -> dict[str, Any]:
 class KafkaResultsPublisher:
     """Publishes results records with the package's :class:`~embedstream.producer.Producer`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tagged: bool = False) -> None:
         from embedstream.producer import Producer
 
         self._settings = settings
+        self._tagged = tagged  # keys of a cluster (see embedstream.sinks.layout)
         self._producer = Producer(settings, topics=[settings.topic_results])
 
     def publish(self, results: Sequence[Embedded | Deletion]) -> None:
@@ -97,7 +99,7 @@ class KafkaResultsPublisher:
                 json.dumps(
                     deletion_record(r, now) if isinstance(r, Deletion) else
                     result_record(r, self._settings.key_prefix, now,
-                                  self._settings.results_include_vector),
+                                  self._settings.results_include_vector, self._tagged),
                     separators=(",", ":"),
                 ).encode("utf-8"),
             )

@@ -116,7 +116,7 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     if settings.publish_results:
         from embedstream.sinks.results import KafkaResultsPublisher
 
-        results = KafkaResultsPublisher(settings)
+        results = KafkaResultsPublisher(settings, tagged=sink.tagged)
     ledger = RedisCrashLedger(connect(settings, retries=False), settings.key_prefix,
                               settings.group_id)
     return Worker(
