@@ -263,6 +263,9 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("action", choices=["up", "down", "status"])
     dev.add_argument("--broker-port", type=int, default=9092)
     dev.add_argument("--redis-port", type=int, default=6379)
+    dev.add_argument("--redis-shards", type=int, default=1,
+                     help="up: a Redis Cluster of this many masters (ports --redis-port, +1, "
+                     "...; cluster bus ports 10000 above); 1 (default): one server")
     dev.add_argument("--state-dir", type=Path, default=Path(".devstack"),
                      help="pid files, data and logs (default .devstack)")
 
@@ -357,7 +360,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dev":
         from embedstream.commands import dev
 
-        return dev(args.action, args.broker_port, args.redis_port, args.state_dir)
+        return dev(args.action, args.broker_port, args.redis_port, args.state_dir,
+                   args.redis_shards)
     if args.command == "demo":
         from embedstream.demo import run_demo
 

@@ -175,8 +175,12 @@ def _merged(
     if len(targets) == 1:
         node, index = targets[0]
         return _knn(node, index, prefix, model, vector, k, filters, wanted, ef_runtime)
+    # One index per master (no coordinator). The search module of a cluster node finds
+    # the keys but returns none of their fields (not even the distance), so each shard's
+    # nearest keys are read back from it and scored here, exactly.
     hits = [hit for node, index in targets
-            for hit in _knn(node, index, prefix, model, vector, k, filters, wanted, ef_runtime)]
+            for hit in _knn(node, index, prefix, model, vector, k, filters, wanted, ef_runtime,
+                            load=True)]
     return sorted(hits, key=lambda hit: hit.score, reverse=True)[:k]
 
 
@@ -209,16 +213,21 @@ def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
 def _knn(
     client: redis.Redis, index: str, prefix: str, model: str, vector: np.ndarray, k: int,
     filters: Sequence[Filter], wanted: tuple[str, ...], ef_runtime: int | None,
+    load: bool = False,
 ) -> list[Hit]:
+    """The ``k`` nearest chunks in ``index``; ``load``: the index gives only their keys,
+    whose hashes are then read from ``client`` and scored here."""
     ef = " EF_RUNTIME $ef" if ef_runtime is not None else ""
     query = (
         Query(f"{filter_expression(filters)}=>[KNN {k} @embedding $vec{ef} AS distance]")
         .sort_by("distance")
-        .return_fields("distance", *wanted)
-        .return_field("id", as_field="doc_id")
         .paging(0, k)
         .dialect(2)
     )
+    if load:
+        query = query.no_content()
+    else:
+        query = query.return_fields("distance", *wanted).return_field("id", as_field="doc_id")
     params: dict[str, str | int | float | bytes] = {}
     if ef_runtime is not None:
         params["ef"] = ef_runtime
@@ -232,6 +241,9 @@ def _knn(
         _index_types.pop((_server(client), index), None)
         params["vec"] = vector_bytes(vector, _vector_type(client, index))
         result = client.ft(index).search(query, query_params=params)
+    if load:
+        return _loaded(client, [_text(doc.id) for doc in result.docs], prefix, model, vector,
+                       wanted)
     hits = []
     for doc in result.docs:
         fields = {name: _text(getattr(doc, name, "")) for name in wanted}
@@ -243,6 +255,35 @@ def _knn(
     return hits
 
 
+def _loaded(client: redis.Redis, keys: list[str], prefix: str, model: str, vec: np.ndarray,
+            wanted: tuple[str, ...]) -> list[Hit]:
+    """Hits of ``keys``, read from ``client`` in one round trip and scored exactly."""
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    query = vec / (np.linalg.norm(vec) or 1.0)
+    hits = []
+    for key, raw in zip(keys, pipe.execute(), strict=True):
+        hit = _scored(prefix, model, key, raw, query, wanted) if raw else None
+        if hit is not None:  # gone since the index answered
+            hits.append(hit)
+    return sorted(hits, key=lambda hit: hit.score, reverse=True)
+
+
+def _scored(prefix: str, model: str, key: str, raw: dict[bytes, bytes], query: np.ndarray,
+            wanted: tuple[str, ...]) -> Hit | None:
+    """A hit of hash ``raw`` scored against the unit vector ``query`` (``None``: no vector
+    of the query's dimension)."""
+    try:
+        stored = stored_vector(raw.get(b"embedding", b""), query.shape[0])
+    except ValueError:
+        return None
+    score = float(stored @ query / (np.linalg.norm(stored) or 1.0))
+    fields = {name: _text(raw.get(name.encode(), b"")) for name in wanted}
+    doc_id = _text(raw.get(b"id", b"")) or _id_from_key(prefix, model, key)
+    return _hit(doc_id, key, score, fields)
+
+
 def _scan(
     client: Client, prefix: str, model: str, vec: np.ndarray,
     filters: Sequence[Filter], wanted: tuple[str, ...],
@@ -252,17 +293,12 @@ def _scan(
     pattern = result_key(prefix, model, "*", tagged=is_cluster(client))
     for key in client.scan_iter(match=pattern, count=1000):
         raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
-        try:
-            stored = stored_vector(raw.get(b"embedding", b""), query.shape[0])
-        except ValueError:  # another dimension, or no vector
-            continue
         if not all(f.matches(_optional_text(raw.get(meta_field(f.field).encode())))
                    for f in filters):
             continue
-        score = float(stored @ query / (np.linalg.norm(stored) or 1.0))
-        fields = {name: _text(raw.get(name.encode(), b"")) for name in wanted}
-        doc_id = _text(raw.get(b"id", b"")) or _id_from_key(prefix, model, _text(key))
-        scored.append(_hit(doc_id, _text(key), score, fields))
+        hit = _scored(prefix, model, _text(key), raw, query, wanted)
+        if hit is not None:  # None: another dimension, or no vector
+            scored.append(hit)
     scored.sort(key=lambda hit: hit.score, reverse=True)
     return scored
 
