@@ -311,7 +311,12 @@ def _hit(doc_id: str, key: str, score: float, fields: dict[str, str]) -> Hit:
 
 def _id_from_key(prefix: str, model: str, key: str) -> str:
     """A document id from a chunk's key (for hashes without an ``id`` field)."""
-    return id_of_segment(key[len(f"{prefix}:{model}:"):].split("#", 1)[0])
+    # Only for hashes without an ``id`` field (the sink always writes one): a segment in
+    # braces with none inside is taken for a cluster's tagged one.
+    segment = key[len(f"{prefix}:{model}:"):].split("#", 1)[0]
+    tagged = segment[:1] == "{" and segment[-1:] == "}" and "{" not in segment[1:-1] and (
+        "}" not in segment[1:-1])
+    return id_of_segment(segment, tagged=tagged)
 
 
 def _vector_type(client: redis.Redis, name: str) -> str:

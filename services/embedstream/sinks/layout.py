@@ -59,10 +59,10 @@ def key_segment(event_id: str, *, tagged: bool = False) -> str:
     return "{" + segment.replace("{", "%7B").replace("}", "%7D") + "}"
 
 
-def id_of_segment(segment: str) -> str:
+def id_of_segment(segment: str, *, tagged: bool) -> str:
     """The id a key segment (the part after ``<prefix>:<model>:``, chunk suffix dropped)
     was made of: the inverse of :func:`key_segment`."""
-    if segment.startswith("{") and segment.endswith("}"):
+    if tagged:
         segment = segment[1:-1].replace("%7B", "{").replace("%7D", "}")
     return segment.replace("%23", "#").replace("%25", "%")
 

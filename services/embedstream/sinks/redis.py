@@ -228,8 +228,6 @@ def connect(settings: Settings, *, quick: bool = False, retries: bool = True) ->
     if not _is_cluster_url(settings, single):
         return single
     single.close()
-    if quick or not retries:
-        kwargs["cluster_error_retry_attempts"] = 0
     return RedisCluster.from_url(settings.redis_url, **kwargs)
 
 
