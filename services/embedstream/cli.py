@@ -241,6 +241,10 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: 1-2-5 steps from --vectors/100)")
     bench.add_argument("--queries", type=int, default=200,
                        help="--store: held-out queries for recall@10 (default 200)")
+    bench.add_argument("--store-shards", type=int, default=0, metavar="N",
+                       help="--store: also write --vectors vectors into one server and into a "
+                       "Redis Cluster of N masters (the --store-pipeline configuration), and "
+                       "report writes/s of each (default 0: not measured)")
     bench.add_argument("--store-pipeline", default="default", metavar="CONFIG",
                        help="--store: configuration the pipeline row writes into at its final "
                        "size, with --texts texts ('off': no pipeline row; default: default)")

@@ -1,6 +1,6 @@
 """``embedstream bench --store --smoke``: the store bench runs end to end and its figures are
 sane. Its rates are not checked here (a tiny run on a shared machine is noise); that every
-vector was written, indexed and graded, and that the pipeline row ran, is."""
+vector was written, indexed and graded, and that the pipeline and shard rows ran, is."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def test_store_bench_smoke(model_root: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "embedstream", "--log-level", "WARNING", "bench", "--store",
          "--smoke", "--store-configs", "today,default,none", "--file", str(seeds),
+         "--store-shards", "2",
          "--model-dir", str(models), "--json", str(out)],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
     )
@@ -55,5 +56,10 @@ def test_store_bench_smoke(model_root: Path, tmp_path: Path) -> None:
     (combined,) = report["combined"]
     assert combined["config"] == "default" and combined["store_vectors"] == 3000
     assert combined["pipeline_items_per_s"] > 0 and combined["limit"] in ("model", "store")
+    # The same vectors through one sink into one server, then a 2-master cluster.
+    one, two = report["shards"]
+    assert (one["shards"], two["shards"]) == (1, 2) and one["vs_one"] == 1.0
+    assert one["vectors"] == two["vectors"] == 3000 and two["writes_per_s"] > 0
+    assert "2 shards (default, 3,000 vectors" in proc.stdout
     (target,) = report["targets"]
     assert not target["met"] and "the target is at 1,000,000" in target["target"]

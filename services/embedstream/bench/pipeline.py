@@ -147,14 +147,15 @@ class WorkerProcess:
 
 
 @contextmanager
-def bench_stack(kind: str) -> Iterator[devstack.RunningStack]:
+def bench_stack(kind: str, redis_shards: int = 1) -> Iterator[devstack.RunningStack]:
     """An embedded broker and Redis for one bench run, on free ports.
 
     Its state folder is this process's own (``.devstack/<kind>-<pid>``), so two
     benches, or a bench beside ``embedstream dev up``, never share a stack; the
     folder (logs included) is removed after a clean run and kept after a failure.
     """
-    cfg = devstack.DevStackConfig.on_free_ports(Path(".devstack") / f"{kind}-{os.getpid()}")
+    cfg = devstack.DevStackConfig.on_free_ports(Path(".devstack") / f"{kind}-{os.getpid()}",
+                                                redis_shards=redis_shards)
     with devstack.embedded_stack(cfg) as stack:
         yield stack
     shutil.rmtree(cfg.state_dir, ignore_errors=True)

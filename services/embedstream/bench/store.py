@@ -43,7 +43,13 @@ import redis
 
 from embedstream.bench.inputs import file_texts, generated_texts
 from embedstream.bench.pipeline import bench_stack, run_pipeline, stack_pids
-from embedstream.bench.store_report import CombinedRow, StepRow, StoreReport, targets
+from embedstream.bench.store_report import (
+    CombinedRow,
+    ShardRow,
+    StepRow,
+    StoreReport,
+    targets,
+)
 from embedstream.bench.vectors import SPREAD, ExactNeighbours, SyntheticVectors, recall
 from embedstream.envelope import Event, RawRecord
 from embedstream.errors import BenchError, ConfigError
@@ -170,6 +176,8 @@ class StoreConfig:
     pipeline_texts: int = 2000
     latency_s: float = 20.0
     threads: int = 1
+    shards: int = 0
+    """Above 1: also write ``vectors`` into 1 and ``shards`` masters of a Redis Cluster."""
 
 
 # --------------------------------------------------------------------------- command
@@ -189,7 +197,8 @@ def run_store_command(settings: Settings, args: argparse.Namespace) -> int:
     print(report.table())
     print()
     print(report.legend())
-    for text in (report.sweep_text(), report.combined_text(), report.targets_text()):
+    for text in (report.sweep_text(), report.combined_text(), report.shards_text(),
+                 report.targets_text()):
         if text:
             print()
             print(text)
@@ -222,6 +231,7 @@ def _config(settings: Settings, args: argparse.Namespace, manifest: Manifest) ->
         pipeline_texts=48 if args.smoke else args.texts,
         latency_s=3.0 if args.smoke else args.latency_s,
         threads=args.threads or settings.intra_op_threads or default_threads(),
+        shards=getattr(args, "store_shards", 0),
     )
 
 
@@ -377,9 +387,45 @@ def run_store_bench(
         setup = _setup(config, source, seeds, client, manifest)
         combined = _combined(base, config, stack, found, rows)
     report = StoreReport(setup=setup, rows=rows, combined=combined)
+    if config.shards > 1:
+        report.shards = shard_scaling(settings, config, manifest, source)
     report.compare("today")
     report.targets = targets(rows)
     return report
+
+
+def shard_scaling(settings: Settings, config: StoreConfig, manifest: Manifest,
+                  source: SyntheticVectors) -> list[ShardRow]:
+    """The same ``config.vectors`` written through one :class:`RedisSink` (the worker's
+    write path: one pipeline per master, sent at once) into one server, then into a
+    cluster of ``config.shards`` masters; the index is ``config.pipeline``'s (or the
+    last configuration's)."""
+    candidate = next((c for c in config.candidates if c.label == config.pipeline),
+                     config.candidates[-1])
+    rows: list[ShardRow] = []
+    for shards in (1, config.shards):
+        with bench_stack(f"bench-shards{shards}", redis_shards=shards) as stack:
+            base = settings.model_copy(update={"redis_url": stack.redis_url})
+            sink = RedisSink(candidate.settings(base, f"sh{shards}"))
+            sink.prepare([manifest])
+            seconds = 0.0
+            for first in range(0, config.vectors, config.chunk):
+                vectors, _ = source.vectors(first, min(config.chunk, config.vectors - first))
+                results = [Embedded(_event(first + i, manifest), manifest, v)
+                           for i, v in enumerate(vectors)]
+                started = time.perf_counter()
+                for start in range(0, len(results), config.batch_size):
+                    part = results[start : start + config.batch_size]
+                    if sink.write(part).stored != len(part):
+                        raise BenchError(f"{shards} shards: the sink did not store a batch")
+                seconds += time.perf_counter() - started
+            sink.close()
+        rows.append(ShardRow(shards=shards, config=candidate.label, vectors=config.vectors,
+                             writes_per_s=config.vectors / seconds))
+        log.info("%d shard(s): %.0f writes/s", shards, rows[-1].writes_per_s)
+    for row in rows:
+        row.vs_one = row.writes_per_s / rows[0].writes_per_s
+    return rows
 
 
 def _combined(base: Settings, config: StoreConfig, stack: Any, found: list[_Target],

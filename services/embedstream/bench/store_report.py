@@ -66,11 +66,30 @@ class CombinedRow:
 
 
 @dataclass(slots=True)
+class ShardRow:
+    """The same vectors written into a Redis Cluster of ``shards`` masters (1: one server)."""
+
+    shards: int
+    config: str
+    vectors: int
+    writes_per_s: float
+    vs_one: float = 1.0
+    """Write rate over the one-server run's."""
+
+
+@dataclass(slots=True)
 class StoreReport:
     setup: dict[str, Any]
     rows: list[StepRow]
     combined: list[CombinedRow] = field(default_factory=list)
     targets: list[dict[str, Any]] = field(default_factory=list)
+    shards: list[ShardRow] = field(default_factory=list)
+
+    def shards_text(self) -> str:
+        return "\n".join(
+            f"{s.shards} shard{'s' if s.shards > 1 else ''} ({s.config}, {s.vectors:,} vectors "
+            f"through one sink): {s.writes_per_s:,.0f} writes/s ({s.vs_one:.2f}x one server)"
+            for s in self.shards)
 
     def compare(self, reference: str = "today") -> None:
         """Fill ``vs_today``: each row's write rate over ``reference``'s at the same size."""
@@ -120,7 +139,8 @@ class StoreReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"setup": self.setup, "rows": [asdict(r) for r in self.rows],
-                "combined": [asdict(c) for c in self.combined], "targets": self.targets}
+                "combined": [asdict(c) for c in self.combined], "targets": self.targets,
+                "shards": [asdict(s) for s in self.shards]}
 
     def write_json(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2, default=float) + "\n",
