@@ -204,7 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, default=400, help="generated images (default 400)")
     bench.add_argument("--clips", type=int, default=300, help="generated audio clips (default 300)")
     bench.add_argument("--file", type=Path, help="your own inputs instead: texts one per line, "
-                       "or a directory (or file) of images / audio files")
+                       "or a directory (or file) of images / audio files (--store: the texts "
+                       "whose embeddings seed the vectors)")
     bench.add_argument("--seed", type=int, default=7, help="seed of the generated inputs")
     bench.add_argument("--batch-size", type=int, default=32, help="batch size of every row")
     bench.add_argument("--threads", type=int, help="inference threads (default: all cores)")
@@ -246,6 +247,28 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--messages", type=int, default=100_000,
                        help="--clients: messages per client and value size (default 100000; "
                        "--smoke: 2000)")
+    bench.add_argument("--store", action="store_true",
+                       help="the store instead: write rate, memory and recall@10 of each index "
+                       "configuration as the index grows, and the pipeline into the full index")
+    bench.add_argument("--vectors", type=int, default=1_000_000,
+                       help="--store: vectors per configuration (default 1000000; --smoke: 3000)")
+    bench.add_argument("--dim", type=int, help="--store: vector dimension (default: the model's)")
+    bench.add_argument("--store-configs", type=lambda s: s.split(","),
+                       help="--store: comma-separated index configurations: today (before index "
+                       "settings), default (these settings), flat, none, or specs like "
+                       "hnsw:m=16:efc=64:efr=100:type=float16 (default: today,default)")
+    bench.add_argument("--store-steps", type=lambda s: [int(v) for v in s.split(",")],
+                       help="--store: index sizes to measure at, ending at --vectors "
+                       "(default: 1-2-5 steps from --vectors/100)")
+    bench.add_argument("--queries", type=int, default=200,
+                       help="--store: held-out queries for recall@10 (default 200)")
+    bench.add_argument("--store-shards", type=int, default=0, metavar="N",
+                       help="--store: also write --vectors vectors into one server and into a "
+                       "Redis Cluster of N masters (the --store-pipeline configuration), and "
+                       "report writes/s of each (default 0: not measured)")
+    bench.add_argument("--store-pipeline", default="default", metavar="CONFIG",
+                       help="--store: configuration the pipeline row writes into at its final "
+                       "size, with --texts texts ('off': no pipeline row; default: default)")
 
     replay = sub.add_parser("replay", help="re-drive dead letters, re-embed a topic range")
     replay_sub = replay.add_subparsers(dest="what", required=True)
@@ -269,6 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("action", choices=["up", "down", "status"])
     dev.add_argument("--broker-port", type=int, default=9092)
     dev.add_argument("--redis-port", type=int, default=6379)
+    dev.add_argument("--redis-shards", type=int, default=1,
+                     help="up: a Redis Cluster of this many masters (ports --redis-port, +1, "
+                     "...; cluster bus ports 10000 above); 1 (default): one server")
     dev.add_argument("--state-dir", type=Path, default=Path(".devstack"),
                      help="pid files, data and logs (default .devstack)")
 
@@ -371,7 +397,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dev":
         from embedstream.commands import dev
 
-        return dev(args.action, args.broker_port, args.redis_port, args.state_dir)
+        return dev(args.action, args.broker_port, args.redis_port, args.state_dir,
+                   args.redis_shards)
     if args.command == "demo":
         from embedstream.demo import run_demo
 

@@ -110,7 +110,8 @@ def _search(
     client = connect(settings)
     try:
         name, hits = search_serving(client, settings.key_prefix, name, embed, k,
-                                    per_document=not all_chunks)
+                                    per_document=not all_chunks,
+                                    cluster_search=settings.redis_cluster_search)
     finally:
         client.close()
     if as_json:
@@ -281,11 +282,12 @@ def _export_other(settings: Settings, args: argparse.Namespace, kind: str) -> in
     return 0
 
 
-def dev(action: str, broker_port: int, redis_port: int, state_dir: Path) -> int:
+def dev(action: str, broker_port: int, redis_port: int, state_dir: Path,
+        redis_shards: int = 1) -> int:
     from embedstream import devstack
 
-    cfg = devstack.DevStackConfig(
-        broker_port=broker_port, redis_port=redis_port, state_dir=state_dir
+    cfg = devstack.DevStackConfig.with_shards(
+        redis_shards, broker_port=broker_port, redis_port=redis_port, state_dir=state_dir
     )
     if action == "up":
         status = devstack.up(cfg)

@@ -36,6 +36,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from embedstream.errors import DevStackError
 
@@ -82,6 +83,27 @@ class DevStackConfig:
     redis_port: int = 6379
     state_dir: Path = Path(".devstack")
     start_timeout_s: float = 20.0
+    redis_cluster: tuple[tuple[int, int], ...] = ()
+    """``()``: one Redis server. Otherwise a Redis Cluster of one master per entry,
+    ``(port, cluster bus port)``; the first port is ``redis_port``."""
+
+    def __post_init__(self) -> None:
+        if self.redis_cluster and self.redis_cluster[0][0] != self.redis_port:
+            raise DevStackError("the cluster's first node must listen on redis_port")
+
+    @property
+    def redis_shards(self) -> int:
+        return max(1, len(self.redis_cluster))
+
+    @classmethod
+    def with_shards(cls, shards: int, **kwargs: Any) -> DevStackConfig:
+        """A config whose Redis is ``shards`` masters on ``redis_port``, ``+1``, ... (bus
+        ports 10000 above, Redis's convention); ``shards`` 1: one plain server."""
+        if shards < 1:
+            raise DevStackError(f"--redis-shards must be at least 1, got {shards}")
+        port = int(kwargs.get("redis_port", cls.redis_port))
+        nodes = tuple((port + i, port + 10000 + i) for i in range(shards)) if shards > 1 else ()
+        return cls(redis_cluster=nodes, **kwargs)
 
     @property
     def bootstrap(self) -> str:
@@ -94,11 +116,15 @@ class DevStackConfig:
         return f"redis://{self.redis_host}:{self.redis_port}/0"
 
     @classmethod
-    def on_free_ports(cls, state_dir: Path, start_timeout_s: float = 20.0) -> DevStackConfig:
-        """A config on two distinct free loopback ports (for tests and demos)."""
-        broker_port, redis_port = _free_ports(2)
-        return cls(broker_port=broker_port, redis_port=redis_port, state_dir=state_dir,
-                   start_timeout_s=start_timeout_s)
+    def on_free_ports(cls, state_dir: Path, start_timeout_s: float = 20.0,
+                      redis_shards: int = 1) -> DevStackConfig:
+        """A config on distinct free loopback ports (for tests and demos); ``redis_shards``
+        above 1: a Redis Cluster of that many masters."""
+        broker_port, *redis_ports = _free_ports(1 + (2 * redis_shards if redis_shards > 1 else 1))
+        nodes = tuple(zip(redis_ports[::2], redis_ports[1::2], strict=True)) if (
+            redis_shards > 1) else ()
+        return cls(broker_port=broker_port, redis_port=redis_ports[0], state_dir=state_dir,
+                   start_timeout_s=start_timeout_s, redis_cluster=nodes)
 
 
 def free_port() -> int:
@@ -240,11 +266,22 @@ def _broker_service(cfg: DevStackConfig) -> _Service:
     )
 
 
-def _redis_service(cfg: DevStackConfig) -> _Service:
+def _redis_services(cfg: DevStackConfig) -> list[_Service]:
+    """One server, or every node of the cluster (named ``redis``, ``redis-1``, ...)."""
+    if not cfg.redis_cluster:
+        return [_redis_service(cfg, REDIS, cfg.redis_port, None)]
+    return [_redis_service(cfg, REDIS if i == 0 else f"{REDIS}-{i}", port, bus)
+            for i, (port, bus) in enumerate(cfg.redis_cluster)]
+
+
+def _redis_service(cfg: DevStackConfig, name: str, port: int, bus: int | None) -> _Service:
     state = cfg.state_dir.resolve()
     binary = redis_binary()
-    argv = [str(binary), "--port", str(cfg.redis_port), "--bind", cfg.redis_host,
+    argv = [str(binary), "--port", str(port), "--bind", cfg.redis_host,
             "--save", "", "--appendonly", "no", "--dir", str(state / "redis-data")]
+    if bus is not None:
+        argv += ["--cluster-enabled", "yes", "--cluster-port", str(bus),
+                 "--cluster-config-file", str(state / f"{name}-nodes.conf")]
     module = search_module_path()
     warnings: tuple[str, ...] = ()
     if module is None:
@@ -253,10 +290,50 @@ def _redis_service(cfg: DevStackConfig) -> _Service:
     else:
         argv += ["--loadmodule", str(module)]
     return _Service(
-        name=REDIS, host=cfg.redis_host, port=cfg.redis_port, binary=binary, argv=tuple(argv),
-        pid_file=state / "redis.pid", log_file=state / "redis.log",
-        probe=lambda: _probe_redis(cfg.redis_host, cfg.redis_port), warnings=warnings,
+        name=name, host=cfg.redis_host, port=port, binary=binary, argv=tuple(argv),
+        pid_file=state / f"{name}.pid", log_file=state / f"{name}.log",
+        probe=lambda: _probe_redis(cfg.redis_host, port), warnings=warnings,
     )
+
+
+def _form_cluster(cfg: DevStackConfig) -> None:
+    """Give each fresh node an equal share of the 16384 slots, introduce them to the
+    first, and wait until every node reports ``cluster_state:ok``."""
+    import redis
+
+    nodes = cfg.redis_cluster
+    clients = [redis.Redis(host=cfg.redis_host, port=port, socket_timeout=_PROBE_TIMEOUT_S)
+               for port, _ in nodes]
+    try:
+        share = 16384 // len(nodes)
+        for i, client in enumerate(clients):
+            last = 16383 if i == len(nodes) - 1 else (i + 1) * share - 1
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)
+        for port, bus in nodes[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", cfg.redis_host, port, bus)
+        deadline = time.monotonic() + cfg.start_timeout_s
+        while not all(_cluster_ok(client, len(nodes)) for client in clients):
+            if time.monotonic() > deadline:
+                raise DevStackError(
+                    f"the Redis Cluster of {len(nodes)} nodes did not form within "
+                    f"{cfg.start_timeout_s:g}s; logs in {cfg.state_dir.resolve()}")
+            time.sleep(_POLL_S)
+    except redis.RedisError as err:
+        raise DevStackError(f"cannot form the Redis Cluster: {err}") from err
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _cluster_ok(client: Any, nodes: int) -> bool:
+    info = _cluster_info(client)
+    return info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == nodes
+
+
+def _cluster_info(client: Any) -> dict[str, str]:
+    raw = client.execute_command("CLUSTER", "INFO")
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return dict(line.split(":", 1) for line in text.split("\r\n") if ":" in line)
 
 
 def _probe_kafka(host: str, port: int) -> str:
@@ -308,12 +385,18 @@ def _probe_redis(host: str, port: int) -> tuple[str, bool | None]:
                          retry=Retry(NoBackoff(), 0)) as client:
             client.ping()
             modules = client.module_list()
+            clustered = int(client.info("cluster").get("cluster_enabled", 0))
+            cluster = _cluster_info(client) if clustered else {}
     except redis.RedisError as err:
         raise _NotReady(f"no Redis answer from {host}:{port}: {err}") from err
     names = {m.get(b"name", m.get("name")) for m in modules}
     search = bool(names & {b"search", "search"})
-    return ("answering; search module loaded" if search
-            else "answering; NO search module (vector search off)"), search
+    detail = ("answering; search module loaded" if search
+              else "answering; NO search module (vector search off)")
+    if cluster:
+        detail += (f"; cluster node, cluster {cluster.get('cluster_state')}, "
+                   f"{cluster.get('cluster_size')} masters")
+    return detail, search
 
 
 # --------------------------------------------------------------------------- processes
@@ -529,8 +612,8 @@ def _locked(cfg: DevStackConfig) -> Iterator[None]:
         yield
 
 
-def _services(cfg: DevStackConfig) -> tuple[_Service, _Service]:
-    return _broker_service(cfg), _redis_service(cfg)
+def _services(cfg: DevStackConfig) -> tuple[_Service, ...]:
+    return _broker_service(cfg), *_redis_services(cfg)
 
 
 def up(cfg: DevStackConfig) -> StackStatus:
@@ -562,8 +645,25 @@ def _up(cfg: DevStackConfig) -> list[str]:
         for warning in (w for svc in to_start for w in svc.warnings):
             logger.warning("%s", warning)
         (cfg.state_dir / "redis-data").mkdir(exist_ok=True)
+        nodes = [svc for svc in to_start if svc.name.startswith(REDIS)]
+        if cfg.redis_cluster and nodes and len(nodes) != cfg.redis_shards:
+            raise DevStackError(f"only {len(nodes)} of the {cfg.redis_shards} Redis Cluster "
+                                "nodes are down; run `embedstream dev down` first")
+        for svc in nodes:  # a fresh cluster: no node remembers an old one
+            (cfg.state_dir.resolve() / f"{svc.name}-nodes.conf").unlink(missing_ok=True)
         _start_all(to_start, cfg.start_timeout_s)
+        if cfg.redis_cluster and nodes:
+            try:
+                _form_cluster(cfg)
+            except DevStackError:
+                _stop([p for p in (_live_pid(s) for s in to_start) if p is not None], 5.0)
+                raise
         return [svc.name for svc in to_start]
+
+
+def _live_pid(svc: _Service) -> int | None:
+    record = _live_record(svc.pid_file)
+    return record.pid if record is not None else None
 
 
 def _already_running(svc: _Service, state_dir: Path) -> bool:
@@ -595,7 +695,8 @@ def down(cfg: DevStackConfig, timeout_s: float = 10) -> None:
     pid files are removed either way. Idempotent: nothing running is a no-op.
     Logs are kept.
     """
-    _down(cfg, (BROKER, REDIS), timeout_s)
+    extra = sorted(p.stem for p in cfg.state_dir.glob(f"{REDIS}-*.pid"))
+    _down(cfg, (BROKER, REDIS, *extra), timeout_s)
 
 
 def _down(cfg: DevStackConfig, names: Sequence[str], timeout_s: float) -> None:

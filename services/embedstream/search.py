@@ -5,13 +5,16 @@ server without the search module it falls back to an exact scan of the
 model's keys, which is fine for development-sized data. By default a search
 returns documents: the best chunk of each, k distinct documents (it asks the
 index for more chunks until it has them); ``per_document=False`` returns
-every chunk.
+every chunk. The query vector is sent in the index's own vector type (FLOAT32
+or FLOAT16, read from the server and remembered for a minute), see
+:mod:`embedstream.sinks.index`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +22,14 @@ from typing import Any
 import numpy as np
 import redis
 from redis.commands.search.query import Query
+from redis.exceptions import RedisClusterException
 
 from embedstream.errors import SinkError
+from embedstream.sinks.cluster import Client, SearchMode, index_targets, is_cluster, search_mode
+from embedstream.sinks.index import index_vector_type, stored_vector, vector_bytes
 from embedstream.sinks.layout import (
     TENANT_FIELD,
     id_of_segment,
-    index_name,
     meta_field,
     metadata_of,
     result_key,
@@ -37,6 +42,11 @@ _RETURN_FIELDS = ("text", "model", "modality", "created_at", "source", "chunk", 
                   "start", "end", "metadata", "tenant")
 _FETCH_GROWTH = 4
 _FETCH_MAX = 10_000
+_TYPE_TTL_S = 60.0
+# (server, index name) -> (when read, the index's vector type). An index's type never
+# changes (a new type is a new index), so this only saves a round trip per query.
+_index_types: dict[tuple[str, str], tuple[float, str]] = {}
+_search_modes: dict[tuple[int, str], tuple[float, SearchMode]] = {}
 
 
 class IndexMoved(SinkError):
@@ -136,7 +146,7 @@ def filter_expression(filters: Sequence[Filter], tenant: str | None = None) -> s
 
 
 def search_vector(
-    client: redis.Redis,
+    client: Client,
     prefix: str,
     model: str,
     vector: np.ndarray,
@@ -145,6 +155,8 @@ def search_vector(
     fields: Sequence[str] = (),
     per_document: bool = True,
     tenant: str | None = None,
+    ef_runtime: int | None = None,
+    cluster_search: str = "auto",
 ) -> list[Hit]:
     """The ``k`` stored documents of ``model`` nearest to ``vector``, best first (each
     its best chunk); with ``per_document=False``, the ``k`` nearest chunks.
@@ -152,15 +164,21 @@ def search_vector(
     ``filters`` restrict the candidates (all must hold; their fields must be
     indexed, see :func:`embedstream.sinks.redis.metadata_schema`); ``fields``
     are hash fields to return besides the system fields. ``tenant``: only that
-    tenant's documents (None: every document, whatever its tenant).
+    tenant's documents (None: every document, whatever its tenant). ``ef_runtime``
+    overrides the HNSW index's EF_RUNTIME for this query (HNSW only). On a Redis
+    Cluster without the query engine's coordinator every master is asked and their top
+    k merged (see :mod:`embedstream.sinks.cluster`); ``cluster_search`` is
+    ``settings.redis_cluster_search``.
     """
-    query_vec = np.asarray(vector, dtype="<f4").tobytes()
+    query = np.asarray(vector, dtype=np.float32)
     wanted = tuple(dict.fromkeys((*_RETURN_FIELDS, *fields)))
     try:
         if has_search(client):
+            targets = index_targets(client, prefix, model, _search_mode(client, cluster_search))
             fetch = k * _FETCH_GROWTH if per_document else k
             while True:
-                chunks = _knn(client, prefix, model, query_vec, fetch, filters, wanted, tenant)
+                chunks = _merged(targets, prefix, model, query, fetch, filters, wanted,
+                                 ef_runtime, tenant)
                 moved = {h.fields.get("model", "") for h in chunks} - {model, ""}
                 if moved:  # never answer with vectors of two spaces
                     raise IndexMoved(f"the index of {model} holds {sorted(moved)}'s vectors now")
@@ -168,11 +186,43 @@ def search_vector(
                 if len(hits) >= k or len(chunks) < fetch or fetch >= _FETCH_MAX:
                     return hits[:k]
                 fetch = min(_FETCH_MAX, fetch * _FETCH_GROWTH)
-        chunks = _scan(client, prefix, model, np.frombuffer(query_vec, "<f4"), filters, wanted,
-                       tenant)
+        chunks = _scan(client, prefix, model, query, filters, wanted, tenant)
         return (best_per_document(chunks) if per_document else chunks)[:k]
-    except redis.RedisError as err:
+    except (redis.RedisError, RedisClusterException) as err:
         raise SinkError(f"search in Redis failed: {err}") from err
+
+
+def _merged(
+    targets: list[tuple[redis.Redis, str]], prefix: str, model: str, vector: np.ndarray,
+    k: int, filters: Sequence[Filter], wanted: tuple[str, ...], ef_runtime: int | None,
+    tenant: str | None = None,
+) -> list[Hit]:
+    """The ``k`` nearest chunks over every index of ``targets`` (one per shard, or one)."""
+    if len(targets) == 1:
+        node, index = targets[0]
+        return _knn(node, index, prefix, model, vector, k, filters, wanted, ef_runtime, tenant)
+    # One index per master (no coordinator). The search module of a cluster node finds
+    # the keys but returns none of their fields (not even the distance), so each shard's
+    # nearest keys are read back from it and scored here, exactly.
+    hits = [hit for node, index in targets
+            for hit in _knn(node, index, prefix, model, vector, k, filters, wanted, ef_runtime,
+                            tenant, load=True)]
+    return sorted(hits, key=lambda hit: hit.score, reverse=True)[:k]
+
+
+def _search_mode(client: Client, wanted: str) -> SearchMode:
+    """The client's search mode, cached a minute (a cluster gains no coordinator at run
+    time; this saves the question per query)."""
+    if not is_cluster(client):
+        return "single"
+    key = (id(client), wanted)
+    now = time.monotonic()
+    cached = _search_modes.get(key)
+    if cached is not None and now - cached[0] < _TYPE_TTL_S:
+        return cached[1]
+    mode = search_mode(client, wanted)
+    _search_modes[key] = (now, mode)
+    return mode
 
 
 def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
@@ -189,18 +239,39 @@ def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
 
 
 def _knn(
-    client: redis.Redis, prefix: str, model: str, vec: bytes, k: int,
-    filters: Sequence[Filter], wanted: tuple[str, ...], tenant: str | None,
+    client: redis.Redis, index: str, prefix: str, model: str, vector: np.ndarray, k: int,
+    filters: Sequence[Filter], wanted: tuple[str, ...], ef_runtime: int | None,
+    tenant: str | None = None, load: bool = False,
 ) -> list[Hit]:
+    """The ``k`` nearest chunks in ``index``; ``load``: the index gives only their keys,
+    whose hashes are then read from ``client`` and scored here."""
+    ef = " EF_RUNTIME $ef" if ef_runtime is not None else ""
     query = (
-        Query(f"{filter_expression(filters, tenant)}=>[KNN {k} @embedding $vec AS distance]")
+        Query(f"{filter_expression(filters, tenant)}=>[KNN {k} @embedding $vec{ef} AS distance]")
         .sort_by("distance")
-        .return_fields("distance", *wanted)
-        .return_field("id", as_field="doc_id")
         .paging(0, k)
         .dialect(2)
     )
-    result = client.ft(index_name(prefix, model)).search(query, query_params={"vec": vec})
+    if load:
+        query = query.no_content()
+    else:
+        query = query.return_fields("distance", *wanted).return_field("id", as_field="doc_id")
+    params: dict[str, str | int | float | bytes] = {}
+    if ef_runtime is not None:
+        params["ef"] = ef_runtime
+    try:
+        params["vec"] = vector_bytes(vector, _vector_type(client, index))
+        result = client.ft(index).search(query, query_params=params)
+    except redis.ResponseError as err:
+        if "blob size" not in str(err):
+            raise
+        # The index was re-created with another type since we looked: look again.
+        _index_types.pop((_server(client), index), None)
+        params["vec"] = vector_bytes(vector, _vector_type(client, index))
+        result = client.ft(index).search(query, query_params=params)
+    if load:
+        return _loaded(client, [_text(doc.id) for doc in result.docs], prefix, model, vector,
+                       wanted)
     hits = []
     for doc in result.docs:
         fields = {name: _text(getattr(doc, name, "")) for name in wanted}
@@ -212,26 +283,52 @@ def _knn(
     return hits
 
 
+def _loaded(client: redis.Redis, keys: list[str], prefix: str, model: str, vec: np.ndarray,
+            wanted: tuple[str, ...]) -> list[Hit]:
+    """Hits of ``keys``, read from ``client`` in one round trip and scored exactly."""
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    query = vec / (np.linalg.norm(vec) or 1.0)
+    hits = []
+    for key, raw in zip(keys, pipe.execute(), strict=True):
+        hit = _scored(prefix, model, key, raw, query, wanted) if raw else None
+        if hit is not None:  # gone since the index answered
+            hits.append(hit)
+    return sorted(hits, key=lambda hit: hit.score, reverse=True)
+
+
+def _scored(prefix: str, model: str, key: str, raw: dict[bytes, bytes], query: np.ndarray,
+            wanted: tuple[str, ...]) -> Hit | None:
+    """A hit of hash ``raw`` scored against the unit vector ``query`` (``None``: no vector
+    of the query's dimension)."""
+    try:
+        stored = stored_vector(raw.get(b"embedding", b""), query.shape[0])
+    except ValueError:
+        return None
+    score = float(stored @ query / (np.linalg.norm(stored) or 1.0))
+    fields = {name: _text(raw.get(name.encode(), b"")) for name in wanted}
+    doc_id = _text(raw.get(b"id", b"")) or _id_from_key(prefix, model, key)
+    return _hit(doc_id, key, score, fields)
+
+
 def _scan(
-    client: redis.Redis, prefix: str, model: str, vec: np.ndarray,
-    filters: Sequence[Filter], wanted: tuple[str, ...], tenant: str | None,
+    client: Client, prefix: str, model: str, vec: np.ndarray,
+    filters: Sequence[Filter], wanted: tuple[str, ...], tenant: str | None = None,
 ) -> list[Hit]:
     query = vec / (np.linalg.norm(vec) or 1.0)
     scored: list[Hit] = []
-    for key in client.scan_iter(match=result_key(prefix, model, "*"), count=1000):
+    pattern = result_key(prefix, model, "*", tagged=is_cluster(client))
+    for key in client.scan_iter(match=pattern, count=1000):
         raw: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]
         if tenant is not None and raw.get(TENANT_FIELD.encode()) != tenant.encode():
-            continue
-        stored = np.frombuffer(raw.get(b"embedding", b""), dtype="<f4")
-        if stored.shape != query.shape:
             continue
         if not all(f.matches(_optional_text(raw.get(meta_field(f.field).encode())))
                    for f in filters):
             continue
-        score = float(stored @ query / (np.linalg.norm(stored) or 1.0))
-        fields = {name: _text(raw.get(name.encode(), b"")) for name in wanted}
-        doc_id = _text(raw.get(b"id", b"")) or _id_from_key(prefix, model, _text(key))
-        scored.append(_hit(doc_id, _text(key), score, fields))
+        hit = _scored(prefix, model, _text(key), raw, query, wanted)
+        if hit is not None:  # None: another dimension, or no vector
+            scored.append(hit)
     scored.sort(key=lambda hit: hit.score, reverse=True)
     return scored
 
@@ -245,7 +342,29 @@ def _hit(doc_id: str, key: str, score: float, fields: dict[str, str]) -> Hit:
 
 def _id_from_key(prefix: str, model: str, key: str) -> str:
     """A document id from a chunk's key (for hashes without an ``id`` field)."""
-    return id_of_segment(key[len(result_key(prefix, model, "")):].split("#", 1)[0])
+    # Only for hashes without an ``id`` field (the sink always writes one): a segment in
+    # braces with none inside is taken for a cluster's tagged one.
+    segment = key[len(f"{prefix}:{model}:"):].split("#", 1)[0]
+    tagged = segment[:1] == "{" and segment[-1:] == "}" and "{" not in segment[1:-1] and (
+        "}" not in segment[1:-1])
+    return id_of_segment(segment, tagged=tagged)
+
+
+def _vector_type(client: redis.Redis, name: str) -> str:
+    """The vector type of index ``name`` (cached for a minute)."""
+    key = (_server(client), name)
+    now = time.monotonic()
+    cached = _index_types.get(key)
+    if cached is not None and now - cached[0] < _TYPE_TTL_S:
+        return cached[1]
+    kind = index_vector_type(client, name)
+    _index_types[key] = (now, kind)
+    return kind
+
+
+def _server(client: redis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db')}{kwargs.get('path', '')}"
 
 
 _TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")

@@ -116,6 +116,20 @@ class Settings(BaseSettings):
         "transient failure (and is retried by the worker's own backoff; redis-py's retries "
         "are off, so the two never stack). Keep it well under shutdown_timeout_s."
     )
+    redis_cluster: Literal["auto", "yes", "no"] = Field(
+        "auto", description="Whether redis_url names a node of a Redis Cluster: 'auto' asks "
+        "the server (INFO cluster) when connecting, 'yes'/'no' skip the question (a worker "
+        "that starts while Redis is away takes 'no' under 'auto'). In a cluster the client "
+        "follows slots, writes go as one pipeline per master, and a document's keys carry "
+        "its id as a hash tag (<prefix>:<model>:{<id>}) so all its chunks share a slot."
+    )
+    redis_cluster_search: Literal["auto", "coordinator", "shards"] = Field(
+        "auto", description="How a cluster searches: 'coordinator' (the query engine's "
+        "coordinator, e.g. Redis 8: one FT.CREATE and one FT.SEARCH for the cluster), "
+        "'shards' (no coordinator: each master indexes its own keys under a hash-tagged "
+        "index name whose slot it owns, and search asks every master and merges the top "
+        "k), 'auto' (coordinator when the server has its shard-local _FT.SEARCH command)."
+    )
     key_prefix: str = Field(
         "embedstream", description="Prefix of result keys: <prefix>:<model>:<id>."
     )
@@ -125,6 +139,36 @@ class Settings(BaseSettings):
     )
     create_index: bool = Field(
         True, description="Create a vector index per model when the server supports search."
+    )
+
+    # --- Vector index (applied when a model's index is created) -------------
+    # A model's manifest may override any of these (extra.index). An existing index keeps
+    # what it was created with; asking for other values explicitly is refused with how to
+    # roll out to a new index (README, Results in Redis: index settings).
+    index_algorithm: Literal["HNSW", "FLAT", "SVS-VAMANA"] = Field(
+        "HNSW", description="Vector index algorithm. HNSW: approximate, fast queries at any "
+        "size. FLAT: exact, fast writes, but every query scans every vector (and blocks Redis "
+        "meanwhile). SVS-VAMANA: Redis 8.2 or later only (not the embedded dev stack)."
+    )
+    index_vector_type: Literal["FLOAT32", "FLOAT16"] = Field(
+        "FLOAT32", description="Type of the indexed (and stored) vectors. FLOAT16 halves "
+        "their memory; queries are sent in the index's type automatically."
+    )
+    index_m: int = Field(
+        16, ge=1, le=512, description="HNSW M: edges per node and layer (2M on the base "
+        "layer). More: better recall, more memory and slower writes. SVS-VAMANA: "
+        "GRAPH_MAX_DEGREE = 2 x this."
+    )
+    index_ef_construction: int = Field(
+        64, ge=1, le=4096, description="HNSW EF_CONSTRUCTION: candidates considered per "
+        "insert. The main cost of a write into a large index: lower writes faster and "
+        "needs a higher index_ef_runtime for the same recall. SVS-VAMANA: "
+        "CONSTRUCTION_WINDOW_SIZE."
+    )
+    index_ef_runtime: int = Field(
+        100, ge=1, le=4096, description="HNSW EF_RUNTIME: candidates considered per query "
+        "(the index's default for every KNN query; at least k is used). Higher: better "
+        "recall, slower queries; costs writes nothing. SVS-VAMANA: SEARCH_WINDOW_SIZE."
     )
 
     # --- Models ------------------------------------------------------------

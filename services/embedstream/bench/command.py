@@ -68,6 +68,10 @@ def run_bench_command(settings: Settings, args: argparse.Namespace) -> int:
         from embedstream.bench.embeddings import run_embeddings_command
 
         return run_embeddings_command(settings, args)
+    if args.store:
+        from embedstream.bench.store import run_store_command
+
+        return run_store_command(settings, args)
     if args.soak is not None:
         return _soak_command(settings, args)
     if args.memory:
@@ -104,7 +108,7 @@ def _soak_command(settings: Settings, args: argparse.Namespace) -> int:
     else:
         texts = generated_texts(count, args.seed)
     model = args.model or settings.default_text_model
-    _model_dirs(settings, MODALITIES["text"], model, ("pipeline-fp32",))
+    model_dirs(settings, MODALITIES["text"], model, ("pipeline-fp32",))
     config = SoakConfig(
         texts=texts, model=model, rate=args.soak_rate, duration_s=args.soak,
         sample_s=args.soak_sample_s, warmup_s=min(60.0, args.soak / 5), batch_size=args.batch_size,
@@ -130,7 +134,7 @@ def _documents_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.modality != "text" or args.documents <= 0:
         raise BenchError("--documents N runs N (> 0) text documents; leave out --modality")
     model = args.model or settings.default_text_model
-    _model_dirs(settings, MODALITIES["text"], model, ("pipeline-fp32",))
+    model_dirs(settings, MODALITIES["text"], model, ("pipeline-fp32",))
     if args.file:
         documents = file_texts(args.file, args.documents)
     else:
@@ -162,7 +166,7 @@ def _memory_command(settings: Settings, args: argparse.Namespace) -> int:
         raise BenchError("--memory compares text workers with sentence-transformers; "
                          "leave out --modality")
     model = args.model or settings.default_text_model
-    _model_dirs(settings, MODALITIES["text"], model, ("ort-fp32",))
+    model_dirs(settings, MODALITIES["text"], model, ("ort-fp32",))
     config = MemoryConfig(
         model_dir=settings.model_dir, model=model,
         threads=args.threads or settings.intra_op_threads or default_threads(),
@@ -212,7 +216,7 @@ def _config(settings: Settings, args: argparse.Namespace) -> BenchConfig:
 
 
 def run_bench(settings: Settings, config: BenchConfig) -> Report:
-    fp32_dir, int8_dir = _model_dirs(settings, config.spec, config.model, config.rows)
+    fp32_dir, int8_dir = model_dirs(settings, config.spec, config.model, config.rows)
     runners: dict[str, Runner] = {}
     if "peer" in config.rows:
         runners["peer"] = config.spec.peer(fp32_dir, config.threads, config.batch_size)
@@ -263,7 +267,7 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
     return report
 
 
-def _model_dirs(
+def model_dirs(
     settings: Settings, spec: Modality, model: str, rows: tuple[str, ...]
 ) -> tuple[Path, Path]:
     """The fp32 and int8 model directories, exporting / quantizing what the rows need."""

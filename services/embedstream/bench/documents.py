@@ -21,7 +21,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import redis
 from tokenizers import Tokenizer
 
 from embedstream.bench.pipeline import WorkerProcess, wait_stored
@@ -29,6 +28,7 @@ from embedstream.errors import BenchError
 from embedstream.models.manifest import load_manifest
 from embedstream.producer import Producer
 from embedstream.settings import Settings
+from embedstream.sinks.cluster import Client
 from embedstream.sinks.redis import connect
 
 MODES = ("chunk", "truncate")
@@ -111,7 +111,7 @@ def run_documents(
     return DocumentsRun(mode, len(documents), len(texts), _span(written), real, padded)
 
 
-def _stored(client: redis.Redis, pattern: str) -> tuple[list[str], list[float]]:
+def _stored(client: Client, pattern: str) -> tuple[list[str], list[float]]:
     """The text and write time of every stored window."""
     keys = list(client.scan_iter(pattern, count=10_000))
     pipe = client.pipeline(transaction=False)

@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
-import redis
 
 from embedstream import devstack
 from embedstream.devstack import free_port
 from embedstream.errors import BenchError
 from embedstream.producer import Producer
 from embedstream.settings import Settings
+from embedstream.sinks.cluster import Client, is_cluster
+from embedstream.sinks.index import stored_vector
 from embedstream.sinks.redis import connect, result_key
 
 _POLL_S = 0.5
@@ -65,13 +66,15 @@ class WorkerProcess:
 
     def __init__(
         self, settings: Settings, model: str, threads: int, batch_size: int,
-        modality: str = "text", text_overflow: str = "truncate",
+        modality: str = "text", extra_env: dict[str, str] | None = None,
+        text_overflow: str = "truncate",
     ) -> None:
         """``text_overflow`` is ``truncate`` by default: the comparison rows embed what the
         peer embeds, one window per text (``bench --documents`` measures chunking)."""
         self.port = free_port()
         env = {
             **os.environ,
+            **(extra_env or {}),
             "EMBEDSTREAM_MODELS": json.dumps([model]),
             f"EMBEDSTREAM_DEFAULT_{modality.upper()}_MODEL": model,
             f"EMBEDSTREAM_TOPIC_{modality.upper()}": settings.topic_for(modality),
@@ -148,14 +151,15 @@ class WorkerProcess:
 
 
 @contextmanager
-def bench_stack(kind: str) -> Iterator[devstack.RunningStack]:
+def bench_stack(kind: str, redis_shards: int = 1) -> Iterator[devstack.RunningStack]:
     """An embedded broker and Redis for one bench run, on free ports.
 
     Its state folder is this process's own (``.devstack/<kind>-<pid>``), so two
     benches, or a bench beside ``embedstream dev up``, never share a stack; the
     folder (logs included) is removed after a clean run and kept after a failure.
     """
-    cfg = devstack.DevStackConfig.on_free_ports(Path(".devstack") / f"{kind}-{os.getpid()}")
+    cfg = devstack.DevStackConfig.on_free_ports(Path(".devstack") / f"{kind}-{os.getpid()}",
+                                                redis_shards=redis_shards)
     with devstack.embedded_stack(cfg) as stack:
         yield stack
     shutil.rmtree(cfg.state_dir, ignore_errors=True)
@@ -173,23 +177,27 @@ def run_pipeline(
     offered_share: float = 0.5,
     timeout_s: float = 600.0,
     stack_pids: dict[str, int] | None = None,
+    key_prefix: str | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> PipelineResult:
     """Throughput then latency of ``model`` through the whole pipeline.
 
     ``inputs`` are texts (``modality`` "text") or encoded image / audio files.
+    ``key_prefix``: store under this prefix (default: one of the run's own), e.g. into
+    an index already holding vectors; ``worker_env``: more environment for the worker.
     """
     run = "b" + uuid.uuid4().hex[:8]
     settings = base.model_copy(update={
         "topic_text": f"{run}.text", "topic_image": f"{run}.image",
         "topic_audio": f"{run}.audio", "topic_dlq": f"{run}.dlq", "group_id": f"{run}-group",
-        "key_prefix": run,
+        "key_prefix": key_prefix or run,
     })
     ids = [f"{run}-{i}" for i in range(len(inputs))]
     with Producer(settings, topics=[settings.topic_for(modality)]) as producer:
         for event_id, item in zip(ids, inputs, strict=True):
             _send(producer, modality, item, event_id)
         producer.flush()
-    worker = WorkerProcess(settings, model, threads, batch_size, modality)
+    worker = WorkerProcess(settings, model, threads, batch_size, modality, worker_env)
     processes = {"worker": worker.proc.pid, **(stack_pids or {})}
     try:
         # The first write starts the CPU window: caught within 20 ms, before the last one.
@@ -274,17 +282,18 @@ def wait_stored(
 
 
 def _read_stored(
-    client: redis.Redis, prefix: str, model: str, ids: list[str]
+    client: Client, prefix: str, model: str, ids: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Vectors (in ``ids`` order) and write times (unix seconds) of stored events."""
     pipe = client.pipeline(transaction=False)
     for event_id in ids:
-        pipe.hmget(result_key(prefix, model, event_id), ["embedding", "created_at"])
+        pipe.hmget(result_key(prefix, model, event_id, tagged=is_cluster(client)),
+                   ["embedding", "created_at", "dim"])
     rows = pipe.execute()
-    if any(blob is None for blob, _ in rows):
+    if any(blob is None for blob, _, _ in rows):
         raise BenchError("some events are missing from Redis after the pipeline run")
-    vectors = np.stack([np.frombuffer(blob, dtype="<f4") for blob, _ in rows])
-    return vectors, np.array([float(stamp) for _, stamp in rows])
+    vectors = np.stack([stored_vector(blob, int(dim)) for blob, _, dim in rows])
+    return vectors, np.array([float(stamp) for _, stamp, _ in rows])
 
 
 def _seconds_per_run(written_at: np.ndarray) -> float:
@@ -304,7 +313,7 @@ def _seconds_per_run(written_at: np.ndarray) -> float:
 def _offered_load(
     settings: Settings,
     worker: WorkerProcess,
-    client: redis.Redis,
+    client: Client,
     model: str,
     modality: str,
     inputs: list[Any],
@@ -328,7 +337,8 @@ def _offered_load(
     wait_stored(worker, before + count, max(1.0, deadline - time.monotonic()))
     pipe = client.pipeline(transaction=False)
     for event_id in ids:
-        pipe.hmget(result_key(settings.key_prefix, model, event_id), ["created_at", "event_ts"])
+        pipe.hmget(result_key(settings.key_prefix, model, event_id, tagged=is_cluster(client)),
+                   ["created_at", "event_ts"])
     stamps = np.array([(float(c) * 1000, float(e)) for c, e in pipe.execute()])
     span_s = (stamps[:, 0].max() - stamps[:, 1].min()) / 1000
     return stamps[:, 0] - stamps[:, 1], count / max(span_s, 1e-9)

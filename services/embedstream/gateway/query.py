@@ -28,6 +28,7 @@ from embedstream.runtime.loader import LoadedModel, load_models
 from embedstream.runtime.preprocess import Prepared
 from embedstream.search import Filter, Hit, RangeFilter, TagFilter, search_vector
 from embedstream.settings import Settings
+from embedstream.sinks.cluster import Client, is_cluster
 from embedstream.sinks.redis import metadata_schema, result_key
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class ModelInfo:
 class Searcher:
     """Embeds queries and searches Redis. Thread-safe (ONNX Runtime sessions are)."""
 
-    def __init__(self, settings: Settings, models: dict[str, LoadedModel], client: redis.Redis,
+    def __init__(self, settings: Settings, models: dict[str, LoadedModel], client: Client,
                  loader: Callable[[str], LoadedModel] | None = None) -> None:
         self._settings = settings
         self._models = models
@@ -160,7 +161,8 @@ class Searcher:
         ``tenant``: the id in that tenant's id space (None: the untenanted one); a
         tenant's key never reads another's item, even one with the same id.
         """
-        key = result_key(self._settings.key_prefix, info.name, event_id, chunk, tenant)
+        key = result_key(self._settings.key_prefix, info.name, event_id, chunk, tenant,
+                         tagged=is_cluster(self._client))
         try:
             raw: dict[bytes, bytes] = self._client.hgetall(key)  # type: ignore[assignment]
         except redis.RedisError as err:
@@ -179,7 +181,8 @@ class Searcher:
         try:
             hits = search_vector(self._client, self._settings.key_prefix, info.name, vector,
                                  k + (1 if exclude else 0), filters, ("dim",), per_document,
-                                 tenant=tenant)
+                                 tenant=tenant,
+                                 cluster_search=self._settings.redis_cluster_search)
         except SinkError as err:
             raise GatewayError(503, "store_unavailable", str(err)) from err
         # the query document itself: its id in the searched tenant's id space

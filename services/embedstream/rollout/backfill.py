@@ -30,8 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from embedstream.envelope import RawRecord
 from embedstream.metrics import Metrics
 from embedstream.models.routing import Routing
@@ -48,6 +46,7 @@ from embedstream.rollout.state import (
 from embedstream.runtime.loader import load_models
 from embedstream.runtime.preprocess import Limits
 from embedstream.settings import Settings
+from embedstream.sinks.cluster import Client
 from embedstream.sinks.redis import RedisSink, connect
 from embedstream.sources.base import RebalanceListener, Source, TopicPartition
 from embedstream.sources.registry import kafka_client
@@ -141,7 +140,7 @@ def _tp(text: str) -> TopicPartition:
 class _Progress:
     """Records committed offsets in the progress hash; decides when the backfill is over."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, record: dict[str, Any],
+    def __init__(self, settings: Settings, client: Client, record: dict[str, Any],
                  starts: dict[str, int], ends: dict[str, int], metrics: Metrics,
                  on_tick: Callable[[dict[str, Any]], None] | None) -> None:
         self.settings = settings
@@ -195,7 +194,7 @@ class _Progress:
             self.stop()
 
 
-def mark_ready(settings: Settings, client: redis.Redis, new: str, seconds: float) -> str:
+def mark_ready(settings: Settings, client: Client, new: str, seconds: float) -> str:
     """``backfilling`` -> ``ready``; returns the state the rollout is in after."""
     def change(control: Control) -> Control:
         current = dict(control.rollouts[new])

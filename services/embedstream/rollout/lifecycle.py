@@ -23,7 +23,6 @@ import logging
 import time
 from typing import Any
 
-import redis
 from kafka import KafkaConsumer, TopicPartition
 
 from embedstream.errors import ConfigError
@@ -41,6 +40,7 @@ from embedstream.rollout.state import (
     worker_key,
 )
 from embedstream.settings import Settings
+from embedstream.sinks.cluster import Client
 from embedstream.sinks.layout import index_name, result_key, tombstone_key
 from embedstream.sinks.redis import RedisSink, has_search
 from embedstream.sources.kafka import client_config
@@ -61,7 +61,7 @@ def manifest_of(settings: Settings, name: str) -> Manifest:
         raise RolloutError(f"model {name!r} cannot be loaded: {err}") from err
 
 
-def start(settings: Settings, client: redis.Redis, new: str, old: str) -> dict[str, Any]:
+def start(settings: Settings, client: Client, new: str, old: str) -> dict[str, Any]:
     """Record the rollout, wait for every worker to dual-write, note the backfill's range.
 
     Raises :class:`RolloutError` for a rollout that cannot start (and leaves nothing
@@ -102,7 +102,7 @@ def start(settings: Settings, client: redis.Redis, new: str, old: str) -> dict[s
     return record
 
 
-def announce(settings: Settings, client: redis.Redis, name: str) -> int:
+def announce(settings: Settings, client: Client, name: str) -> int:
     """Serve ``name`` (in the model store) on every running worker, without a restart;
     returns the generation every live worker serves it at."""
     manifest_of(settings, name)
@@ -131,7 +131,7 @@ def _check_start(control: Control, new: str, old: str) -> None:
         raise RolloutError(f"{new} was replaced by a promoted rollout; export it under a new name")
 
 
-def _old_is_default(settings: Settings, client: redis.Redis, old: str, modality: str) -> bool:
+def _old_is_default(settings: Settings, client: Client, old: str, modality: str) -> bool:
     """Whether events naming no model were OLD's: as the live workers report, else as
     the settings and the model store say."""
     reports = live_workers(settings, client)
@@ -157,7 +157,7 @@ def _offsets(settings: Settings, topics: list[str]) -> tuple[dict[str, int], dic
 
 
 # -------------------------------------------------------------------------- workers
-def live_workers(settings: Settings, client: redis.Redis) -> dict[str, dict[str, Any]]:
+def live_workers(settings: Settings, client: Client) -> dict[str, dict[str, Any]]:
     """Worker id -> its last report (generation, models, defaults, errors) for every
     worker of this key prefix whose report has not expired."""
     out: dict[str, dict[str, Any]] = {}
@@ -169,7 +169,7 @@ def live_workers(settings: Settings, client: redis.Redis) -> dict[str, dict[str,
     return out
 
 
-def wait_for_workers(settings: Settings, client: redis.Redis, generation: int,
+def wait_for_workers(settings: Settings, client: Client, generation: int,
                      model: str | None = None) -> None:
     """Until every live worker applied ``generation`` (and loaded ``model``)."""
     deadline = time.monotonic() + settings.rollout_ack_timeout_s
@@ -201,7 +201,7 @@ def _record(control: Control, new: str) -> dict[str, Any]:
     return dict(record)
 
 
-def promote(settings: Settings, client: redis.Redis, new: str, *, force: bool = False
+def promote(settings: Settings, client: Client, new: str, *, force: bool = False
             ) -> dict[str, Any]:
     """Answer queries for OLD (and names OLD served) from NEW, atomically; stop dual writes."""
     record = _record(read_control(client, settings.key_prefix), new)
@@ -243,7 +243,7 @@ def _public_names(control: Control, new: str) -> list[str]:
     return sorted(n for n in names if n != new and control.serving(n) == new)
 
 
-def _physical_indexes(client: redis.Redis) -> set[str] | None:
+def _physical_indexes(client: Client) -> set[str] | None:
     """Names of the indexes (not aliases); None without the search module."""
     if not has_search(client):
         return None
@@ -251,7 +251,7 @@ def _physical_indexes(client: redis.Redis) -> set[str] | None:
     return {n.decode() if isinstance(n, bytes) else str(n) for n in names}
 
 
-def abort(settings: Settings, client: redis.Redis, new: str) -> dict[str, Any]:
+def abort(settings: Settings, client: Client, new: str) -> dict[str, Any]:
     """Stop a rollout under way: workers stop writing NEW, then NEW's vectors are dropped."""
     record = _record(read_control(client, settings.key_prefix), new)
     if record["state"] not in ACTIVE:
@@ -279,7 +279,7 @@ def abort(settings: Settings, client: redis.Redis, new: str) -> dict[str, Any]:
     return updated.rollouts[new]
 
 
-def drop_model_keys(client: redis.Redis, prefix: str, model: str) -> int:
+def drop_model_keys(client: Client, prefix: str, model: str) -> int:
     """Delete every chunk hash and delete marker of ``model`` (UNLINK, in slices)."""
     count = 0
     for pattern in (result_key(prefix, model, "*"), tombstone_key(prefix, model, "*")):
@@ -294,7 +294,7 @@ def drop_model_keys(client: redis.Redis, prefix: str, model: str) -> int:
     return count
 
 
-def drop_due(settings: Settings, client: redis.Redis, control: Control) -> list[str]:
+def drop_due(settings: Settings, client: Client, control: Control) -> list[str]:
     """Delete OLD's vectors of promoted rollouts whose grace period is over (one caller
     at a time, by a lock); returns the models whose vectors went."""
     dropped = []
@@ -322,7 +322,7 @@ def drop_due(settings: Settings, client: redis.Redis, control: Control) -> list[
 
 
 # --------------------------------------------------------------------------- status
-def progress(settings: Settings, client: redis.Redis, record: dict[str, Any]) -> dict[str, Any]:
+def progress(settings: Settings, client: Client, record: dict[str, Any]) -> dict[str, Any]:
     """Backfill progress of a rollout: backfilled, total, rate (records/s), eta_s."""
     raw: dict[bytes, bytes] = client.hgetall(progress_key(settings.key_prefix, record["new"]))  # type: ignore[assignment]
     fields = {k.decode(): v.decode() for k, v in raw.items()}
@@ -342,7 +342,7 @@ def progress(settings: Settings, client: redis.Redis, record: dict[str, Any]) ->
             "range_known": bool(ends), "updated_at": float(fields.get("updated_at", 0) or 0)}
 
 
-def summaries(settings: Settings, client: redis.Redis) -> list[dict[str, Any]]:
+def summaries(settings: Settings, client: Client) -> list[dict[str, Any]]:
     """Every rollout recorded, newest first: state, models, progress, history."""
     control = read_control(client, settings.key_prefix)
     out = []

@@ -18,11 +18,12 @@ import redis
 from embedstream.errors import SinkError
 from embedstream.rollout.state import read_control
 from embedstream.search import Hit, search_vector
+from embedstream.sinks.cluster import Client
 
 _ATTEMPTS = 3
 
 
-def serving(client: redis.Redis, prefix: str, name: str) -> str:
+def serving(client: Client, prefix: str, name: str) -> str:
     """The model whose vectors answer queries for ``name`` now."""
     try:
         return read_control(client, prefix).serving(name)
@@ -31,7 +32,7 @@ def serving(client: redis.Redis, prefix: str, name: str) -> str:
 
 
 def search_serving(
-    client: redis.Redis, prefix: str, name: str, embed: Callable[[str], np.ndarray], k: int,
+    client: Client, prefix: str, name: str, embed: Callable[[str], np.ndarray], k: int,
     **options: Any,
 ) -> tuple[str, list[Hit]]:
     """(model, hits) of a query for ``name``: ``embed(model)`` gives the query's vector

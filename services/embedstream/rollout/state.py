@@ -38,6 +38,7 @@ from typing import Any
 import redis
 
 from embedstream.errors import EmbedstreamError
+from embedstream.sinks.cluster import Client
 
 STATES = ("backfilling", "ready", "promoted", "aborted")
 ACTIVE = ("backfilling", "ready")
@@ -135,12 +136,12 @@ class Control:
         return None
 
 
-def read_control(client: redis.Redis, prefix: str) -> Control:
+def read_control(client: Client, prefix: str) -> Control:
     return Control.from_json(client.get(control_key(prefix)))
 
 
 def update_control(
-    client: redis.Redis,
+    client: Client,
     prefix: str,
     change: Callable[[Control], Control],
     also: Callable[[Any, Control], None] | None = None,

@@ -36,6 +36,7 @@ from embedstream.rollout.lifecycle import drop_due, progress
 from embedstream.rollout.state import ACTIVE, Control, read_control, worker_key
 from embedstream.runtime.loader import LoadedModel
 from embedstream.settings import Settings
+from embedstream.sinks.cluster import Client
 from embedstream.sinks.redis import RedisSink
 from embedstream.worker.pipeline import Worker
 
@@ -73,7 +74,7 @@ class ModelWatcher:
         instances: list[dict[str, LoadedModel]],
         loader: Loader,
         sink: RedisSink,
-        client: redis.Redis,
+        client: Client,
         metrics: Metrics,
         configured: list[str],
         generation: int,
@@ -180,7 +181,7 @@ class ModelWatcher:
 
 
 def attach(settings: Settings, worker: Worker, instances: list[dict[str, LoadedModel]],
-           loader: Loader, sink: RedisSink, client: redis.Redis, metrics: Metrics,
+           loader: Loader, sink: RedisSink, client: Client, metrics: Metrics,
            configured: list[str], control: Control) -> ModelWatcher:
     """A watcher for ``worker``, started and stopped with it."""
     watcher = ModelWatcher(settings, worker, instances, loader, sink, client, metrics,

@@ -16,6 +16,11 @@ Other tools (search, the gateway, the client, framework recipes) rely on it:
   ``created_at`` (unix seconds), ``event_ts`` (the record's timestamp, ms),
   ``source`` (topic:partition:offset of the record), and for token-mode models
   ``token_embeddings``/``token_count``.
+* On a Redis Cluster the id part of every key of a document is a hash tag,
+  ``<prefix>:<model>:{<id>}`` (chunk *n*: ``<prefix>:<model>:{<id>}#<n>``,
+  marker ``<prefix>:!tomb:<model>:{<id>}``; ``{`` and ``}`` of an id written
+  ``%7B`` and ``%7D``), so a document's chunks and its marker share one slot
+  and one master, and its write and delete scripts run there atomically.
 * The producer's metadata, whatever its names (``source``, ``model``, ``id``
   included): ``metadata`` holds it as sent (a JSON object; search results give
   it back unchanged), and each top-level field is also a hash field
@@ -44,23 +49,33 @@ TENANT_FIELD = "tenant"
 
 
 def result_key(prefix: str, model: str, event_id: str, chunk: int = 0,
-               tenant: str | None = None) -> str:
-    """The hash of chunk ``chunk`` of document ``event_id`` (of ``tenant``'s, if given)."""
-    base = f"{prefix}:{model}:{key_segment(event_id, tenant)}"
+               tenant: str | None = None, *, tagged: bool = False) -> str:
+    """The hash of chunk ``chunk`` of document ``event_id`` (of ``tenant``'s, if given;
+    ``tagged``: in a cluster)."""
+    base = f"{prefix}:{model}:{key_segment(event_id, tenant, tagged=tagged)}"
     return base if chunk == 0 else f"{base}#{chunk}"
 
 
-def key_segment(event_id: str, tenant: str | None = None) -> str:
+def key_segment(event_id: str, tenant: str | None = None, *, tagged: bool = False) -> str:
     """An id as it appears in keys: ``%`` and ``#`` escaped, behind its tenant's
-    ``%<tenant>:`` if it has one (see the module docstring)."""
-    scope = f"%{tenant}:" if tenant else ""
-    if "%" not in event_id and "#" not in event_id:
-        return scope + event_id
-    return scope + event_id.replace("%", "%25").replace("#", "%23")
+    ``%<tenant>:`` if it has one, and in a cluster (``tagged``) ``{``/``}`` escaped and
+    the whole in braces, so all keys of one document share a slot (see the module
+    docstring). ``*`` stays as it is, so a key pattern can be made of it."""
+    segment = event_id
+    if "%" in segment or "#" in segment:
+        segment = segment.replace("%", "%25").replace("#", "%23")
+    if tenant:
+        segment = f"%{tenant}:{segment}"
+    if not tagged:
+        return segment
+    return "{" + segment.replace("{", "%7B").replace("}", "%7D") + "}"
 
 
-def id_of_segment(segment: str) -> str:
-    """The id of a key segment (:func:`key_segment` undone, the tenant dropped)."""
+def id_of_segment(segment: str, *, tagged: bool = False) -> str:
+    """The id a key segment (the part after ``<prefix>:<model>:``, chunk suffix dropped)
+    was made of: the inverse of :func:`key_segment`, the tenant dropped."""
+    if tagged:
+        segment = segment[1:-1].replace("%7B", "{").replace("%7D", "}")
     if segment.startswith("%") and not segment.startswith(("%25", "%23")):
         segment = segment.split(":", 1)[1] if ":" in segment else segment
     return segment.replace("%23", "#").replace("%25", "%")
@@ -70,8 +85,9 @@ def index_name(prefix: str, model: str) -> str:
     return f"{prefix}:idx:{model}"
 
 
-def tombstone_key(prefix: str, model: str, event_id: str, tenant: str | None = None) -> str:
-    return f"{prefix}:!tomb:{model}:{key_segment(event_id, tenant)}"
+def tombstone_key(prefix: str, model: str, event_id: str, tenant: str | None = None, *,
+                  tagged: bool = False) -> str:
+    return f"{prefix}:!tomb:{model}:{key_segment(event_id, tenant, tagged=tagged)}"
 
 
 def meta_field(name: str) -> str:

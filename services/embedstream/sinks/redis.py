@@ -18,22 +18,28 @@ and the rest of the batch is stored; a reply about the server (unreachable,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
-from redis.commands.search.field import NumericField, TagField, VectorField
+from redis.cluster import RedisCluster
+from redis.commands.search.field import NumericField, TagField
 from redis.commands.search.index_definition import IndexDefinition, IndexType
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from embedstream.envelope import flat_metadata
 from embedstream.errors import ConfigError, SinkError, StoreFull
 from embedstream.models.manifest import Manifest
 from embedstream.settings import Settings
+from embedstream.sinks import cluster
+from embedstream.sinks import index as vector_index
 from embedstream.sinks.base import (
     DeleteOutcome,
     Deletion,
@@ -41,6 +47,8 @@ from embedstream.sinks.base import (
     Rejected,
     WriteOutcome,
 )
+from embedstream.sinks.cluster import Client
+from embedstream.sinks.index import IndexConfig
 from embedstream.sinks.layout import (
     TENANT_FIELD,
     index_name,
@@ -193,8 +201,10 @@ def metadata_schema(manifest: Manifest, settings: Settings) -> dict[str, str]:
     return dict(sorted(schema.items()))
 
 
-def connect(settings: Settings, *, quick: bool = False, retries: bool = True) -> redis.Redis:
-    """A client for ``settings.redis_url``; the password field overrides the URL's.
+def connect(settings: Settings, *, quick: bool = False, retries: bool = True) -> Client:
+    """A client for ``settings.redis_url``; the password field overrides the URL's. A
+    :class:`~redis.cluster.RedisCluster` when the server is a cluster node (see
+    :mod:`embedstream.sinks.cluster`).
 
     ``quick``: one-second timeouts and no retries, for health checks.
     ``retries=False``: redis-py retries nothing, for callers that retry
@@ -215,13 +225,28 @@ def connect(settings: Settings, *, quick: bool = False, retries: bool = True) ->
         kwargs["password"] = settings.redis_password.get_secret_value()
     if settings.redis_ssl_ca_file is not None:
         kwargs["ssl_ca_certs"] = str(settings.redis_ssl_ca_file)
-    return redis.Redis.from_url(settings.redis_url, **kwargs)
+    single = redis.Redis.from_url(settings.redis_url, **kwargs)
+    if not _is_cluster_url(settings, single):
+        return single
+    single.close()
+    return RedisCluster.from_url(settings.redis_url, **kwargs)
 
 
-def has_search(client: redis.Redis) -> bool:
+def _is_cluster_url(settings: Settings, client: redis.Redis) -> bool:
+    if settings.redis_cluster != "auto":
+        return settings.redis_cluster == "yes"
+    try:
+        return cluster.cluster_enabled(client)
+    except redis.RedisError as err:
+        log.warning("cannot ask Redis whether it is a cluster (%s): taken as one server; set "
+                    "EMBEDSTREAM_REDIS_CLUSTER=yes or no to skip the question", err)
+        return False
+
+
+def has_search(client: Client) -> bool:
     """True when the server offers FT.* commands (vector search)."""
     try:
-        client.execute_command("FT._LIST")
+        cluster.any_node(client).execute_command("FT._LIST")
     except redis.ResponseError:
         return False
     return True
@@ -230,8 +255,15 @@ def has_search(client: redis.Redis) -> bool:
 class RedisSink:
     """See :class:`~embedstream.sinks.base.Sink`."""
 
-    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+    WRITES_VECTOR_TYPES: tuple[str, ...] = ("FLOAT32",)
+    """Vector types :meth:`write` stores; :meth:`prepare` refuses an index of another."""
+
+    def __init__(self, settings: Settings, client: Client | None = None) -> None:
         self._client = client if client is not None else connect(settings, retries=False)
+        # In a cluster: a document's keys are hash-tagged (one slot), a batch goes as one
+        # pipeline per master, all sent at once.
+        self._tagged = cluster.is_cluster(self._client)
+        self._senders: ThreadPoolExecutor | None = None
         self._prefix = settings.key_prefix
         self._create_index = settings.create_index
         self._store_text = settings.store_text
@@ -240,10 +272,18 @@ class RedisSink:
         self._retention_ms = settings.tombstone_retention_s * 1000
         # A separate client for health checks: short timeouts, no retries, so a
         # readiness probe answers at once while Redis is away.
-        self._health = connect(settings, quick=True) if client is None else client
+        self._health: Client = connect(settings, quick=True) if client is None else client
         self._last_ping: tuple[float, bool] = (-1.0, True)
         self._settings = settings
         self.search_enabled = False
+        self.index_configs: dict[str, IndexConfig] = {}
+        """Model name -> the configuration its index has (after :meth:`prepare`); writes
+        must store vectors in its ``vector_type``."""
+
+    @property
+    def tagged(self) -> bool:
+        """Whether keys carry the document id as a hash tag (a cluster; see layout)."""
+        return self._tagged
 
     def prepare(self, models: list[Manifest]) -> None:
         try:
@@ -251,43 +291,63 @@ class RedisSink:
             if not self.search_enabled:
                 log.warning("Redis has no search module: vectors are stored but not indexed")
                 return
+            mode = cluster.search_mode(self._client, self._settings.redis_cluster_search)
+            if mode != "single":
+                log.info("Redis Cluster of %d masters, search by %s", len(cluster.masters(
+                    self._client)), mode)  # type: ignore[arg-type]
             for manifest in models:
-                self._ensure_index(manifest)
+                for client, name in cluster.index_targets(self._client, self._prefix,
+                                                          manifest.name, mode):
+                    self._ensure_index(manifest, client, name)
         except redis.RedisError as err:
             raise SinkError(f"cannot prepare Redis indexes: {err}") from err
 
-    def _ensure_index(self, manifest: Manifest) -> None:
-        name = index_name(self._prefix, manifest.name)
-        search = self._client.ft(name)
+    def _ensure_index(self, manifest: Manifest, client: redis.Redis, name: str) -> None:
+        search = client.ft(name)
         schema = metadata_schema(manifest, self._settings)
+        # Index settings (algorithm, graph, vector type): see embedstream.sinks.index.
+        wanted = vector_index.index_config(manifest, self._settings)
         try:
             info = search.info()
         except redis.ResponseError:
             info = None
         if info is not None:
-            existing = _index_dimension(info)
-            if existing is not None and existing != manifest.dimension:
-                raise ConfigError(
-                    f"index {name} holds {existing}-d vectors but model {manifest.name} makes "
-                    f"{manifest.dimension}-d ones: give the new model another name"
-                )
+            have = vector_index.check_existing(
+                client, name, manifest, wanted, info,
+                asked=vector_index.explicit(manifest, self._settings))
+            self._check_writable(name, have)
+            self.index_configs[manifest.name] = have
             self._add_fields(search, name, schema, _index_attributes(info))
             return
-        search.create_index(
-            [
-                VectorField(
-                    "embedding",
-                    "HNSW",
-                    {"TYPE": "FLOAT32", "DIM": manifest.dimension, "DISTANCE_METRIC": "COSINE"},
+        self._check_writable(name, wanted)
+        try:
+            search.create_index(
+                [
+                    vector_index.vector_field(wanted, manifest.dimension),
+                    *_SYSTEM_FIELDS,
+                    *(_metadata_field(field, kind) for field, kind in schema.items()),
+                ],
+                definition=IndexDefinition(
+                    prefix=[result_key(self._prefix, manifest.name, "")],
+                    index_type=IndexType.HASH,
                 ),
-                *_SYSTEM_FIELDS,
-                *(_metadata_field(field, kind) for field, kind in schema.items()),
-            ],
-            definition=IndexDefinition(
-                prefix=[result_key(self._prefix, manifest.name, "")], index_type=IndexType.HASH
-            ),
-        )
-        log.info("created vector index %s (%d-d, HNSW, cosine)", name, manifest.dimension)
+            )
+        except redis.ResponseError as err:
+            unsupported = vector_index.creation_error(wanted, err)
+            if unsupported is not None:
+                raise unsupported from err
+            raise
+        self.index_configs[manifest.name] = wanted
+        log.info("created vector index %s (%d-d, %s, cosine)", name, manifest.dimension,
+                 wanted.describe())
+
+    def _check_writable(self, name: str, config: IndexConfig) -> None:
+        if config.vector_type not in self.WRITES_VECTOR_TYPES:
+            raise ConfigError(
+                f"index {name}: {config.vector_type} vectors are not written by this version "
+                f"(it stores {', '.join(self.WRITES_VECTOR_TYPES)}); set "
+                f"EMBEDSTREAM_INDEX_VECTOR_TYPE=FLOAT32"
+            )
 
     def _add_fields(
         self, search: Any, name: str, schema: dict[str, str], existing: set[str]
@@ -312,8 +372,7 @@ class RedisSink:
         """
         now = time.time()
         encoder = self._client.get_encoder()
-        pipe = self._client.pipeline(transaction=False)
-        sent: list[int] = []  # index in ``results`` of each script call in the pipeline
+        batch = _Batch(self._client)
         rejected: list[Rejected] = []
         for index, result in enumerate(results):
             try:
@@ -322,9 +381,8 @@ class RedisSink:
             except (redis.DataError, UnicodeError, ValueError, TypeError) as err:
                 rejected.append(Rejected(index, f"cannot encode a field: {err}"))
                 continue
-            self._write_script(keys=keys, args=encoded, client=pipe)
-            sent.append(index)
-        codes = self._execute(pipe, sent, rejected, len(results))
+            self._write_script(keys=keys, args=encoded, client=batch.pipe(keys[0], index))
+        codes = self._execute(batch, rejected, len(results))
         return WriteOutcome(
             stored=codes.count(1), duplicates=codes.count(2), stale=codes.count(0),
             rejected=tuple(sorted(rejected, key=lambda r: r.index)),
@@ -332,41 +390,65 @@ class RedisSink:
 
     def delete(self, deletions: list[Deletion]) -> DeleteOutcome:
         """Delete documents in one pipelined round trip (see :class:`Sink`)."""
-        pipe = self._client.pipeline(transaction=False)
-        for item in deletions:
+        batch = _Batch(self._client)
+        for index, item in enumerate(deletions):
             event, record = item.event, item.event.record
+            key = result_key(self._prefix, item.model.name, event.id, tenant=event.tenant,
+                             tagged=self._tagged)
             self._delete_script(
-                keys=[result_key(self._prefix, item.model.name, event.id, tenant=event.tenant),
-                      tombstone_key(self._prefix, item.model.name, event.id, event.tenant)],
+                keys=[key, tombstone_key(self._prefix, item.model.name, event.id, event.tenant,
+                                         tagged=self._tagged)],
                 args=[event.version, max(0, record.partition), max(0, record.offset),
                       f"{record.topic}:{record.partition}:{record.offset}", self._retention_ms],
-                client=pipe,
+                client=batch.pipe(key, index),
             )
         rejected: list[Rejected] = []
-        codes = self._execute(pipe, list(range(len(deletions))), rejected, len(deletions))
+        codes = self._execute(batch, rejected, len(deletions))
         if rejected:  # a delete touches only our own keys: a refusal is about the store
             raise SinkError(f"Redis refused a delete: {rejected[0].detail}")
         return DeleteOutcome(deleted=codes.count(1), absent=codes.count(3),
                              stale=codes.count(0), duplicates=codes.count(2))
 
-    def _execute(self, pipe: Any, sent: list[int], rejected: list[Rejected], size: int) -> list[int]:
-        """Run the pipeline: reply codes of the calls that worked; per-item refusals
-        appended to ``rejected``; failures about the server raised."""
-        if not sent:
+    def _execute(self, batch: _Batch, rejected: list[Rejected], size: int) -> list[int]:
+        """Run the batch's pipelines (one per master, all at once): reply codes of the
+        calls that worked; per-item refusals appended to ``rejected``; failures about the
+        server raised (in a cluster, after re-reading the slot map: a slot may have moved)."""
+        if not batch.pipes:
             return []
         try:
-            replies = pipe.execute(raise_on_error=False)
-        except redis.RedisError as err:
+            answered = self._send(batch)
+        except (redis.RedisError, RedisClusterException) as err:
+            self._refresh_slots()
             raise self._failure(err, size) from err
         codes: list[int] = []
-        for index, reply in zip(sent, replies, strict=True):
+        for index, reply in answered:
             if not isinstance(reply, Exception):
                 codes.append(int(reply))
             elif classify(reply) == "item":
                 rejected.append(Rejected(index, f"Redis refused the write: {reply}"))
             else:
+                self._refresh_slots()
                 raise self._failure(reply, size) from reply
         return codes
+
+    def _send(self, batch: _Batch) -> list[tuple[int, Any]]:
+        """(item index, reply) of every call of the batch."""
+        pipes = list(batch.pipes.values())
+        if len(pipes) == 1:
+            replies = [pipes[0][0].execute(raise_on_error=False)]
+        else:
+            if self._senders is None:
+                self._senders = ThreadPoolExecutor(max_workers=len(pipes),
+                                                   thread_name_prefix="redis-shard")
+            futures = [self._senders.submit(p.execute, raise_on_error=False) for p, _ in pipes]
+            replies = [f.result() for f in futures]
+        return [pair for (_, sent), got in zip(pipes, replies, strict=True)
+                for pair in zip(sent, got, strict=True)]
+
+    def _refresh_slots(self) -> None:
+        if isinstance(self._client, RedisCluster):
+            with contextlib.suppress(redis.RedisError):
+                self._client.nodes_manager.initialize()
 
     def _write_call(self, result: Embedded, now: float) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the write script for one document."""
@@ -374,10 +456,11 @@ class RedisSink:
         record = event.record
         name = result.model.name
         parts = result.parts()
-        tenant = event.tenant
-        keys = [result_key(self._prefix, name, event.id, tenant=tenant),
-                tombstone_key(self._prefix, name, event.id, tenant),
-                *(result_key(self._prefix, name, event.id, c.index, tenant) for c in parts[1:])]
+        tenant, tagged = event.tenant, self._tagged
+        keys = [result_key(self._prefix, name, event.id, tenant=tenant, tagged=tagged),
+                tombstone_key(self._prefix, name, event.id, tenant, tagged=tagged),
+                *(result_key(self._prefix, name, event.id, c.index, tenant, tagged=tagged)
+                  for c in parts[1:])]
         common: dict[str, Any] = {
             "id": event.id,
             "model": name,
@@ -424,15 +507,45 @@ class RedisSink:
         now = time.monotonic()
         if now - self._last_ping[0] >= 1.0:
             try:
-                ok = bool(self._health.ping())
+                if isinstance(self._health, RedisCluster):  # every master must answer
+                    ok = all(cluster.node_client(self._health, node).ping()
+                             for node in cluster.masters(self._health))
+                else:
+                    ok = bool(self._health.ping())
             except redis.RedisError:
                 ok = False
             self._last_ping = (now, ok)
         return self._last_ping[1]
 
     def close(self) -> None:
+        if self._senders is not None:
+            self._senders.shutdown(wait=True)
         self._client.close()
         self._health.close()
+
+
+class _Batch:
+    """Pipelines of one batch: one for a single server, one per master of a cluster
+    (a script call goes to the master of its first key's slot)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.pipes: dict[str, tuple[Any, list[int]]] = {}
+        """node name -> (its pipeline, the item index of each call in it)"""
+
+    def pipe(self, key: str, index: int) -> Any:
+        if isinstance(self._client, RedisCluster):
+            node = cluster.node_of_key(self._client, key)
+            name = node.name
+        else:
+            name = ""
+        if name not in self.pipes:
+            target = (cluster.node_client(self._client, node)  # type: ignore[arg-type]
+                      if name else self._client)
+            self.pipes[name] = (target.pipeline(transaction=False), [])
+        pipe, sent = self.pipes[name]
+        sent.append(index)
+        return pipe
 
 
 # Index attributes every model's index has besides the vector and the metadata fields.
@@ -458,15 +571,3 @@ def _index_attributes(info: dict[Any, Any]) -> set[str]:
         pairs = dict(zip(values[::2], values[1::2], strict=False))
         names.add(str(pairs.get("attribute") or pairs.get("identifier")))
     return names
-
-
-def _index_dimension(info: dict[Any, Any]) -> int | None:
-    """The DIM of the ``embedding`` vector field from FT.INFO, if found."""
-    for attribute in info.get("attributes", []):
-        values = [v.decode() if isinstance(v, bytes) else v for v in attribute]
-        pairs = dict(zip(values[::2], values[1::2], strict=False))
-        if pairs.get("identifier") == "embedding" or pairs.get("attribute") == "embedding":
-            for i, value in enumerate(values):
-                if str(value).lower() == "dim" and i + 1 < len(values):
-                    return int(values[i + 1])
-    return None

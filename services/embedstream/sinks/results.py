@@ -44,7 +44,8 @@ class ResultsPublisher(Protocol):
 
 
 def result_record(
-    result: Embedded, prefix: str, stored_at: float, include_vector: bool
+    result: Embedded, prefix: str, stored_at: float, include_vector: bool,
+    tagged: bool = False,
 ) -> dict[str, Any]:
     """The JSON body of one results record."""
     event = result.event
@@ -54,7 +55,8 @@ def result_record(
         "model": result.model.name,
         "modality": result.model.modality,
         "dim": result.model.dimension,
-        "key": result_key(prefix, result.model.name, event.id, tenant=event.tenant),
+        "key": result_key(prefix, result.model.name, event.id, tenant=event.tenant,
+                          tagged=tagged),
         "chunks": len(result.parts()),
         "stored_at": stored_at,
         "source": f"{record.topic}:{record.partition}:{record.offset}",
@@ -90,10 +92,11 @@ def deletion_record(deletion: Deletion, stored_at: float) -> dict[str, Any]:
 class KafkaResultsPublisher:
     """Publishes results records with the package's :class:`~embedstream.producer.Producer`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tagged: bool = False) -> None:
         from embedstream.producer import Producer
 
         self._settings = settings
+        self._tagged = tagged  # keys of a cluster (see embedstream.sinks.layout)
         self._producer = Producer(settings, topics=[settings.topic_results])
 
     def publish(self, results: Sequence[Embedded | Deletion]) -> None:
@@ -103,7 +106,8 @@ class KafkaResultsPublisher:
         headers: list[list[tuple[str, bytes]]] = []
         for r in results:
             body = (deletion_record(r, now) if isinstance(r, Deletion) else
-                    result_record(r, settings.key_prefix, now, settings.results_include_vector))
+                    result_record(r, settings.key_prefix, now, settings.results_include_vector,
+                                  self._tagged))
             value, extra = _encode(body, settings.results_cloudevents)
             records.append((r.event.id, value))
             headers.append(extra)

@@ -56,6 +56,7 @@ from typing import Any, Protocol
 import redis
 
 from embedstream.envelope import RawRecord
+from embedstream.sinks.cluster import Client, is_cluster
 from embedstream.sources.base import TopicPartition
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class RedisCrashLedger:
     """Marks as small hashes ``<prefix>:!crashloop:<group>:<topic>:<partition>`` (``!``
     cannot occur in a model name, so no model's index covers them)."""
 
-    def __init__(self, client: redis.Redis, prefix: str, group: str) -> None:
+    def __init__(self, client: Client, prefix: str, group: str) -> None:
         self._client = client
         self._base = f"{prefix}:!crashloop:{group}"
         self._write_mark = client.register_script(_WRITE_MARK)
@@ -137,13 +138,15 @@ class RedisCrashLedger:
                     raw.get(b"handed_over", b"0") == b"1")
 
     def write(self, marks: dict[TopicPartition, Mark]) -> None:
-        pipe = self._client.pipeline(transaction=False)
+        # A cluster's pipeline does not load scripts: there, one call per mark (rare).
+        pipe = None if is_cluster(self._client) else self._client.pipeline(transaction=False)
         for tp, mark in marks.items():
             isolating = "" if mark.isolating is None else mark.isolating
             self._write_mark(keys=[self.key(tp)], client=pipe,
                              args=[mark.head, mark.deaths, isolating, mark.owner, _MARK_TTL_S,
                                    int(mark.handed_over)])
-        pipe.execute()
+        if pipe is not None:
+            pipe.execute()
 
     def clear(self, tps: set[TopicPartition]) -> None:
         if tps:

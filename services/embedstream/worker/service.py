@@ -133,7 +133,7 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     if settings.publish_results:
         from embedstream.sinks.results import KafkaResultsPublisher
 
-        results = KafkaResultsPublisher(settings)
+        results = KafkaResultsPublisher(settings, tagged=sink.tagged)
     ledger = RedisCrashLedger(connect(settings, retries=False), settings.key_prefix,
                               settings.group_id)
     routing = routing_for(settings, control, {n: m.modality for n, m in models.items()})
