@@ -102,7 +102,7 @@ def test_metadata_the_old_write_script_could_not_unpack_is_stored_when_allowed(
         ])
         key = result_key(unique, MODEL, "wide")
         assert wait_for(lambda: client.hlen(key) > 3000 and "after" in stored_ids(client, unique))
-        assert client.hget(key, "f2999") == b"2999"
+        assert client.hget(key, "meta_f2999") == b"2999"
     finally:
         assert worker.stop() == 0
     settings = settings.model_copy(update={"metadata_max_fields": 256, "group_id": unique + "-2",

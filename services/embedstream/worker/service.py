@@ -17,10 +17,10 @@ from types import FrameType
 
 import redis
 
-from embedstream.errors import EmbedstreamError, SinkError
+from embedstream.errors import EmbedstreamError
 from embedstream.metrics import Metrics
 from embedstream.models.manifest import find_models
-from embedstream.rollout.state import read_control
+from embedstream.rollout.state import Control, read_control
 from embedstream.rollout.watcher import attach, routing_for
 from embedstream.runtime.loader import LoadedModel, load_models
 from embedstream.runtime.memory import grew, rss_mb
@@ -115,7 +115,12 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     try:
         control = read_control(control_client, settings.key_prefix)
     except redis.RedisError as err:
-        raise SinkError(f"Redis: cannot read the model control document: {err}") from err
+        # Not fatal here: the configured models load first (a configuration error is
+        # reported before a store error), then the sink's own check says what is wrong
+        # with Redis; a worker that gets past it applies the document once it can read it.
+        log.warning("Redis: cannot read the model control document yet (%s): serving the "
+                    "configured models until it can", err)
+        control = Control()
     configured = settings.models or sorted(find_models(settings.model_dir))
     names = control.model_set(configured) if configured else []
     instances = load_instances(settings, names)
