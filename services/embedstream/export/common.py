@@ -110,8 +110,6 @@ def write_manifest(model_dir: Path, **fields: Any) -> Manifest:
 def staged_export(out_root: Path, name: str, overwrite: bool) -> Iterator[Path]:
     """A staging directory that becomes ``out_root/name`` if the block succeeds."""
     target = Path(out_root) / name
-    if target.exists() and not overwrite:
-        raise ExportError(f"model directory {target} exists; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=target.parent))
     try:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, normalizers
 
 import embedstream
-from embedstream.errors import ExportError
+from embedstream.errors import EmbedstreamError, ExportError
 from embedstream.export.checkpoint import (
     DEFAULT_TEXT_NAME,
     TextCheckpoint,
@@ -51,7 +51,7 @@ from embedstream.export.parity import (
     ParityReport,
     check_parity,
 )
-from embedstream.models.manifest import NAME_PATTERN, Manifest, file_sha256
+from embedstream.models.manifest import NAME_PATTERN, Manifest, file_sha256, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,9 @@ def export_text_model(
     The result is checked against sentence-transformers on a fixed sentence
     set; a minimum cosine below 0.9999 fails the export. Raises
     :class:`ExportError` for every expected failure; nothing is left in
-    ``out_root`` when it does.
+    ``out_root`` when it does. Without ``overwrite`` an existing directory is
+    left as it is when it holds the very graph this export produced (same
+    sha256: a no-op) and refused otherwise.
 
     ``source`` replaces the checkpoint's path in the manifest (for a checkpoint
     that is not kept, such as a fine-tuned one). ``on_checked`` is called with
@@ -166,8 +168,6 @@ def export_text_model(
     pooling = check_pooling(pooling) if pooling else (ckpt.pooling or "mean")
     normalize = normalize if normalize is not None else (ckpt.normalize is not False)
     target = Path(out_root) / name
-    if target.exists() and not overwrite:
-        raise ExportError(f"model directory {target} exists; pass overwrite=True to replace it")
 
     model, hf_tokenizer = _load(ckpt)
     limit = _max_length(max_length, ckpt, model.config, hf_tokenizer)
@@ -543,16 +543,40 @@ def _check_tokenizer(
 
 
 def _install(staging: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished ``staging`` directory to ``target``, replacing it if allowed."""
+    """Rename the finished ``staging`` directory to ``target``, replacing it if allowed.
+
+    Without ``overwrite`` an existing ``target`` whose manifest names the same
+    graph checksum is kept as it is (a re-export of the same source is a
+    no-op); one holding another graph is refused.
+    """
     if not target.exists():
         staging.rename(target)
         return
     if not overwrite:
-        raise ExportError(f"model directory {target} appeared during the export")
+        new = load_manifest(staging, verify=False).sha256
+        old = _existing_sha256(target)
+        if old != new:
+            raise ExportError(
+                f"model directory {target} exists and holds another model "
+                f"(sha256 {(old or 'unknown')[:12]}, this export {new[:12]}); "
+                "pass --overwrite to replace it"
+            )
+        log.info("%s already holds this model (sha256 %s); left as it is", target, new[:12])
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     target.rename(retired)
     staging.rename(target)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def _existing_sha256(model_dir: Path) -> str | None:
+    """The graph checksum ``model_dir``'s manifest names, or None when it has none
+    (or its ONNX file does not match it: that directory is not this export)."""
+    try:
+        return load_manifest(model_dir).sha256
+    except EmbedstreamError:
+        return None
 
 
 def _transformers_version() -> str:
