@@ -22,9 +22,6 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-import shutil
-import tempfile
-import uuid
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -37,7 +34,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, normalizers
 
 import embedstream
-from embedstream.errors import EmbedstreamError, ExportError
+from embedstream.errors import ExportError
 from embedstream.export.checkpoint import (
     DEFAULT_TEXT_NAME,
     TextCheckpoint,
@@ -45,13 +42,14 @@ from embedstream.export.checkpoint import (
     default_text_checkpoint,
     read_text_checkpoint,
 )
+from embedstream.export.common import staging_dir
 from embedstream.export.parity import (
     PARITY_MIN_COSINE,
     PARITY_SENTENCES,
     ParityReport,
     check_parity,
 )
-from embedstream.models.manifest import NAME_PATTERN, Manifest, file_sha256, load_manifest
+from embedstream.models.manifest import NAME_PATTERN, Manifest, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +171,7 @@ def export_text_model(
     limit = _max_length(max_length, ckpt, model.config, hf_tokenizer)
     log.info("exporting %s as %s (pooling=%s, normalize=%s, max_length=%d)",
              ckpt.source, name, pooling, normalize, limit)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=target.parent))
-    try:
+    with staging_dir(target, overwrite) as staging:
         manifest = _write_model_dir(
             staging, name, ckpt, model, hf_tokenizer, pooling, normalize, limit, opset, token_mode,
             source,
@@ -193,10 +189,6 @@ def export_text_model(
             )
         if on_checked is not None:
             on_checked(staging, report)
-        _install(staging, target, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("exported %s to %s (dimension %d, sha256 %s)",
              name, target, manifest.dimension, manifest.sha256[:12])
     return target
@@ -540,43 +532,6 @@ def _check_tokenizer(
                 f"tokenizer.json and the transformers tokenizer disagree on {text[:40]!r}: "
                 f"{actual[:12]}... vs {expected[:12]}..."
             )
-
-
-def _install(staging: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished ``staging`` directory to ``target``, replacing it if allowed.
-
-    Without ``overwrite`` an existing ``target`` whose manifest names the same
-    graph checksum is kept as it is (a re-export of the same source is a
-    no-op); one holding another graph is refused.
-    """
-    if not target.exists():
-        staging.rename(target)
-        return
-    if not overwrite:
-        new = load_manifest(staging, verify=False).sha256
-        old = _existing_sha256(target)
-        if old != new:
-            raise ExportError(
-                f"model directory {target} exists and holds another model "
-                f"(sha256 {(old or 'unknown')[:12]}, this export {new[:12]}); "
-                "pass --overwrite to replace it"
-            )
-        log.info("%s already holds this model (sha256 %s); left as it is", target, new[:12])
-        shutil.rmtree(staging, ignore_errors=True)
-        return
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _existing_sha256(model_dir: Path) -> str | None:
-    """The graph checksum ``model_dir``'s manifest names, or None when it has none
-    (or its ONNX file does not match it: that directory is not this export)."""
-    try:
-        return load_manifest(model_dir).sha256
-    except EmbedstreamError:
-        return None
 
 
 def _transformers_version() -> str:
