@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -165,6 +166,7 @@ def export_model(settings: Settings, args: argparse.Namespace) -> int:
     from embedstream.export import default_text_checkpoint, export_text_model
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_text_checkpoint()
+    started = time.time()
     directory = export_text_model(
         checkpoint,
         settings.model_dir,
@@ -177,8 +179,20 @@ def export_model(settings: Settings, args: argparse.Namespace) -> int:
         token_mode=bool(getattr(args, "token_mode", False)),
         optimize=not args.no_optimize,
     )
-    print(f"exported {checkpoint} -> {directory}")
+    _print_export(checkpoint, directory, started)
     return 0
+
+
+def _print_export(source: object, directory: Path, started: float) -> None:
+    """Say what ``embedstream export`` did: wrote ``directory``, or found it already
+    holding this very graph (its manifest predates the run: the export left it as it was)."""
+    manifest = directory / "manifest.json"
+    if manifest.stat().st_mtime < started:
+        sha = json.loads(manifest.read_text(encoding="utf-8")).get("sha256", "")
+        print(f"{directory} already holds this export of {source} (sha256 {sha[:12]}); "
+              "nothing changed")
+    else:
+        print(f"exported {source} -> {directory}")
 
 
 def quantize_model(settings: Settings, args: argparse.Namespace) -> int:
@@ -258,6 +272,7 @@ def replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _export_other(settings: Settings, args: argparse.Namespace, kind: str) -> int:
+    started = time.time()
     if kind == "image":
         from embedstream.export.image import export_image_model
 
@@ -278,7 +293,7 @@ def _export_other(settings: Settings, args: argparse.Namespace, kind: str) -> in
         directory = export_wordvec_model(args.checkpoint, settings.model_dir, args.name,
                                          fmt=args.fmt, sif=args.sif,
                                          normalize=not args.no_normalize, overwrite=args.overwrite)
-    print(f"exported {args.checkpoint or kind + ' default'} -> {directory}")
+    _print_export(args.checkpoint or kind + " default", directory, started)
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer, normalizers
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
+from embedstream.cli import main as cli_main
 from embedstream.errors import ExportError
 from embedstream.export import check_parity, default_text_checkpoint, export_text_model
 from embedstream.export.parity import encode_onnx
@@ -314,11 +315,32 @@ def test_unreachable_hub_id(tmp_path: Path) -> None:
         export_text_model(Path("embedstream-tests/no-such-model"), tmp_path)
 
 
-def test_existing_dir_without_overwrite(minilm_dir: Path, checkpoint: Path, out_root: Path) -> None:
+def test_export_command_over_the_same_export_is_a_no_op(
+    minilm_dir: Path, out_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = (minilm_dir / "manifest.json").read_text(encoding="utf-8")
-    with pytest.raises(ExportError, match="exists; pass overwrite=True"):
-        export_text_model(checkpoint, out_root)
+    assert cli_main(["export", "--model-dir", str(out_root)]) == 0
+    out = capsys.readouterr().out
+    assert f"{minilm_dir} already holds this export" in out
+    assert "nothing changed" in out
     assert (minilm_dir / "manifest.json").read_text(encoding="utf-8") == before
+    assert not [p.name for p in out_root.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_export_command_over_another_model_says_pass_overwrite(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    existing = export_text_model(tiny_checkpoint, tmp_path, name="tiny")
+    before = (existing / "manifest.json").read_text(encoding="utf-8")
+    argv = ["export", str(tiny_checkpoint), "--name", "tiny", "--model-dir", str(tmp_path),
+            "--pooling", "cls"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"model directory {existing} exists" in err
+    assert "pass --overwrite to replace it" in err
+    assert "overwrite=True" not in err
+    assert (existing / "manifest.json").read_text(encoding="utf-8") == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
 
 @pytest.mark.parametrize(

@@ -232,3 +232,27 @@ def test_payload_forms_and_limits(tmp_path, http_files):
     assert small.resolve(event(uri=f"http://{http_files}/a.bin")) == b"x" * 5000
     assert reason(PayloadResolver(Settings()).resolve, event(uri=(root / "ok.bin").as_uri())) \
         == "uri_forbidden"  # no roots configured: file:// is off
+
+
+def test_the_preprocess_interface_imports_none_of_its_implementations() -> None:
+    """No cycle: the modality modules import ``preprocess``, never the other way round."""
+    import ast
+
+    import embedstream.runtime.preprocess as interface
+
+    tree = ast.parse(Path(interface.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for a in node.names}
+    assert "embedstream.runtime" not in imported
+    assert not {f"embedstream.runtime.{m}" for m in ("text", "wordvec", "image", "audio")} & imported
+
+
+def test_a_manifest_with_no_preprocessor_is_a_config_error(tmp_path: Path) -> None:
+    from embedstream.errors import ConfigError
+    from embedstream.runtime.modalities import build_preprocessor
+
+    manifest = Manifest(name="m", modality="text", dimension=4, pooling="mean", normalize=True,
+                        inputs=["x"], opset=17, sha256="0", extra={"kind": "no-such-kind"})
+    with pytest.raises(ConfigError, match=r"no preprocessor for modality/kind \('text', 'no-such-kind'\)"):
+        build_preprocessor(manifest, tmp_path, Limits())

@@ -23,7 +23,8 @@ import numpy as np
 from embedstream.errors import BenchError
 from embedstream.models.manifest import Manifest, load_manifest
 from embedstream.runtime.loader import LoadedModel, load_model
-from embedstream.runtime.preprocess import Limits, Prepared, Preprocessor, build_preprocessor
+from embedstream.runtime.modalities import build_preprocessor
+from embedstream.runtime.preprocess import Limits, Prepared, Preprocessor
 
 
 @dataclass(frozen=True, slots=True)

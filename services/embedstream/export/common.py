@@ -1,8 +1,12 @@
 """What every exporter shares: ONNX writing, staging, parity figures, manifests.
 
-A model directory appears only once complete and checked: the exporter
-writes into a hidden staging directory, runs its parity check there, and
-renames it into place (:func:`staged_export`).
+Importing it loads neither torch nor onnx (they load on first use), so the
+torch-free ``embedstream quantize`` stages through it too.
+
+A model directory appears only once complete and checked: every exporter
+(text, image, audio, word vectors, quantize, fine-tune) writes into a hidden
+staging directory beside the target, runs its parity check there, and has
+:func:`staging_dir` rename it into place (:func:`install_model_dir`).
 """
 
 from __future__ import annotations
@@ -10,23 +14,24 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import onnx
-import torch
 
 import embedstream
-from embedstream.errors import ExportError
+from embedstream.errors import EmbedstreamError, ExportError
 from embedstream.export.parity import PARITY_MIN_COSINE
-from embedstream.export.text import _install
-from embedstream.models.manifest import NAME_PATTERN, Manifest, file_sha256
+from embedstream.models.manifest import NAME_PATTERN, Manifest, file_sha256, load_manifest
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,9 @@ def export_onnx(
     output_names: tuple[str, ...] = (OUTPUT_NAME,),
 ) -> None:
     """TorchScript ONNX export of ``module`` (fp32, eval) and a structural check."""
+    import onnx
+    import torch
+
     axes = dict(dynamic_axes)
     for out in output_names:
         axes.setdefault(out, {0: "batch"})
@@ -91,6 +99,8 @@ def export_onnx(
 
 
 def write_manifest(model_dir: Path, **fields: Any) -> Manifest:
+    import torch
+
     fields.setdefault("onnx_file", ONNX_FILE)
     fields.setdefault("outputs", [OUTPUT_NAME])
     manifest = Manifest(
@@ -107,19 +117,70 @@ def write_manifest(model_dir: Path, **fields: Any) -> Manifest:
 
 
 @contextmanager
-def staged_export(out_root: Path, name: str, overwrite: bool) -> Iterator[Path]:
-    """A staging directory that becomes ``out_root/name`` if the block succeeds."""
-    target = Path(out_root) / name
-    if target.exists() and not overwrite:
-        raise ExportError(f"model directory {target} exists; pass overwrite=True to replace it")
+def staging_dir(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A hidden, empty directory beside ``target`` that becomes ``target`` if the block
+    succeeds (:func:`install_model_dir`) and is removed if it raises: a model directory
+    is never seen half-written, and a failed export leaves nothing behind."""
+    target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:
         yield staging
-        _install(staging, target, overwrite)
+        install_model_dir(staging, target, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextmanager
+def staged_export(out_root: Path, name: str, overwrite: bool) -> Iterator[Path]:
+    """:func:`staging_dir` for ``out_root/name``."""
+    with staging_dir(Path(out_root) / name, overwrite) as staging:
+        yield staging
+
+
+def install_model_dir(staging: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished ``staging`` directory (a sibling of ``target``) to ``target``.
+
+    Without ``overwrite`` an existing ``target`` whose manifest names the same
+    graph checksum is kept as it is (a re-export of the same source is a
+    no-op: ``staging`` is removed); one holding another graph is refused. With
+    it, the old directory is renamed aside, the new one renamed in, and only
+    then the old one removed: at every moment ``target`` is a complete model
+    (or, for the instant between the two renames, absent), never half of one.
+    """
+    if not target.exists():
+        staging.rename(target)
+        return
+    if not overwrite:
+        new = load_manifest(staging, verify=False).sha256
+        old = _existing_sha256(target)
+        if old != new:
+            raise ExportError(
+                f"model directory {target} exists and holds another model "
+                f"(sha256 {(old or 'unknown')[:12]}, this export {new[:12]}); "
+                "pass --overwrite to replace it"
+            )
+        log.info("%s already holds this model (sha256 %s); left as it is", target, new[:12])
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    target.rename(retired)
+    try:
+        staging.rename(target)
+    except BaseException:
+        retired.rename(target)  # put the old model back rather than leave none
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _existing_sha256(model_dir: Path) -> str | None:
+    """The graph checksum ``model_dir``'s manifest names, or None when it has none
+    (or its ONNX file does not match it: that directory is not this export)."""
+    try:
+        return load_manifest(model_dir).sha256
+    except EmbedstreamError:
+        return None
 
 
 def require_parity(name: str, parity: Parity, what: str) -> None:
@@ -134,6 +195,8 @@ def require_parity(name: str, parity: Parity, what: str) -> None:
 
 
 def torch_embed(fn: Callable[..., torch.Tensor], *arrays: np.ndarray) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return fn(*(torch.from_numpy(a) for a in arrays)).float().numpy()
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from embedstream.errors import ExportError
+from embedstream.export.common import staging_dir
 from embedstream.export.parity import PARITY_SENTENCES, encode_onnx
 from embedstream.models.manifest import NAME_PATTERN, Manifest, file_sha256, load_manifest
 
@@ -146,17 +146,10 @@ def _derive(
     target = source_dir.parent / name
     if target.exists() and not overwrite:
         raise ExportError(f"model directory {target} exists; pass --overwrite to replace it")
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.{precision}-", dir=source_dir.parent))
-    try:
+    with staging_dir(target, overwrite) as staging:
         for file in source.tokenizer_files:
             shutil.copy2(source_dir / file, staging / file)
         _, report = _convert_gated(source_dir, staging, name, precision, force)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target, report
 
 

@@ -22,9 +22,6 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-import shutil
-import tempfile
-import uuid
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -45,6 +42,7 @@ from embedstream.export.checkpoint import (
     default_text_checkpoint,
     read_text_checkpoint,
 )
+from embedstream.export.common import staging_dir
 from embedstream.export.parity import (
     PARITY_MIN_COSINE,
     PARITY_SENTENCES,
@@ -153,7 +151,9 @@ def export_text_model(
     The result is checked against sentence-transformers on a fixed sentence
     set; a minimum cosine below 0.9999 fails the export. Raises
     :class:`ExportError` for every expected failure; nothing is left in
-    ``out_root`` when it does.
+    ``out_root`` when it does. Without ``overwrite`` an existing directory is
+    left as it is when it holds the very graph this export produced (same
+    sha256: a no-op) and refused otherwise.
 
     ``source`` replaces the checkpoint's path in the manifest (for a checkpoint
     that is not kept, such as a fine-tuned one). ``on_checked`` is called with
@@ -166,16 +166,12 @@ def export_text_model(
     pooling = check_pooling(pooling) if pooling else (ckpt.pooling or "mean")
     normalize = normalize if normalize is not None else (ckpt.normalize is not False)
     target = Path(out_root) / name
-    if target.exists() and not overwrite:
-        raise ExportError(f"model directory {target} exists; pass overwrite=True to replace it")
 
     model, hf_tokenizer = _load(ckpt)
     limit = _max_length(max_length, ckpt, model.config, hf_tokenizer)
     log.info("exporting %s as %s (pooling=%s, normalize=%s, max_length=%d)",
              ckpt.source, name, pooling, normalize, limit)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.export-", dir=target.parent))
-    try:
+    with staging_dir(target, overwrite) as staging:
         manifest = _write_model_dir(
             staging, name, ckpt, model, hf_tokenizer, pooling, normalize, limit, opset, token_mode,
             source,
@@ -193,10 +189,6 @@ def export_text_model(
             )
         if on_checked is not None:
             on_checked(staging, report)
-        _install(staging, target, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("exported %s to %s (dimension %d, sha256 %s)",
              name, target, manifest.dimension, manifest.sha256[:12])
     return target
@@ -540,19 +532,6 @@ def _check_tokenizer(
                 f"tokenizer.json and the transformers tokenizer disagree on {text[:40]!r}: "
                 f"{actual[:12]}... vs {expected[:12]}..."
             )
-
-
-def _install(staging: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished ``staging`` directory to ``target``, replacing it if allowed."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    if not overwrite:
-        raise ExportError(f"model directory {target} appeared during the export")
-    retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    target.rename(retired)
-    staging.rename(target)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 def _transformers_version() -> str:

@@ -14,7 +14,8 @@ from embedstream.errors import ConfigError, EnvelopeError, ModelError
 from embedstream.models.manifest import Manifest, find_models, load_manifest
 from embedstream.runtime.base import Backend
 from embedstream.runtime.memory import grew, rss_mb
-from embedstream.runtime.preprocess import Limits, Prepared, Preprocessor, build_preprocessor
+from embedstream.runtime.modalities import build_preprocessor
+from embedstream.runtime.preprocess import Limits, Prepared, Preprocessor
 from embedstream.runtime.registry import get_backend_factory
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,9 @@ Every model has one preprocessor, chosen by its manifest (``modality`` and
 Implementations sit beside this module: ``text.py`` (tokenizer.json),
 ``wordvec.py`` (vocabulary lookup, fastText n-grams), ``image.py`` (Pillow
 decode, resize, crop, normalise) and ``audio.py`` (soundfile decode,
-resample, log-mel front end).
+resample, log-mel front end). They import this interface and register
+themselves; this module imports none of them (the choice by manifest is
+:func:`embedstream.runtime.modalities.build_preprocessor`).
 
 Contract:
 
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from embedstream.errors import ConfigError, EnvelopeError
+from embedstream.errors import EnvelopeError
 from embedstream.models.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -96,18 +98,3 @@ def register(modality: str, kind: str = "") -> Callable[[PreprocessorFactory], P
         return factory
 
     return wrap
-
-
-def build_preprocessor(manifest: Manifest, model_dir: Path, limits: Limits) -> Preprocessor:
-    """The preprocessor the manifest asks for."""
-    from embedstream.runtime import audio, image, text, wordvec  # noqa: F401  (registration)
-
-    key = (manifest.modality, str(manifest.extra.get("kind", "")))
-    try:
-        factory = PREPROCESSORS[key]
-    except KeyError as err:
-        raise ConfigError(
-            f"model {manifest.name}: no preprocessor for modality/kind {key}; "
-            f"known: {sorted(PREPROCESSORS)}"
-        ) from err
-    return factory(manifest, model_dir, limits)
