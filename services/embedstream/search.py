@@ -15,9 +15,9 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -43,6 +43,8 @@ _RETURN_FIELDS = ("text", "model", "modality", "created_at", "source", "chunk", 
 _FETCH_GROWTH = 4
 _FETCH_MAX = 10_000
 _TYPE_TTL_S = 60.0
+K = TypeVar("K")
+V = TypeVar("V")
 # (server, index name) -> (when read, the index's vector type). An index's type never
 # changes (a new type is a new index), so this only saves a round trip per query.
 _index_types: dict[tuple[str, str], tuple[float, str]] = {}
@@ -215,14 +217,7 @@ def _search_mode(client: Client, wanted: str) -> SearchMode:
     time; this saves the question per query)."""
     if not is_cluster(client):
         return "single"
-    key = (id(client), wanted)
-    now = time.monotonic()
-    cached = _search_modes.get(key)
-    if cached is not None and now - cached[0] < _TYPE_TTL_S:
-        return cached[1]
-    mode = search_mode(client, wanted)
-    _search_modes[key] = (now, mode)
-    return mode
+    return _cached(_search_modes, (id(client), wanted), lambda: search_mode(client, wanted))
 
 
 def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
@@ -352,14 +347,18 @@ def _id_from_key(prefix: str, model: str, key: str) -> str:
 
 def _vector_type(client: redis.Redis, name: str) -> str:
     """The vector type of index ``name`` (cached for a minute)."""
-    key = (_server(client), name)
+    return _cached(_index_types, (_server(client), name), lambda: index_vector_type(client, name))
+
+
+def _cached(cache: dict[K, tuple[float, V]], key: K, compute: Callable[[], V]) -> V:
+    """``cache[key]`` if it is younger than ``_TYPE_TTL_S``, else ``compute()``, remembered."""
     now = time.monotonic()
-    cached = _index_types.get(key)
-    if cached is not None and now - cached[0] < _TYPE_TTL_S:
-        return cached[1]
-    kind = index_vector_type(client, name)
-    _index_types[key] = (now, kind)
-    return kind
+    hit = cache.get(key)
+    if hit is not None and now - hit[0] < _TYPE_TTL_S:
+        return hit[1]
+    value = compute()
+    cache[key] = (now, value)
+    return value
 
 
 def _server(client: redis.Redis) -> str:

@@ -817,17 +817,9 @@ _COLUMNS = (("row", "row", "{}"), ("batch", "batch_size", "{}"), ("texts", "text
 
 
 def table(rows: list[RowResult]) -> str:
-    cells = [[title for title, _, _ in _COLUMNS]]
-    for row in rows:
-        values = asdict(row)
-        cells.append(["-" if values[key] is None else fmt.format(values[key])
-                      for _, key, fmt in _COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
-    lines = [" | ".join(c.rjust(w) if 0 < i < len(_COLUMNS) - 1 else c.ljust(w)
-                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in cells]
-    lines.insert(1, "-|-".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
+    from embedstream.bench.report import columns_table  # stdlib only: runs on the GPU machine
 
+    return columns_table(rows, _COLUMNS, left=(0, len(_COLUMNS) - 1))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedstream.bench.report import columns_table
 from embedstream.errors import BenchError
 
 log = logging.getLogger(__name__)
@@ -133,16 +134,7 @@ _COLUMNS = (("row", "row", "{}"), ("threads", "threads", "{}"),
 
 
 def table(rows: list[MemoryRow]) -> str:
-    cells = [[title for title, _, _ in _COLUMNS]]
-    for row in rows:
-        values = asdict(row)
-        cells.append(["-" if values[key] is None else fmt.format(values[key])
-                      for _, key, fmt in _COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(_COLUMNS))]
-    lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                        enumerate(zip(r, widths, strict=True))) for r in cells]
-    lines.insert(1, "-|-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return columns_table(rows, _COLUMNS)
 
 
 def per_model_text(rows: list[MemoryRow]) -> str:

@@ -120,3 +120,19 @@ def _cell(value: Any, fmt: str) -> str:
 
 def _finite(value: Any) -> Any:
     return float(value)
+
+
+def columns_table(rows: list[Any], columns: tuple[tuple[str, str, str], ...],
+                  left: tuple[int, ...] = (0,)) -> str:
+    """A plain-text table of dataclass ``rows``: ``columns`` are (title, field, format);
+    a missing value prints ``-``; the columns in ``left`` are left-aligned, the rest right."""
+    cells = [[title for title, _, _ in columns]]
+    for row in rows:
+        values = asdict(row)
+        cells.append(["-" if values[key] is None else fmt.format(values[key])
+                      for _, key, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = [" | ".join(c.ljust(w) if i in left else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in cells]
+    lines.insert(1, "-|-".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
