@@ -77,11 +77,7 @@ class Report:
         cells = [[title for title, _, _ in columns]]
         for values in rows:
             cells.append([_cell(values[key], fmt) for _, key, fmt in columns])
-        widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-        lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                            enumerate(zip(r, widths, strict=True))) for r in cells]
-        lines.insert(1, "-|-".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return layout_table(cells)
 
     def breakdown_text(self) -> str:
         """Where each pipeline row's throughput run spent its time, one line per row."""
@@ -131,7 +127,13 @@ def columns_table(rows: list[Any], columns: tuple[tuple[str, str, str], ...],
         values = asdict(row)
         cells.append(["-" if values[key] is None else fmt.format(values[key])
                       for _, key, fmt in columns])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    return layout_table(cells, left)
+
+
+def layout_table(cells: list[list[str]], left: tuple[int, ...] = (0,)) -> str:
+    """Rows of cell strings (the first the titles) as aligned text columns under a rule;
+    the columns in ``left`` are left-aligned, the rest right."""
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     lines = [" | ".join(c.ljust(w) if i in left else c.rjust(w)
                         for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in cells]
     lines.insert(1, "-|-".join("-" * w for w in widths))

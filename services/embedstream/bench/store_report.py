@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from embedstream.bench.report import layout_table
+
 TARGET_SPEEDUP = 2.0
 TARGET_RECALL = 0.95
 TARGET_VECTORS = 1_000_000
@@ -103,11 +105,7 @@ class StoreReport:
         for row in sorted(self.rows, key=lambda r: (r.vectors, _order(self.rows, r.config))):
             values = asdict(row)
             cells.append([_cell(values[key], fmt) for _, key, fmt in COLUMNS])
-        widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-        lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                            enumerate(zip(r, widths, strict=True))) for r in cells]
-        lines.insert(1, "-|-".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return layout_table(cells)
 
     def legend(self) -> str:
         seen: dict[str, str] = {}
