@@ -49,6 +49,11 @@ class SinkError(EmbedstreamError):
     whole batch; versioned writes make the retry idempotent."""
 
 
+class StoreUnavailable(SinkError):
+    """The store does not answer (connection refused or timed out, or still loading
+    its data set): a worker starting meanwhile waits for it rather than exit."""
+
+
 class StoreFull(SinkError):
     """The store refused writes for lack of memory (``OOM`` under ``noeviction``).
 
@@ -58,6 +63,10 @@ class StoreFull(SinkError):
 
 class SourceError(EmbedstreamError):
     """The broker cannot be reached or refused an operation."""
+
+
+class BrokerUnavailable(SourceError):
+    """No broker answers: a worker starting meanwhile waits for one rather than exit."""
 
 
 class Backpressure(SourceError):

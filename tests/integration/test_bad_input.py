@@ -180,6 +180,32 @@ def test_a_full_redis_pauses_the_worker_reports_it_and_loses_nothing(
         server.kill()
 
 
+def test_a_worker_started_while_redis_is_down_waits_for_it_and_then_works(
+        stack, unique, model_root, tmp_path):
+    """A worker process that starts before Redis does (a pod rescheduled mid-outage, a
+    stack coming up) waits for it instead of exiting with the configuration-error code,
+    which a pool does not restart. Once Redis is up the worker stores, and it stops with
+    0."""
+    server = RedisServer(tmp_path)  # its port is chosen; nothing listens there yet
+    settings = make_settings(stack, unique, model_root).model_copy(
+        update={"redis_url": server.url})
+    log = tmp_path / "worker.log"
+    worker = WorkerProcess(settings, log)
+    try:
+        waiting = lambda: log.read_text().count("does not answer yet") >= 2  # noqa: E731
+        assert wait_for(lambda: waiting() or not worker.alive(), 60), log.read_text()
+        assert worker.alive(), log.read_text()
+        server.start()
+        assert wait_for(worker.ready, 90), log.read_text()
+        produce(settings, settings.topic_text,
+                [(f"e{i}".encode(), encode(f"e{i}", text=f"event {i}")) for i in range(3)])
+        assert wait_for(lambda: stored_ids(server.client(), unique) == {"e0", "e1", "e2"})
+        assert worker.stop() == 0
+    finally:
+        worker.kill()
+        server.kill()
+
+
 @pytest.mark.parametrize("client", ["kafka-python", "confluent"])
 def test_a_record_too_large_to_copy_is_dead_lettered_as_a_reference(
         stack, unique, model_root, client):
@@ -206,6 +232,7 @@ def test_a_record_too_large_to_copy_is_dead_lettered_as_a_reference(
         assert worker.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_record_that_kills_its_worker_is_quarantined_after_two_deaths(
         stack, unique, media_model_root, tmp_path):
     """The record is an image whose claim-check fetch never answers; whenever a worker

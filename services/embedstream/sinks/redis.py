@@ -35,7 +35,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from embedstream.envelope import flat_metadata
-from embedstream.errors import ConfigError, SinkError, StoreFull
+from embedstream.errors import ConfigError, SinkError, StoreFull, StoreUnavailable
 from embedstream.models.manifest import Manifest
 from embedstream.settings import Settings
 from embedstream.sinks import cluster
@@ -210,6 +210,15 @@ def connect(settings: Settings, *, quick: bool = False, retries: bool = True) ->
     ``retries=False``: redis-py retries nothing, for callers that retry
     themselves (the worker's sink), so two retry loops never stack.
     """
+    kwargs = _client_options(settings, quick=quick, retries=retries)
+    single = redis.Redis.from_url(settings.redis_url, **kwargs)
+    if not _is_cluster_url(settings, single):
+        return single
+    single.close()
+    return RedisCluster.from_url(settings.redis_url, **kwargs)
+
+
+def _client_options(settings: Settings, *, quick: bool, retries: bool) -> dict[str, Any]:
     timeout = settings.redis_socket_timeout_s
     kwargs: dict[str, Any] = {
         "socket_timeout": 1.0 if quick else timeout,
@@ -225,11 +234,44 @@ def connect(settings: Settings, *, quick: bool = False, retries: bool = True) ->
         kwargs["password"] = settings.redis_password.get_secret_value()
     if settings.redis_ssl_ca_file is not None:
         kwargs["ssl_ca_certs"] = str(settings.redis_ssl_ca_file)
-    single = redis.Redis.from_url(settings.redis_url, **kwargs)
-    if not _is_cluster_url(settings, single):
-        return single
-    single.close()
-    return RedisCluster.from_url(settings.redis_url, **kwargs)
+    return kwargs
+
+
+# Errors that say the store is not there (yet), not that a request was wrong:
+# refused or timed-out connections, and LOADING (BusyLoadingError is a ConnectionError).
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+def wait_until_answering(settings: Settings, *, max_delay_s: float = 10.0) -> float:
+    """Block until Redis answers a PING (up and done loading its data set); return the
+    seconds waited.
+
+    A worker starts before a restarted Redis does (a pod rescheduled, a compose stack
+    coming up, a restart mid-outage): it waits, with a delay that doubles up to
+    ``max_delay_s`` and a warning per try, instead of exiting. Exiting would be read
+    as a configuration error (a pool does not restart those) and would take the cluster
+    question (:func:`connect`) from a server that cannot answer it. Authentication and
+    other refusals are not waited for: they are raised.
+    """
+    started, delay = time.monotonic(), 0.5
+    while True:
+        client = redis.Redis.from_url(settings.redis_url,
+                                      **_client_options(settings, quick=True, retries=False))
+        try:
+            client.ping()
+            return time.monotonic() - started
+        except UNREACHABLE as err:
+            log.warning("Redis at %s does not answer yet (%s): trying again in %.1fs",
+                        _redacted(settings.redis_url), err, delay)
+        finally:
+            client.close()
+        time.sleep(delay)
+        delay = min(delay * 2, max_delay_s)
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
 
 
 def _is_cluster_url(settings: Settings, client: redis.Redis) -> bool:
@@ -299,6 +341,8 @@ class RedisSink:
                 for client, name in cluster.index_targets(self._client, self._prefix,
                                                           manifest.name, mode):
                     self._ensure_index(manifest, client, name)
+        except UNREACHABLE as err:
+            raise StoreUnavailable(f"cannot prepare Redis indexes: {err}") from err
         except redis.RedisError as err:
             raise SinkError(f"cannot prepare Redis indexes: {err}") from err
 

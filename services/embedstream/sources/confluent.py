@@ -36,7 +36,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from embedstream import __version__
 from embedstream.envelope import RawRecord
-from embedstream.errors import SourceError
+from embedstream.errors import BrokerUnavailable, SourceError
 from embedstream.settings import Settings
 from embedstream.sources.base import RebalanceListener, TopicPartition
 from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter
@@ -132,7 +132,7 @@ def ensure_topics(settings: Settings, topics: list[str]) -> list[str]:
     try:
         existing = set(admin.list_topics(timeout=_ADMIN_TIMEOUT_S).topics)
     except KafkaException as err:
-        raise SourceError(
+        raise BrokerUnavailable(
             f"cannot reach Kafka at {settings.kafka_bootstrap}: {err}. "
             "Is the broker running? (embedstream dev up starts one)"
         ) from err

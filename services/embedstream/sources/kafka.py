@@ -25,7 +25,7 @@ from kafka.structs import TopicPartition as KafkaTP
 
 from embedstream import __version__
 from embedstream.envelope import RawRecord
-from embedstream.errors import SourceError
+from embedstream.errors import BrokerUnavailable, SourceError
 from embedstream.settings import Settings
 from embedstream.sources.base import RebalanceListener, TopicPartition
 from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter
@@ -66,7 +66,7 @@ def ensure_topics(settings: Settings, topics: list[str]) -> list[str]:
     try:
         admin = KafkaAdminClient(**client_config(settings), request_timeout_ms=15_000)
     except KafkaError as err:
-        raise SourceError(
+        raise BrokerUnavailable(
             f"cannot reach Kafka at {settings.kafka_bootstrap}: {err}. "
             "Is the broker running? (embedstream dev up starts one)"
         ) from err

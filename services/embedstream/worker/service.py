@@ -13,11 +13,12 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import redis
 
-from embedstream.errors import EmbedstreamError
+from embedstream.errors import BrokerUnavailable, EmbedstreamError, StoreUnavailable
 from embedstream.metrics import Metrics
 from embedstream.models.manifest import find_models
 from embedstream.rollout.state import Control, read_control
@@ -28,7 +29,7 @@ from embedstream.runtime.onnx import GPU_PROVIDERS, choose_providers, default_th
 from embedstream.runtime.preprocess import Limits
 from embedstream.runtime.warmup import warm_up
 from embedstream.settings import Settings
-from embedstream.sinks.redis import RedisSink, connect
+from embedstream.sinks.redis import RedisSink, connect, wait_until_answering
 from embedstream.sources.registry import kafka_client
 from embedstream.worker.http import StatusServer
 from embedstream.worker.pipeline import Worker
@@ -109,6 +110,9 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     ``settings.kafka_client`` names (:mod:`embedstream.sources.registry`).
     """
     metrics = metrics or Metrics()
+    waited = wait_until_answering(settings)
+    if waited >= 1:
+        log.info("Redis answers after %.0fs", waited)
     # The model set: the configured one as the control document (announced models,
     # rollouts) amends it; the watcher follows its changes without a restart.
     control_client = connect(settings)
@@ -129,10 +133,10 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         m = model.manifest
         metrics.model_info.labels(m.name, m.modality, str(m.dimension), model.backend.provider).set(1)
     sink = RedisSink(settings)
-    sink.prepare([m.manifest for m in models.values()])
+    _until_available(lambda: sink.prepare([m.manifest for m in models.values()]))
     topics = sorted({settings.topic_for(m.manifest.modality) for m in models.values()})
     client = kafka_client(settings.kafka_client)
-    client.ensure_topics(settings, [*topics, settings.topic_dlq])
+    _until_available(lambda: client.ensure_topics(settings, [*topics, settings.topic_dlq]))
     dead_letters = client.dead_letters(settings)
     results = None
     if settings.publish_results:
@@ -161,6 +165,21 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     attach(settings, worker, instances, load_one, sink, control_client, metrics, configured,
            control)
     return worker
+
+
+def _until_available(call: Callable[[], object], max_delay_s: float = 10.0) -> None:
+    """Call ``call`` until Redis or the broker answers it: a worker that starts during an
+    outage waits (a warning per try, the delay doubling up to ``max_delay_s``) rather
+    than exit; exiting is for configuration errors, which a pool does not restart."""
+    delay = 0.5
+    while True:
+        try:
+            call()
+            return
+        except (StoreUnavailable, BrokerUnavailable) as err:
+            log.warning("%s: trying again in %.1fs", err, delay)
+        time.sleep(delay)
+        delay = min(delay * 2, max_delay_s)
 
 
 def run_worker(settings: Settings) -> int:
