@@ -130,28 +130,35 @@ class Pool:
             return 0
 
     def in_flight(self, name: str) -> float:
+        return self.metric(name, "embedstream_events_in_flight")
+
+    def metric(self, name: str, metric: str) -> float:
+        """An unlabelled gauge of worker ``name`` (-1 when it does not answer)."""
         with self.lock:
             _, port = self.procs[name]
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
                 for line in resp.read().decode().splitlines():
-                    if line.startswith("embedstream_events_in_flight "):
+                    if line.startswith(f"{metric} "):
                         return float(line.split()[1])
         except OSError:
             pass
-        return 0.0
+        return -1.0
 
     def kill_mid_batch(self, *names: str) -> str:
         """SIGKILL the first of ``names`` seen holding uncommitted events, then start a
         new one in its place. (After a rebalance a worker may have no work left, so
-        the victim is whichever is busy.)"""
+        the victim is whichever is busy.) Not one that is careful: a SIGKILL while it
+        holds one record alone is, by design, the same as that record killing it, and
+        the record would be quarantined (the breaker's documented blind spot)."""
         busy: list[str] = []
 
         def someone_busy() -> bool:
-            busy[:] = [n for n in names if self.in_flight(n) > 0]
+            busy[:] = [n for n in names if self.in_flight(n) > 0
+                       and self.metric(n, "embedstream_crash_loop_careful") == 0]
             return bool(busy)
 
-        assert wait_for(someone_busy, 30, 0.02), f"none of {names} ever busy"
+        assert wait_for(someone_busy, 120, 0.02), f"none of {names} ever busy and not careful"
         name = busy[0]
         with self.lock:
             proc, _ = self.procs[name]
@@ -213,6 +220,7 @@ class KillerFiles:
         self._server.server_close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_kills_outage_rebalance_and_poison_lose_and_duplicate_nothing(
     stack, unique, media_model_root, tmp_path
@@ -394,10 +402,14 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     # a loaded 2-core machine) until the killer is pinned.
     assert wait_for(drain_dlq, 480, 0.0), (
         stored(), len(good), len(dlq_keys), len(bad),
+        {k: dlq_reasons[k] for k in dlq_keys if k not in bad},  # dead-lettered, not bad
         _unfinished(stack.bootstrap, settings, client, unique, set(good), set(dlq_keys)),
     )
     elapsed = time.monotonic() - started
-    assert pool.stop_all() == [0, 0, 0]
+    codes = pool.stop_all()
+    assert codes == [0, 0, 0], (codes, {log.name: log.read_text()[-600:]
+                                        for log in tmp_path.glob("*.log")
+                                        if "error" in log.read_text().lower()})
     drain_dlq()
     consumer.close()
 

@@ -6,6 +6,9 @@ marks stay in the ledger), then starting a new one on the same ledger.
 
 from __future__ import annotations
 
+import threading
+import time
+
 from embedstream.envelope import RawRecord
 from embedstream.testing import MemoryCrashLedger
 from embedstream.worker.quarantine import Breaker, Mark
@@ -278,3 +281,72 @@ def test_leaving_cleanly_without_deaths_leaves_nothing():
     b.admit(recs(5))
     b.leave({TP}, busy=set())
     assert TP not in ledger.marks
+
+
+def test_a_revoke_unnames_the_record_in_hand_alone_before_the_next_owner_reads_the_mark():
+    """A rebalance moves a careful partition while its owner, alive, has a record in hand
+    alone: the next owner must not quarantine that record as if the owner had died."""
+    ledger = MemoryCrashLedger()
+    ledger.marks[TP] = Mark(5, 0)
+    rejected: list = []
+    b = breaker(ledger, rejected=rejected)
+    b.admit(recs(5, 6))
+    assert b.isolate(recs(5)[0]) and state(ledger) == (5, 1, 5)
+    b.revoking({("embedstream.text", 9)})  # another partition: nothing changes
+    assert state(ledger) == (5, 1, 5)
+    b.revoking({TP})  # inside the rebalance, before anyone else owns TP
+    assert state(ledger) == (5, 1, None)
+    nxt = breaker(ledger, rejected=rejected)
+    admitted, _ = nxt.admit(recs(5, 6))
+    assert [r.offset for r in admitted] == [5, 6] and rejected == []
+
+
+def test_a_partition_given_back_to_its_own_process_counts_no_death_of_it():
+    ledger = MemoryCrashLedger()
+    ledger.marks[TP] = Mark(5, 0)
+    b = breaker(ledger, max_deaths=3)
+    b.admit(recs(5, 6))
+    assert state(ledger) == (5, 1, None) and not b.careful()
+    b.leave({TP}, busy={TP})  # revoked with records in hand: a plain mark of its own
+    b.admit(recs(5, 6))  # and assigned back to it
+    assert state(ledger) == (5, 1, None) and not b.careful()  # it did not die
+
+
+def test_careful_mode_puts_its_first_record_in_only_once_the_pipeline_is_empty(model):
+    """Records of another partition went in as a batch before careful mode began: the
+    first record put in alone waits for them, or a death among them would be pinned on
+    it."""
+    ledger = MemoryCrashLedger()
+    ledger.marks[TP] = Mark(0, 0)  # partition 0 is suspect, and arrives second
+    other = ("embedstream.text", 1)
+    real = model.backend.embed
+    in_model = threading.Event()
+
+    def embed(inputs):
+        in_model.set()
+        time.sleep(0.05)
+        return real(inputs)
+
+    model.backend.embed = embed
+    worker, source, sink, _ = make_worker(
+        model, text_records([f"w{i}" for i in range(8)], partition=1), ledger=ledger,
+        poison_max_deaths=2)
+    stored_at_isolation: list[int] = []
+    write = ledger.write
+
+    def spy(marks):
+        if any(m.isolating is not None for m in marks.values()):
+            stored_at_isolation.append(len(sink.stored))
+        write(marks)
+
+    ledger.write = spy  # type: ignore[method-assign]
+
+    def add_suspect_once_busy() -> bool:
+        if in_model.is_set() and not stored_at_isolation and source.committed.get(TP) is None:
+            in_model.clear()
+            source.add(text_records(["s0", "s1"], partition=0))
+        return source.committed.get(TP) == 2 and source.committed.get(other) == 8
+
+    code = run_until(worker, add_suspect_once_busy, timeout=30)
+    assert code == 0 and len(sink.stored) == 10
+    assert stored_at_isolation and stored_at_isolation[0] == 8, stored_at_isolation

@@ -56,6 +56,7 @@ class Committer:
         self._last_lag = 0.0
         self._on_commit: list[Callable[[dict[TopicPartition, int]], None]] = []
         self._on_lost: list[Callable[[dict[TopicPartition, int]], None]] = []
+        self._on_revoked: list[Callable[[set[TopicPartition]], None]] = []
         self._limbo: set[TopicPartition] = set()  # revoked, not yet known to be lost
 
     def attach(self, source: Source) -> None:
@@ -69,6 +70,11 @@ class Committer:
         """Call ``listener(partitions)`` when partitions went to another member
         (from :meth:`assigned`, on the thread that runs it)."""
         self._on_lost.append(listener)
+
+    def on_revoked(self, listener: Callable[[set[TopicPartition]], None]) -> None:
+        """Call ``listener(partitions)`` inside :meth:`revoked`: before the rebalance
+        completes, so before any other member can take the partitions over."""
+        self._on_revoked.append(listener)
 
     @property
     def source(self) -> Source:
@@ -180,6 +186,8 @@ class Committer:
             offsets = self._tracker.committable(revoked)
             self._limbo |= revoked
         self.source.commit_nowait(offsets)
+        for listener in self._on_revoked:
+            listener(revoked)
 
     def assigned(self, assigned: set[TopicPartition]) -> None:
         """The new assignment: forget the revoked partitions that went elsewhere.

@@ -143,6 +143,7 @@ class Worker:
         self.committer.on_lost(self._lost.put)
         self.committer.on_lost(self.fanout.forget)
         self.committer.on_commit(self.breaker.committed)
+        self.committer.on_revoked(self.breaker.revoking)
         self._poll_beat = self.liveness.heartbeat("poll")
         for name in self.liveness.names():
             beat = self.liveness.heartbeat(name)
@@ -259,6 +260,12 @@ class Worker:
             return
         waiting = [tp for tp in self._held if self._held[tp]]
         if not waiting:
+            return
+        kept_back = len(self._waiting) + sum(len(held) for held in self._held.values())
+        if self.committer.in_flight() > kept_back:
+            # Records that went in before careful mode began are still in the pipeline:
+            # should one of them kill the process now, the death would be pinned on the
+            # record put in "alone". It goes in once they are done.
             return
         tp = waiting[0]
         record = self._held[tp][0]

@@ -22,7 +22,11 @@ process that dies leaves behind:
    until it has caught up with the partition's end: meanwhile the process
    puts records into its pipeline one at a time, of every partition it holds,
    taking turns between partitions, and writes the offset of the one in hand
-   (``isolating``) to its partition's mark first.
+   (``isolating``) to its partition's mark first. The first such record goes in
+   only once the records that went in before careful mode are done: alone means
+   alone in the process. A partition revoked while its record is in hand alone
+   has ``isolating`` cleared from its mark inside the rebalance, before the next
+   owner can read it: a live owner's rebalance is not a death.
 3. A mark with ``isolating`` set means a process died with that record alone
    in its pipeline: the record is the poison. The next owner dead-letters it
    as ``poison_quarantined`` without processing it, and goes on normally.
@@ -254,8 +258,10 @@ class Breaker:
         explained by a poison elsewhere); makes ``tp`` careful past the threshold."""
         if mark is None or mark.head != start or tp in self._poison:
             return 0
-        if mark.handed_over:
-            deaths = mark.deaths  # the last owner left cleanly: the earlier deaths stand
+        if mark.handed_over or mark.owner == self.owner:
+            # The last owner left cleanly, or it is this very process (the partition came
+            # back to it): no new death; the earlier ones stand.
+            deaths = mark.deaths
             if deaths == 0:
                 return 0
         elif mark.owner in self._explained or (mark.owner and self._call("explained", mark.owner)):
@@ -292,6 +298,18 @@ class Breaker:
             return
         tp, _offset = self._isolating
         self._isolating = None
+        if tp in self._heads:
+            self._write({tp: Mark(self._heads[tp], self._deaths.get(tp, 0), owner=self.owner)})
+
+    def revoking(self, tps: set[TopicPartition]) -> None:
+        """``tps`` may move to another member: this process is alive, so a record of theirs
+        in hand alone must not be read as its killer by the next owner. Their mark stops
+        naming it now, inside the rebalance, before any other member can read the mark
+        (the hand-over proper, :meth:`leave`, comes once the new assignment is known).
+        Runs inside ``poll`` (on kafka-python's I/O thread while the polling thread waits)."""
+        if self._isolating is None or self._isolating[0] not in tps:
+            return
+        tp = self._isolating[0]
         if tp in self._heads:
             self._write({tp: Mark(self._heads[tp], self._deaths.get(tp, 0), owner=self.owner)})
 
