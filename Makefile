@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv tools browser demo test lint typecheck unit integration clean
+.PHONY: venv tools browser demo test test-fast lint typecheck unit integration clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,11 @@ unit: venv
 
 test: lint typecheck tools browser
 	$(VENV)/bin/pytest -q --durations=10
+
+# The suite without the tests marked slow (the fault suite, the bench smokes...): for
+# a quick check while changing code; `make test` is what CI runs.
+test-fast: lint typecheck tools browser
+	$(VENV)/bin/pytest -q --durations=10 -m "not slow"
 
 clean:
 	rm -rf $(VENV) .devstack .pytest_cache .mypy_cache .ruff_cache

@@ -30,6 +30,7 @@ def _script(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProces
                           timeout=timeout, cwd=cwd, env=env)
 
 
+@pytest.mark.slow
 def test_prepare_then_run_quick_on_a_cpu(tmp_path: Path) -> None:
     carry, work, out = tmp_path / "carry", tmp_path / "work", tmp_path / "out"
     prepared = _script("prepare", "--carry", str(carry), cwd=tmp_path, timeout=120)

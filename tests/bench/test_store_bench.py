@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from embedstream.bench.inputs import generated_texts
 
 MODEL = "all-minilm-l6-v2"
 
 
+@pytest.mark.slow
 def test_store_bench_smoke(model_root: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(model_root / MODEL, models / MODEL)

@@ -159,6 +159,7 @@ def assert_available(pins: dict[str, str], target: Target) -> dict[str, str]:
     return {n: kind for n, (kind, _) in results.items()}
 
 
+@pytest.mark.slow
 def test_constraints_pins_exist_for_the_cpu_images_and_this_machine():
     kinds = assert_available(constraints(), CPU)
     print(f"{len(kinds)} pins on {CPU.name}: {sum(k == 'wheel' for k in kinds.values())} wheels, "

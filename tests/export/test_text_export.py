@@ -93,8 +93,10 @@ def out_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def minilm_dir(checkpoint: Path, out_root: Path) -> Path:
-    return export_text_model(checkpoint, out_root)
+def minilm_dir(model_root: Path, out_root: Path) -> Path:
+    """The session's export of the default checkpoint (``model_root``: each model is
+    exported once per run), copied so that these tests may change their copy."""
+    return Path(shutil.copytree(model_root / MINILM, out_root / MINILM))
 
 
 @pytest.fixture(scope="module")

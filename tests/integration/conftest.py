@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from e2e_support import MODEL, ThreadWorker, make_settings, wait_for, worker_env_vars
 from fastapi.testclient import TestClient
-from test_worker_e2e import MODEL, ThreadWorker, _env, make_settings, wait_for
 
 from embedstream.devstack import free_port
 from embedstream.gateway.app import create_app
@@ -54,7 +54,7 @@ def gateway(stack, model_root, tmp_path_factory) -> Iterator[Gateway]:
     worker = ThreadWorker(settings)
     port = free_port()
     env = {
-        **os.environ, **_env(settings),
+        **os.environ, **worker_env_vars(settings),
         "EMBEDSTREAM_TOPIC_IMAGE": settings.topic_image,
         "EMBEDSTREAM_TOPIC_AUDIO": settings.topic_audio,
         "EMBEDSTREAM_METADATA_SCHEMA": json.dumps(SCHEMA),

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import redis
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, TopicPartition
 
 from embedstream.metrics import Metrics
 from embedstream.settings import Settings
 from embedstream.sinks.redis import result_key
 from embedstream.worker.service import build_worker
+from support.stack import wait_for
+
+__all__ = ["MODEL", "ThreadWorker", "dead_letters", "make_settings", "partition_ends",
+           "stored_ids", "wait_for", "worker_env_vars"]
 
 MODEL = "all-minilm-l6-v2"
 
@@ -36,14 +39,6 @@ def make_settings(stack, unique: str, model_root: Path, **extra) -> Settings:
         **extra,
     )
 
-
-def wait_for(condition, timeout: float = 60.0, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def stored_ids(client: redis.Redis, prefix: str) -> set[str]:
@@ -90,3 +85,37 @@ class ThreadWorker:
         return self.code
 
 
+def partition_ends(bootstrap: str, topic: str, partitions: int) -> dict[TopicPartition, int]:
+    """One past the last offset of each partition, found by reading it.
+
+    (Tansu's ListOffsets(latest) answers a wrong end offset, so end_offsets()
+    cannot be used against the embedded broker; fetched records are right.)
+    """
+    parts = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             consumer_timeout_ms=3000)
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    ends = dict.fromkeys(parts, 0)
+    for record in consumer:
+        tp = TopicPartition(record.topic, record.partition)
+        ends[tp] = max(ends[tp], record.offset + 1)
+    consumer.close()
+    return ends
+
+
+def worker_env_vars(settings: Settings) -> dict[str, str]:
+    """The environment variables that point a worker process at ``settings``' broker,
+    Redis, topics and models, on one thread with quick group timeouts."""
+    return {
+        "EMBEDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "EMBEDSTREAM_REDIS_URL": settings.redis_url,
+        "EMBEDSTREAM_TOPIC_TEXT": settings.topic_text,
+        "EMBEDSTREAM_TOPIC_DLQ": settings.topic_dlq,
+        "EMBEDSTREAM_GROUP_ID": settings.group_id,
+        "EMBEDSTREAM_KEY_PREFIX": settings.key_prefix,
+        "EMBEDSTREAM_MODEL_DIR": str(settings.model_dir),
+        "EMBEDSTREAM_SESSION_TIMEOUT_MS": "6000",
+        "EMBEDSTREAM_HEARTBEAT_INTERVAL_MS": "1000",
+        "EMBEDSTREAM_INTRA_OP_THREADS": "1",
+    }

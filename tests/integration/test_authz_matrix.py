@@ -9,7 +9,7 @@ import base64
 import uuid
 
 import pytest
-from test_worker_e2e import MODEL, wait_for
+from e2e_support import MODEL, wait_for
 
 from embedstream.gateway.auth import ANY, PUBLIC_SCOPE, SCOPE_EXTENSION, SCOPES
 

@@ -13,8 +13,8 @@ import openai
 import pytest
 from cloudevents.v1.http import CloudEvent
 from cloudevents.v1.kafka import KafkaMessage, from_binary, to_binary, to_structured
+from e2e_support import wait_for
 from kafka import KafkaConsumer
-from test_worker_e2e import wait_for
 
 from embedstream.producer import Producer
 from embedstream.sinks.layout import result_key

@@ -10,8 +10,8 @@ import uuid
 
 import numpy as np
 import pytest
+from e2e_support import partition_ends, wait_for
 from kafka import KafkaConsumer
-from test_worker_e2e import partition_ends, wait_for
 
 import embedstream
 from embedstream.errors import Backpressure

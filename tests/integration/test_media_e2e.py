@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import e2e_support
@@ -29,6 +28,7 @@ from embedstream.producer import Producer, file_event_id, find_files, produce_fi
 from embedstream.runtime.loader import load_models
 from embedstream.settings import Settings
 from embedstream.sinks.redis import connect, index_name, result_key
+from support.stack import wait_for
 
 DIMS = {"all-minilm-l6-v2": 384, "efficientnet-lite0": 1280, "aisfx": 512, "spacy-en-md": 300,
         "lee-fasttext": 10}
@@ -72,15 +72,6 @@ class ThreadWorker(e2e_support.ThreadWorker):
         """A metric summed over all its label sets."""
         return sum(s.value for m in self.metrics.registry.collect() for s in m.samples
                    if s.name == name)
-
-
-def wait_for(condition, timeout: float = 90.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def read_dead_letters(settings: Settings, expected: int) -> dict[str, str]:
@@ -191,7 +182,8 @@ def test_every_family_and_payload_form_end_to_end(stack, unique, media_model_roo
 
         total_good = sum(len(v) for v in good.values())
         assert wait_for(lambda: worker.total("embedstream_events_embedded_total") >= total_good
-                        and worker.total("embedstream_events_failed_total") >= len(expected_reasons))
+                        and worker.total("embedstream_events_failed_total") >= len(expected_reasons),
+                        90)
         for model, ids in good.items():
             assert stored(model) == ids, model
             info = client.ft(index_name(unique, model)).info()
@@ -251,7 +243,7 @@ def test_token_mode_stores_contextual_token_vectors(stack, unique, tmp_path):
                 p.send_text(text, id=key)
             p.flush()
         client = connect(settings)
-        assert wait_for(lambda: worker.total("embedstream_events_embedded_total") >= 2)
+        assert wait_for(lambda: worker.total("embedstream_events_embedded_total") >= 2, 90)
     finally:
         assert worker.stop() == 0
     reference = SentenceTransformer(str(default_text_checkpoint()), device="cpu")

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_worker_e2e import wait_for
+from e2e_support import wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
 MODEL = "all-minilm-l6-v2"

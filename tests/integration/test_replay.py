@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from e2e_support import ThreadWorker, make_settings, stored_ids, wait_for
 
 from embedstream.models.manifest import MANIFEST_FILE
@@ -36,6 +37,7 @@ def run_cli(settings, *args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_redrive_after_fix_and_reembed_with_new_model(stack, unique, model_root, tmp_path):
     root = tmp_path / "models"
     shutil.copytree(model_root, root)

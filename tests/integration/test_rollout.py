@@ -14,8 +14,8 @@ import sys
 import threading
 import time
 
-from e2e_support import MODEL, ThreadWorker, make_settings, wait_for
-from test_worker_e2e import _env
+import pytest
+from e2e_support import MODEL, ThreadWorker, make_settings, wait_for, worker_env_vars
 
 from embedstream.models.manifest import MANIFEST_FILE
 from embedstream.producer import Producer
@@ -108,6 +108,7 @@ class Searches:
         self._thread.join(30)
 
 
+@pytest.mark.slow
 def test_rollout_under_live_traffic(stack, unique, model_root, tmp_path):
     root = tmp_path / "models"
     root.mkdir()
@@ -115,7 +116,7 @@ def test_rollout_under_live_traffic(stack, unique, model_root, tmp_path):
     new_model(root, NEW)
     settings = make_settings(stack, unique, root, models=[MODEL], batch_max_wait_ms=5,
                              intra_op_threads=1, control_poll_s=0.2)
-    env = {**os.environ, **_env(settings), "EMBEDSTREAM_CONTROL_POLL_S": "0.2",
+    env = {**os.environ, **worker_env_vars(settings), "EMBEDSTREAM_CONTROL_POLL_S": "0.2",
            "EMBEDSTREAM_WARMUP": "false", "EMBEDSTREAM_ROLLOUT_GRACE_S": "600"}
     client = connect(settings)
     has = lambda model, ids: all(client.exists(result_key(unique, model, i)) for i in ids)  # noqa: E731

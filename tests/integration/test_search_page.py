@@ -8,7 +8,7 @@ import shutil
 import uuid
 
 import pytest
-from test_worker_e2e import wait_for
+from e2e_support import wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402

@@ -9,11 +9,11 @@ import uuid
 import numpy as np
 import pytest
 import redis
+from e2e_support import MODEL, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.commands.search.field import TagField, VectorField
 from redis.commands.search.index_definition import IndexDefinition, IndexType
-from test_worker_e2e import MODEL, wait_for
 
 from embedstream.models.manifest import load_manifest
 from embedstream.search import search_vector

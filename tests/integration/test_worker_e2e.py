@@ -21,10 +21,12 @@ from e2e_support import (
     ThreadWorker,
     dead_letters,
     make_settings,
+    partition_ends,
     stored_ids,
     wait_for,
+    worker_env_vars,
 )
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer
 
 from embedstream.envelope import encode
 from embedstream.producer import Producer
@@ -113,25 +115,6 @@ def assert_all_committed(settings: Settings, records: int) -> None:
     assert sum(ends.values()) == records
 
 
-def partition_ends(bootstrap: str, topic: str, partitions: int) -> dict[TopicPartition, int]:
-    """One past the last offset of each partition, found by reading it.
-
-    (Tansu's ListOffsets(latest) answers a wrong end offset, so end_offsets()
-    cannot be used against the embedded broker; fetched records are right.)
-    """
-    parts = [TopicPartition(topic, p) for p in range(partitions)]
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             consumer_timeout_ms=3000)
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    ends = dict.fromkeys(parts, 0)
-    for record in consumer:
-        tp = TopicPartition(record.topic, record.partition)
-        ends[tp] = max(ends[tp], record.offset + 1)
-    consumer.close()
-    return ends
-
-
 def test_librdkafka_client_event_reaches_redis(stack, unique, model_root):
     confluent_kafka = pytest.importorskip("confluent_kafka")
     settings = make_settings(stack, unique, model_root)
@@ -201,21 +184,6 @@ def _cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Pope
                             env={**os.environ, **(env or {})}, **kw)
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    return {
-        "EMBEDSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "EMBEDSTREAM_REDIS_URL": settings.redis_url,
-        "EMBEDSTREAM_TOPIC_TEXT": settings.topic_text,
-        "EMBEDSTREAM_TOPIC_DLQ": settings.topic_dlq,
-        "EMBEDSTREAM_GROUP_ID": settings.group_id,
-        "EMBEDSTREAM_KEY_PREFIX": settings.key_prefix,
-        "EMBEDSTREAM_MODEL_DIR": str(settings.model_dir),
-        "EMBEDSTREAM_SESSION_TIMEOUT_MS": "6000",
-        "EMBEDSTREAM_HEARTBEAT_INTERVAL_MS": "1000",
-        "EMBEDSTREAM_INTRA_OP_THREADS": "1",
-    }
-
-
 def _scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return response.read().decode()
@@ -233,14 +201,14 @@ def test_worker_processes_share_partitions_and_drain_on_sigterm(stack, unique, m
     settings = make_settings(stack, unique, model_root)
     port = free_port()
     pool = _cli("worker", "--processes", "2", "--metrics-port", str(port),
-                "--metrics-host", "127.0.0.1", env=_env(settings))
+                "--metrics-host", "127.0.0.1", env=worker_env_vars(settings))
     try:
         lines = tmp_path / "events.txt"
         lines.write_text("".join(f"pool event {i}\n" for i in range(200))
                          + '{"id": "jsonl-1", "text": "a JSONL envelope"}\n')
         produce = subprocess.run(
             [sys.executable, "-m", "embedstream", "produce", "text", str(lines), "--no-progress"],
-            env={**os.environ, **_env(settings)}, capture_output=True, text=True, timeout=120,
+            env={**os.environ, **worker_env_vars(settings)}, capture_output=True, text=True, timeout=120,
         )
         assert produce.returncode == 0, produce.stderr
         assert "sent 201 events" in produce.stdout
@@ -280,7 +248,7 @@ def test_search_command_prints_nearest(stack, unique, model_root):
         worker.stop()
     result = subprocess.run(
         [sys.executable, "-m", "embedstream", "search", "a kitten napping", "-k", "2", "--json"],
-        env={**os.environ, **_env(settings)}, capture_output=True, text=True, timeout=120,
+        env={**os.environ, **worker_env_vars(settings)}, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     hits = json.loads(result.stdout)

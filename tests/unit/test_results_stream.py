@@ -18,9 +18,22 @@ def test_stored_events_are_announced_before_commit(model):
     worker, source, sink, _ = make_worker(model, text_records(["w1", "w2", "w3"]))
     worker.results = results = MemoryResults(sink)
     results.fail_next = 2  # the results topic is away for a while: retried, commit waits
+    # Each commit, with what had been announced when it was sent.
+    commits: list[tuple[int, set[str]]] = []
+    commit = source.commit
+
+    def recording(offsets):
+        commits.append((offsets.get(("embedstream.text", 0), 0),
+                        {e for _, e in results.announced}))
+        return commit(offsets)
+
+    source.commit = recording  # type: ignore[method-assign]
     code = run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 3)
     assert code == 0
     assert sorted(results.announced) == [("fake", "p0-0"), ("fake", "p0-1"), ("fake", "p0-2")]
+    assert commits and commits[-1][0] == 3
+    for offset, announced in commits:  # every committed event was announced before
+        assert {f"p0-{o}" for o in range(offset)} <= announced, (offset, announced)
     assert results.closed
 
 
