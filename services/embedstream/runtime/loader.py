@@ -111,18 +111,10 @@ def load_model(
     return LoadedModel(manifest, directory, engine, preprocessor)
 
 
-def load_models(
-    root: Path,
-    names: list[str],
-    *,
-    backend: str = "onnxruntime",
-    providers: list[str],
-    threads: int,
-    limits: Limits | None = None,
-) -> dict[str, LoadedModel]:
-    """Load ``names`` (all models under ``root`` when empty). Fails on any missing one.
-
-    Each model's cost in resident memory is logged as it loads."""
+def check_models(root: Path, names: list[str]) -> dict[str, Path]:
+    """The directories of ``names`` (all models under ``root`` when empty), without
+    loading them: a ConfigError that says what to do when there are none or one is
+    missing."""
     available = find_models(root)
     wanted = names or sorted(available)
     if not wanted:
@@ -135,11 +127,27 @@ def load_models(
         raise ConfigError(
             f"model(s) {missing} not found under {root.resolve()}; found: {sorted(available)}"
         )
+    return {name: available[name] for name in wanted}
+
+
+def load_models(
+    root: Path,
+    names: list[str],
+    *,
+    backend: str = "onnxruntime",
+    providers: list[str],
+    threads: int,
+    limits: Limits | None = None,
+) -> dict[str, LoadedModel]:
+    """Load ``names`` (all models under ``root`` when empty). Fails on any missing one.
+
+    Each model's cost in resident memory is logged as it loads."""
+    available = check_models(root, names)
     models = {}
-    for name in wanted:
+    for name, directory in available.items():
         before = rss_mb()
         models[name] = load_model(
-            available[name], backend=backend, providers=providers, threads=threads,
+            directory, backend=backend, providers=providers, threads=threads,
             limits=limits,
         )
         # What serving this model costs (weights, tokenizer or tables), so a worker

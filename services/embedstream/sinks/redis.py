@@ -251,7 +251,7 @@ def wait_until_answering(settings: Settings, *, max_delay_s: float = 10.0) -> fl
     ``max_delay_s`` and a warning per try, instead of exiting. Exiting would be read
     as a configuration error (a pool does not restart those) and would take the cluster
     question (:func:`connect`) from a server that cannot answer it. Authentication and
-    other refusals are not waited for: they are raised.
+    other refusals are not waited for: they raise :class:`SinkError`.
     """
     started, delay = time.monotonic(), 0.5
     while True:
@@ -260,9 +260,14 @@ def wait_until_answering(settings: Settings, *, max_delay_s: float = 10.0) -> fl
         try:
             client.ping()
             return time.monotonic() - started
+        except redis.AuthenticationError as err:  # a ConnectionError too, but no outage
+            raise SinkError(f"Redis at {_redacted(settings.redis_url)} refused to "
+                            f"authenticate: {err}") from err
         except UNREACHABLE as err:
             log.warning("Redis at %s does not answer yet (%s): trying again in %.1fs",
                         _redacted(settings.redis_url), err, delay)
+        except redis.RedisError as err:
+            raise SinkError(f"Redis at {_redacted(settings.redis_url)}: {err}") from err
         finally:
             client.close()
         time.sleep(delay)
@@ -341,6 +346,8 @@ class RedisSink:
                 for client, name in cluster.index_targets(self._client, self._prefix,
                                                           manifest.name, mode):
                     self._ensure_index(manifest, client, name)
+        except redis.AuthenticationError as err:  # a ConnectionError, but not an outage
+            raise SinkError(f"cannot prepare Redis indexes: {err}") from err
         except UNREACHABLE as err:
             raise StoreUnavailable(f"cannot prepare Redis indexes: {err}") from err
         except redis.RedisError as err:

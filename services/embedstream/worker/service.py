@@ -110,6 +110,10 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     ``settings.kafka_client`` names (:mod:`embedstream.sources.registry`).
     """
     metrics = metrics or Metrics()
+    # The configured models load before anything waits for the outside world, so a
+    # configuration error (no such model, a provider that cannot start) exits 2 at once.
+    configured = settings.models or sorted(find_models(settings.model_dir))
+    instances = load_instances(settings, configured)
     waited = wait_until_answering(settings)
     if waited >= 1:
         log.info("Redis answers after %.0fs", waited)
@@ -119,15 +123,18 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     try:
         control = read_control(control_client, settings.key_prefix)
     except redis.RedisError as err:
-        # Not fatal here: the configured models load first (a configuration error is
-        # reported before a store error), then the sink's own check says what is wrong
-        # with Redis; a worker that gets past it applies the document once it can read it.
+        # Not fatal here: Redis answered a moment ago. Should it be away again, the
+        # configured models serve and the sink's preparation waits for it; the watcher
+        # applies the document once it can read it.
         log.warning("Redis: cannot read the model control document yet (%s): serving the "
                     "configured models until it can", err)
         control = Control()
-    configured = settings.models or sorted(find_models(settings.model_dir))
-    names = control.model_set(configured) if configured else []
-    instances = load_instances(settings, names)
+    names = control.model_set(configured)
+    if set(names) != set(configured):
+        extra = [n for n in names if n not in configured]
+        more = load_instances(settings, extra) if extra else [{} for _ in instances]
+        instances = [{**{n: m for n, m in mine.items() if n in names}, **added}
+                     for mine, added in zip(instances, more, strict=True)]
     models = instances[0]
     for model in models.values():
         m = model.manifest
