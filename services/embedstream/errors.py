@@ -69,6 +69,15 @@ class BrokerUnavailable(SourceError):
     """No broker answers: a worker starting meanwhile waits for one rather than exit."""
 
 
+class DeliveryFailed(SourceError):
+    """The broker did not take a record. ``retriable``: the cause may pass (a timeout, a
+    leader moving, a full local queue), so sending again may succeed."""
+
+    def __init__(self, message: str, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
 class Backpressure(SourceError):
     """The broker cannot take events now (producer buffer full, broker unreachable).
 

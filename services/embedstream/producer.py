@@ -15,18 +15,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from kafka import KafkaProducer
-from kafka.errors import KafkaError, KafkaTimeoutError
-from kafka.producer.future import FutureRecordMetadata
-
 from embedstream import envelope
-from embedstream.errors import Backpressure, EnvelopeError, SourceError
+from embedstream.errors import Backpressure, DeliveryFailed, EnvelopeError, SourceError
 from embedstream.settings import Settings
-from embedstream.sources.kafka import client_config, ensure_topics
+from embedstream.sources.registry import kafka_client
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +32,12 @@ log = logging.getLogger(__name__)
 class Producer:
     """Sends envelopes to the modality topics. Thread-safe; call :meth:`close` (or use ``with``).
 
-    ``topics`` are created when missing (default: the text topic).
-    ``buffer_bytes`` bounds the bytes sent but not yet confirmed by the
-    broker: :meth:`publish` raises :class:`Backpressure` rather than queue
-    past it (kafka-python 3's own buffer is unbounded). ``connect_timeout_s``
-    bounds how long the constructor waits for the broker.
+    The Kafka client library is ``settings.kafka_client``'s
+    (:mod:`embedstream.sources.registry`). ``topics`` are created when missing
+    (default: the modality topics). ``buffer_bytes`` bounds the bytes sent but
+    not yet confirmed by the broker: :meth:`publish` raises :class:`Backpressure`
+    rather than queue past it (kafka-python 3's own buffer is unbounded).
+    ``connect_timeout_s`` bounds how long the constructor waits for the broker.
     """
 
     def __init__(
@@ -52,16 +51,12 @@ class Producer:
         max_block_s: float = 60.0,
     ) -> None:
         self.settings = settings
+        client = kafka_client(settings.kafka_client)
         if create_topics:
-            ensure_topics(settings, topics or [settings.topic_for(m) for m in ("text", "image", "audio")])
-        try:
-            self._producer = KafkaProducer(
-                **client_config(settings), acks="all", linger_ms=5, retries=10,
-                bootstrap_timeout_ms=int(connect_timeout_s * 1000),
-                max_block_ms=int(max_block_s * 1000),
-            )
-        except KafkaError as err:
-            raise SourceError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
+            client.ensure_topics(settings, topics or [settings.topic_for(m)
+                                                      for m in ("text", "image", "audio")])
+        self._sender = client.sender(settings, connect_timeout_s=connect_timeout_s,
+                                     max_block_s=max_block_s)
         self.failed = 0
         self._buffer_bytes = buffer_bytes
         self._pending = 0
@@ -131,16 +126,13 @@ class Producer:
         headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         """Queue an already-encoded record (the escape hatch for any envelope)."""
-        future = self._producer.send(
-            topic, key=key.encode() if key else None, value=value, headers=headers or None
-        )
-        future.add_errback(self._on_error)
+        self._sender.send(topic, key.encode() if key else None, value, headers) \
+            .add_done_callback(self._count_failure)
 
     def send_tombstone(self, topic: str, event_id: str) -> None:
         """Queue a tombstone (key = the id, null value): delete every chunk of ``event_id``
         for every model served for ``topic``."""
-        future = self._producer.send(topic, key=event_id.encode(), value=None)
-        future.add_errback(self._on_error)
+        self._sender.send(topic, event_id.encode(), None).add_done_callback(self._count_failure)
 
     def publish(
         self,
@@ -161,17 +153,19 @@ class Producer:
         """
         size = sum(len(value or b"") + len(key or "") for key, value in records)
         self._reserve(size, retry_after_s)
-        futures: list[FutureRecordMetadata] = []
+        futures: list[Future[None]] = []
         try:
             for index, (key, value) in enumerate(records):
-                future = self._producer.send(topic, key=key.encode() if key else None, value=value,
-                                             headers=headers[index] if headers else None)
-                futures.append(future)
+                futures.append(self._sender.send(topic, key.encode() if key else None, value,
+                                                 headers[index] if headers else None))
             deadline = time.monotonic() + timeout_s
             for future in futures:
-                future.get(timeout=max(0.0, deadline - time.monotonic()))
-        except KafkaError as err:
-            if isinstance(err, KafkaTimeoutError) or err.retriable:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout as err:
+            raise Backpressure(f"broker did not confirm the events within {timeout_s}s",
+                               retry_after_s) from err
+        except DeliveryFailed as err:
+            if err.retriable:
                 raise Backpressure(f"broker did not take the events: {err}", retry_after_s) from err
             raise SourceError(f"broker refused the events: {err}") from err
         finally:
@@ -186,7 +180,7 @@ class Producer:
                 )
             self._pending += size
 
-    def _release(self, size: int, futures: list[FutureRecordMetadata]) -> None:
+    def _release(self, size: int, futures: list[Future[None]]) -> None:
         """Free the reservation once every sent record is settled (now or later)."""
         remaining = [len(futures)]
 
@@ -200,7 +194,7 @@ class Producer:
             remaining[0] = 1
             settled()
         for future in futures:
-            future.add_both(settled)
+            future.add_done_callback(settled)
 
     @property
     def pending_bytes(self) -> int:
@@ -208,18 +202,19 @@ class Producer:
         with self._lock:
             return self._pending
 
-    def _on_error(self, err: Exception) -> None:
-        self.failed += 1
-        log.error("event not delivered: %s", err)
+    def _count_failure(self, future: Future[None]) -> None:
+        err = future.exception()
+        if err is not None:
+            with self._lock:
+                self.failed += 1
+            log.error("event not delivered: %s", err)
 
     def flush(self, timeout_s: float = 60.0) -> None:
-        try:
-            self._producer.flush(timeout=timeout_s)
-        except KafkaError as err:
-            raise SourceError(f"events not confirmed within {timeout_s}s: {err}") from err
+        """Wait until every queued event is settled (SourceError if some are not in time)."""
+        self._sender.flush(timeout_s)
 
     def close(self) -> None:
-        self._producer.close(timeout=30)
+        self._sender.close(30.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,9 @@ class Settings(BaseSettings):
         "127.0.0.1:9092", description="Comma-separated bootstrap servers (host:port)."
     )
     kafka_client: Literal["kafka-python", "confluent"] = Field(
-        "kafka-python", description="Client library of the worker's consumer and dead-letter "
-        "producer: 'kafka-python' (pure Python, always installed) or 'confluent' "
+        "kafka-python", description="Kafka client library of the worker's consumer, dead "
+        "letters and results stream, the gateway's publisher and 'produce' ('replay' uses "
+        "kafka-python): 'kafka-python' (pure Python, always installed) or 'confluent' "
         "(confluent-kafka, librdkafka; install the 'confluent' extra). Both keep the same "
         "guarantees; 'confluent' costs less CPU per record, which matters at GPU rates "
         "(README, Performance: Kafka client ceilings)."

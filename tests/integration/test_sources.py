@@ -18,9 +18,12 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KafkaTP
 
 from embedstream.envelope import RawRecord
+from embedstream.errors import BrokerUnavailable
+from embedstream.producer import Producer
 from embedstream.settings import Settings
 from embedstream.sources.base import IgnoreRebalances, Source, TopicPartition
 from embedstream.sources.registry import kafka_client
+from support.stack import free_port
 
 PARTITIONS = 4
 
@@ -141,3 +144,35 @@ def test_the_source_contract_on_the_real_broker(stack, unique, client):
     assert a.commit(ends(got["a"]))
     a.close()
     assert committed(settings, topic) == dict.fromkeys(range(PARTITIONS), 22)
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_the_producer_sends_through_the_client_the_settings_name(stack, unique, client):
+    """``Producer`` (the gateway's, the results stream's, ``produce``'s) uses
+    ``settings.kafka_client``: records, tombstones and headers arrive as sent, the
+    buffer reservation is released once confirmed, and a broker that is not there is
+    :class:`BrokerUnavailable` within the connect timeout."""
+    settings = Settings(kafka_bootstrap=stack.bootstrap, kafka_client=client,
+                        topic_text=f"{unique}.text", topic_partitions=1)
+    topic = settings.topic_text
+    with Producer(settings, topics=[topic], buffer_bytes=1 << 20) as producer:
+        library = "kafka" if client == "kafka-python" else "confluent"
+        assert type(producer._sender).__module__ == f"embedstream.sources.{library}"
+        producer.publish(topic, [("a", b"one"), ("b", None)], timeout_s=30,
+                         headers=[[("h", b"x")], []])
+        assert producer.pending_bytes == 0
+        event_id = producer.send_text("hello", id="c")
+        producer.flush(30)
+        assert producer.failed == 0 and event_id == "c"
+    consumer = KafkaConsumer(topic, bootstrap_servers=stack.bootstrap, group_id=None,
+                             auto_offset_reset="earliest", consumer_timeout_ms=5000)
+    got = [(r.key, r.value, r.headers) for r in consumer]
+    consumer.close()
+    assert [(k, v) for k, v, _ in got[:2]] == [(b"a", b"one"), (b"b", None)]
+    assert got[0][2] == [("h", b"x")] and got[2][0] == b"c" and b'"hello"' in got[2][1]
+
+    nowhere = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        Producer(nowhere, create_topics=False, connect_timeout_s=2)
+    assert time.monotonic() - started < 20

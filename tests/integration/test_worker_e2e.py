@@ -139,7 +139,8 @@ def test_confluent_workers_split_partitions_and_one_leaves_without_loss(stack, u
     recognised duplicate), and every offset is committed once both have left.
     """
     settings = make_settings(stack, unique, model_root, kafka_client="confluent",
-                             batch_max_wait_ms=5, intra_op_threads=1)
+                             batch_max_wait_ms=5, intra_op_threads=1, publish_results=True,
+                             topic_results=f"{unique}.results")
     client = connect(settings)
     sent: list[str] = []
     workers = [ThreadWorker(settings), ThreadWorker(settings)]
@@ -177,6 +178,12 @@ def test_confluent_workers_split_partitions_and_one_leaves_without_loss(stack, u
     # The staying worker's revoke forgets what it had in flight: only those come again.
     assert embedded("embedstream_events_duplicate_total") <= 100
     assert_all_committed(settings, len(sent))
+    # The results stream went through librdkafka too (the client registry's sender).
+    results = KafkaConsumer(settings.topic_results, bootstrap_servers=settings.kafka_bootstrap,
+                            auto_offset_reset="earliest", group_id=None, consumer_timeout_ms=5000)
+    announced = {json.loads(r.value)["id"] for r in results}
+    results.close()
+    assert announced == set(sent)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen[str]:

@@ -17,6 +17,7 @@ did not come back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Protocol
 
 from embedstream.envelope import RawRecord
@@ -97,3 +98,24 @@ class DeadLetters(Protocol):
     def flush(self, timeout_s: float) -> None: ...
 
     def close(self) -> None: ...
+
+
+class RecordSender(Protocol):
+    """A producer of one client library, as :class:`embedstream.producer.Producer` (the
+    gateway's publisher, the results stream, ``produce``, the demo) uses it.
+
+    ``send`` queues a record and returns a future that completes once the broker
+    acknowledged it (``acks=all``) or fails with :class:`~embedstream.errors.DeliveryFailed`;
+    a record refused at once (no metadata within the blocking limit, a full local
+    queue) raises that error from ``send`` itself. The future may complete on the
+    client's own thread: its callbacks must not block.
+    """
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None = None) -> Future[None]: ...
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait until every queued record is settled; SourceError if some are not in time."""
+        ...
+
+    def close(self, timeout_s: float) -> None: ...

@@ -28,6 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
@@ -36,7 +37,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from embedstream import __version__
 from embedstream.envelope import RawRecord
-from embedstream.errors import BrokerUnavailable, SourceError
+from embedstream.errors import BrokerUnavailable, DeliveryFailed, SourceError
 from embedstream.settings import Settings
 from embedstream.sources.base import RebalanceListener, TopicPartition
 from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter
@@ -392,6 +393,71 @@ def _record(msg: Message) -> RawRecord:
         msg.topic(), msg.partition(), msg.offset(),  # type: ignore[arg-type]
         msg.key(), msg.value(), timestamp, tuple(msg.headers() or ()),  # type: ignore[arg-type]
     )
+
+
+class ConfluentSender:
+    """librdkafka behind :class:`~embedstream.sources.base.RecordSender`.
+
+    A thread of this object polls, so delivery callbacks (which complete the
+    futures) come without the caller polling. ``produce`` queues locally and never
+    waits for metadata, so ``max_block_s`` has nothing to bound here; a full local
+    queue is a retriable :class:`~embedstream.errors.DeliveryFailed`.
+    """
+
+    def __init__(self, settings: Settings, *, connect_timeout_s: float = 30.0,
+                 max_block_s: float = 60.0) -> None:
+        del max_block_s
+        self._producer = Producer({
+            **client_config(settings), "acks": "all", "linger.ms": 5,
+            "error_cb": _log_error, "logger": _rdkafka_log,
+        })
+        try:  # the twin of kafka-python's bootstrap check
+            self._producer.list_topics(timeout=connect_timeout_s)
+        except KafkaException as err:
+            raise BrokerUnavailable(
+                f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._serve, name="embedstream-producer-poll",
+                                        daemon=True)
+        self._poller.start()
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.1)
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None = None) -> Future[None]:
+        done: Future[None] = Future()
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is None:
+                done.set_result(None)
+            else:
+                done.set_exception(DeliveryFailed(f"broker did not take the record: {err}",
+                                                  bool(err.retriable())))
+
+        try:
+            self._producer.produce(topic, value=value, key=key,
+                                   headers=cast(Any, headers or None), on_delivery=delivered)
+        except BufferError as err:  # the local queue is full
+            raise DeliveryFailed(f"producer queue full: {err}", True) from err
+        except KafkaException as err:  # refused at once (too large, unknown topic)
+            first = err.args[0] if err.args else None
+            retriable = isinstance(first, KafkaError) and bool(first.retriable())
+            raise DeliveryFailed(f"broker did not take the record: {err}", retriable) from err
+        return done
+
+    def flush(self, timeout_s: float) -> None:
+        left = self._producer.flush(timeout_s)
+        if left:
+            raise SourceError(f"{left} records not confirmed within {timeout_s}s")
+
+    def close(self, timeout_s: float) -> None:
+        try:
+            self._producer.flush(timeout_s)
+        finally:
+            self._closed.set()
+            self._poller.join(5)
 
 
 def _offsets(offsets: dict[TopicPartition, int]) -> list[KafkaTP]:

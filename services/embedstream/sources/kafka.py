@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -17,6 +18,7 @@ from kafka.admin import NewTopic
 from kafka.errors import (
     CommitFailedError,
     KafkaError,
+    KafkaTimeoutError,
     MessageSizeTooLargeError,
     TopicAlreadyExistsError,
 )
@@ -25,7 +27,7 @@ from kafka.structs import TopicPartition as KafkaTP
 
 from embedstream import __version__
 from embedstream.envelope import RawRecord
-from embedstream.errors import BrokerUnavailable, SourceError
+from embedstream.errors import BrokerUnavailable, DeliveryFailed, SourceError
 from embedstream.settings import Settings
 from embedstream.sources.base import RebalanceListener, TopicPartition
 from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter
@@ -274,3 +276,49 @@ class KafkaDeadLetters:
 
     def close(self) -> None:
         self._producer.close(timeout=10)
+
+
+class KafkaSender:
+    """kafka-python behind :class:`~embedstream.sources.base.RecordSender`.
+
+    ``connect_timeout_s`` bounds the wait for the broker at construction (then
+    :class:`~embedstream.errors.BrokerUnavailable`); ``max_block_s`` bounds how long
+    ``send`` blocks for a topic's metadata while the broker is away.
+    """
+
+    def __init__(self, settings: Settings, *, connect_timeout_s: float = 30.0,
+                 max_block_s: float = 60.0) -> None:
+        try:
+            self._producer = KafkaProducer(
+                **client_config(settings), acks="all", linger_ms=5, retries=10,
+                bootstrap_timeout_ms=int(connect_timeout_s * 1000),
+                max_block_ms=int(max_block_s * 1000),
+            )
+        except KafkaError as err:
+            raise BrokerUnavailable(
+                f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None = None) -> Future[None]:
+        done: Future[None] = Future()
+        try:
+            future = self._producer.send(topic, key=key, value=value, headers=headers or None)
+        except KafkaError as err:
+            raise _delivery_failed(err) from err
+        future.add_callback(lambda _metadata: done.set_result(None))
+        future.add_errback(lambda err: done.set_exception(_delivery_failed(err)))
+        return done
+
+    def flush(self, timeout_s: float) -> None:
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaError as err:
+            raise SourceError(f"records not confirmed within {timeout_s}s: {err}") from err
+
+    def close(self, timeout_s: float) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+def _delivery_failed(err: Exception) -> DeliveryFailed:
+    retriable = isinstance(err, KafkaTimeoutError) or bool(getattr(err, "retriable", False))
+    return DeliveryFailed(f"broker did not take the record: {err}", retriable)

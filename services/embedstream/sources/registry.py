@@ -1,8 +1,10 @@
 """Kafka client libraries by name. ``Settings.kafka_client`` picks one.
 
-Each entry builds the three things the worker needs from a client library:
-topic admin, the consumer (:class:`~embedstream.sources.base.Source`) and the
-dead-letter producer (:class:`~embedstream.sources.base.DeadLetters`). A
+Each entry builds what embedstream needs from a client library: topic admin,
+the consumer (:class:`~embedstream.sources.base.Source`), the dead-letter
+producer (:class:`~embedstream.sources.base.DeadLetters`) and the producer
+under :class:`embedstream.producer.Producer`
+(:class:`~embedstream.sources.base.RecordSender`). A
 library is imported only when chosen, so a missing optional one fails with a
 :class:`ConfigError` that says what to install, never an ImportError at start.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from embedstream.errors import ConfigError
 from embedstream.settings import Settings
-from embedstream.sources.base import DeadLetters, RebalanceListener, Source
+from embedstream.sources.base import DeadLetters, RebalanceListener, RecordSender, Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,12 +30,16 @@ class KafkaClient:
     """A consumer-group member subscribed to the topics."""
     dead_letters: Callable[[Settings], DeadLetters]
     """The dead-letter producer (to ``settings.topic_dlq``)."""
+    sender: Callable[..., RecordSender]
+    """``sender(settings, *, connect_timeout_s, max_block_s)``: the producer under
+    :class:`embedstream.producer.Producer` (gateway, results stream, ``produce``)."""
 
 
 def _kafka_python() -> KafkaClient:
     from embedstream.sources import kafka
 
-    return KafkaClient("kafka-python", kafka.ensure_topics, kafka.KafkaSource, kafka.KafkaDeadLetters)
+    return KafkaClient("kafka-python", kafka.ensure_topics, kafka.KafkaSource, kafka.KafkaDeadLetters,
+                       kafka.KafkaSender)
 
 
 def _confluent() -> KafkaClient:
@@ -47,7 +53,8 @@ def _confluent() -> KafkaClient:
             "pip install 'embedstream[confluent]' (or choose kafka_client 'kafka-python')"
         ) from err
     return KafkaClient(
-        "confluent", confluent.ensure_topics, confluent.ConfluentSource, confluent.ConfluentDeadLetters
+        "confluent", confluent.ensure_topics, confluent.ConfluentSource, confluent.ConfluentDeadLetters,
+        confluent.ConfluentSender,
     )
 
 
