@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 
 from embedstream.bench.inputs import file_texts, generated_texts
-from embedstream.bench.modalities import MODALITIES, Modality, Work
+from embedstream.bench.modalities import MODALITIES, Modality, Work, model_dirs
 from embedstream.bench.pipeline import bench_stack, run_pipeline, stack_pids
 from embedstream.bench.report import Report, Row
 from embedstream.bench.rows import OrtRow, Runner, Timed
 from embedstream.bench.soak import SoakConfig, run_soak
 from embedstream.errors import BenchError
-from embedstream.models.manifest import find_models
 from embedstream.runtime.onnx import default_threads
 from embedstream.settings import Settings
 from embedstream.worker.service import instances_per_process
@@ -265,24 +264,6 @@ def run_bench(settings: Settings, config: BenchConfig) -> Report:
     report = Report(setup=_setup(settings, config, work, timings), rows=rows)
     report.targets = _targets(by_name, settings, config)
     return report
-
-
-def model_dirs(
-    settings: Settings, spec: Modality, model: str, rows: tuple[str, ...]
-) -> tuple[Path, Path]:
-    """The fp32 and int8 model directories, exporting / quantizing what the rows need."""
-    if model not in find_models(settings.model_dir):
-        spec.export_default(settings.model_dir, model)
-    found = find_models(settings.model_dir)
-    fp32_dir = found[model]
-    int8_name = f"{model}-int8"
-    needs_int8 = any(r.endswith("int8") for r in rows)
-    if needs_int8 and int8_name not in found:
-        from embedstream.export.optimize import quantize_int8
-
-        log.info("quantizing %s to int8 (first run only)", model)
-        quantize_int8(fp32_dir, int8_name)
-    return fp32_dir, settings.model_dir / int8_name
 
 
 def _round(runners: dict[str, Runner], inputs: list[Any],

@@ -38,13 +38,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
-import importlib.metadata
-import importlib.util
 import json
 import os
-import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -57,19 +52,22 @@ from typing import Any
 
 import numpy as np
 
-MODEL = "all-minilm-l6-v2"
+from embedstream.bench.gpuenv import (
+    MODEL,
+    REPO,
+    cosines,
+    environment,
+    error_line,
+    nvidia_smi,
+    write_results,
+)
+
 FP16 = f"{MODEL}-fp16"
 CARRY_LIMIT = 64 << 20
 """What one call to the GPU machine may carry: the working tree and the carried files."""
 CHECKPOINT = "minilm"
 """The carried checkpoint's folder inside the carry folder."""
-PACKAGES = ("numpy", "torch", "transformers", "sentence_transformers", "tokenizers", "onnx",
-            "onnxruntime", "safetensors", "pydantic", "pydantic_settings", "redis", "kafka",
-            "confluent_kafka", "prometheus_client")
-"""Reported with their versions; the rows need the first seven."""
 FP32_MIN_COSINE = 0.9999
-REPO = Path(__file__).resolve().parents[3]
-"""The repository root (``services/embedstream/bench/gpu.py``): defaults are under it."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,8 +184,8 @@ def _rounding(fp32: Path, fp16: Path) -> dict[str, float]:
     texts = generated_texts(256, 11)
     vectors = [SentenceTransformer(str(p), device="cpu").float().encode(texts, batch_size=32)
                for p in (fp32, fp16)]
-    cosines = _cosines(np.asarray(vectors[1]), np.asarray(vectors[0]))
-    return {"min": float(cosines.min()), "mean": float(cosines.mean()), "texts": len(texts)}
+    cos = cosines(np.asarray(vectors[1]), np.asarray(vectors[0]))
+    return {"min": float(cos.min()), "mean": float(cos.mean()), "texts": len(texts)}
 
 
 def _sha256(path: Path) -> str:
@@ -249,56 +247,6 @@ def _prepare_stack_command(args: argparse.Namespace) -> int:
 
 
 # --- the environment ------------------------------------------------------------------
-
-
-def environment() -> dict[str, Any]:
-    """Python, packages, ONNX Runtime's providers and the GPUs, whatever of it there is."""
-    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                           "cpus": os.cpu_count(), "packages": {}, "missing": {}}
-    distributions = importlib.metadata.packages_distributions()
-    for name in PACKAGES:
-        # Found and versioned without importing: the rows' own processes import what they
-        # need, and report an install that is there but broken.
-        if importlib.util.find_spec(name) is None:
-            env["missing"][name] = "not installed"
-            continue
-        try:
-            env["packages"][name] = importlib.metadata.version(distributions[name][0])
-        except (KeyError, IndexError, importlib.metadata.PackageNotFoundError):
-            env["packages"][name] = "?"
-    if "onnxruntime" in env["packages"]:
-        import onnxruntime
-
-        env["ort_providers"] = list(onnxruntime.get_available_providers())
-        env["ort_device"] = str(onnxruntime.get_device())
-    else:
-        env["ort_providers"] = []
-    env["nvidia_smi"] = _nvidia_smi(["--query-gpu=name,memory.total,driver_version",
-                                     "--format=csv,noheader"])
-    env["cuda"] = _torch_cuda() if "torch" in env["packages"] else None
-    return env
-
-
-def _nvidia_smi(query: list[str]) -> str | None:
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        done = subprocess.run(["nvidia-smi", *query], capture_output=True, text=True, timeout=20,
-                              check=False)
-    except (OSError, subprocess.SubprocessError) as err:
-        return f"failed: {err}"
-    return done.stdout.strip() or done.stderr.strip()
-
-
-def _torch_cuda() -> dict[str, Any]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"available": False, "torch_cuda": torch.version.cuda}
-    props = torch.cuda.get_device_properties(0)
-    return {"available": True, "device": torch.cuda.get_device_name(0),
-            "memory_gib": round(props.total_memory / 2**30, 1), "torch_cuda": torch.version.cuda,
-            "capability": f"{props.major}.{props.minor}", "count": torch.cuda.device_count()}
 
 
 # --- the model: exported there, from the carried checkpoint ---------------------------
@@ -603,7 +551,7 @@ def _gpu_mb(spec: dict[str, Any]) -> float | None:
         import torch
 
         return float(torch.cuda.max_memory_allocated() / 2**20)
-    listing = _nvidia_smi(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+    listing = nvidia_smi(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
     for line in (listing or "").splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 2 and parts[0] == str(os.getpid()) and parts[1].isdigit():
@@ -626,17 +574,17 @@ def _run_command(args: argparse.Namespace) -> int:
     env = environment()
     report["environment"] = env
     _print_environment(env)
-    _write(args.out, report)
+    write_results(args.out, report)
     model = _bring_model(args, deadline)
     report["model"] = model
-    _write(args.out, report)
+    write_results(args.out, report)
     results: list[RowResult] = []
     if model.get("status") == "ok":
         results = _run_rows(args, env, deadline, report)
     report["rows"] = [asdict(r) for r in results]
     report["targets"] = _targets(results)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _write(args.out, report)
+    write_results(args.out, report)
     print()
     print(table(results))
     for target in report["targets"]:
@@ -713,7 +661,7 @@ def _run_rows(args: argparse.Namespace, env: dict[str, Any], deadline: float,
             row.status = _provider_check(plan, row.provider)
         done.append(row)
         report["rows"] = [asdict(r) for r in done + results]
-        _write(args.out, report)
+        write_results(args.out, report)
     _quality(done, vectors_dir)
     return done + results
 
@@ -738,13 +686,8 @@ def _quality(rows: list[RowResult], vectors_dir: Path) -> None:
         path = vectors_dir / f"{row.row}-{row.batch_size}.npy"
         if row.status.startswith("ok") and path.is_file():
             actual = np.load(path)
-            cosines = _cosines(actual, expected[: len(actual)])
-            row.cos_min, row.cos_mean = float(cosines.min()), float(cosines.mean())
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.asarray(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12))
+            cos = cosines(actual, expected[: len(actual)])
+            row.cos_min, row.cos_mean = float(cos.min()), float(cos.mean())
 
 
 def _cpu_threads() -> int:
@@ -773,27 +716,12 @@ def _child(command: str, spec: dict[str, Any], timeout_s: float) -> dict[str, An
     wall = time.monotonic() - started
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return {"error": f"exit {proc.returncode}: {_error_line(stderr)}", "wall_s": wall}
+        return {"error": f"exit {proc.returncode}: {error_line(stderr)}", "wall_s": wall}
     return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": wall}
 
 
 def _child_command(command: str, spec: dict[str, Any]) -> list[str]:
     return [sys.executable, "-m", "embedstream.bench.gpu", command, json.dumps(spec)]
-
-
-def _error_line(stderr: str) -> str:
-    """The exception line of a child's traceback (what follows it may be a printed tensor),
-    else its last line."""
-    lines = stderr.strip().splitlines()
-    found = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Fail)\b", line)]
-    return (found[-1] if found else (lines[-1] if lines else "no output"))[:600]
-
-
-def _write(out: Path, report: dict[str, Any]) -> None:
-    """results.json, rewritten after every step: a run cut short keeps what it measured."""
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=float) + "\n", encoding="utf-8")
-    tmp.replace(out / "results.json")
 
 
 def _targets(rows: list[RowResult]) -> list[dict[str, Any]]:

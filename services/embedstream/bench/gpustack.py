@@ -117,7 +117,7 @@ def overlay(work: Path, archive: Path) -> tuple[Path, dict[str, str]]:
 
 def run_pipeline_check(args: argparse.Namespace) -> int:
     """``pipeline``: the bench's pipeline row on this machine's best provider."""
-    from embedstream.bench.gpu import MODEL, _write, environment
+    from embedstream.bench.gpuenv import MODEL, environment, write_results
 
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -144,7 +144,7 @@ def run_pipeline_check(args: argparse.Namespace) -> int:
         outcome = _pipeline_child(spec, layer, args.timeout_s)
         report.update(outcome)
         report["status"] = "ok" if "error" not in outcome else f"failed: {outcome['error']}"
-    _write(args.out, report)
+    write_results(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k not in ("environment", "modules")},
                      indent=2))
     print(f"\nwrote {args.out / 'results.json'}")
@@ -158,7 +158,7 @@ def _reference(work: Path) -> Path | None:
 
 
 def _pipeline_child(spec: dict[str, Any], layer: Path, timeout_s: float) -> dict[str, Any]:
-    from embedstream.bench.gpu import REPO, _error_line
+    from embedstream.bench.gpuenv import REPO, error_line
 
     started = time.monotonic()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "services"), str(layer)])}
@@ -178,7 +178,7 @@ def _pipeline_child(spec: dict[str, Any], layer: Path, timeout_s: float) -> dict
         return {"error": f"timed out after {timeout_s:.0f}s", "wall_s": time.monotonic() - started}
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return {"error": f"exit {proc.returncode}: {_error_line(stderr)}",
+        return {"error": f"exit {proc.returncode}: {error_line(stderr)}",
                 "wall_s": time.monotonic() - started}
     return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": time.monotonic() - started}
 
@@ -187,7 +187,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """(Child, with the overlay on its path) the pipeline row through the bench's own code."""
     import numpy as np
 
-    from embedstream.bench.gpu import MODEL, _cosines
+    from embedstream.bench.gpuenv import MODEL, cosines
     from embedstream.bench.inputs import generated_texts
     from embedstream.bench.pipeline import bench_stack, run_pipeline, stack_pids
     from embedstream.settings import Settings
@@ -218,8 +218,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if reference and reference != "None" and Path(reference).is_file():
         expected = np.load(reference)
         if len(expected) >= len(texts):
-            cosines = _cosines(result.vectors, expected[: len(texts)])
-            out.update(cos_min=float(cosines.min()), cos_mean=float(cosines.mean()),
+            cos = cosines(result.vectors, expected[: len(texts)])
+            out.update(cos_min=float(cos.min()), cos_mean=float(cos.mean()),
                        reference=Path(reference).name)
     return out
 

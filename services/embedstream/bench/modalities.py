@@ -9,6 +9,7 @@ targets) is the same for every modality.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,11 @@ from embedstream.bench import media
 from embedstream.bench.inputs import file_texts, generated_texts
 from embedstream.bench.rows import PeerRow, Runner, TorchRow, prepare_inputs
 from embedstream.errors import BenchError
+from embedstream.models.manifest import find_models
 from embedstream.runtime.loader import LoadedModel
 from embedstream.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,3 +126,21 @@ MODALITIES: dict[str, Modality] = {
         default_model=lambda s: s.default_audio_model, export_default=_export_audio,
     ),
 }
+
+
+def model_dirs(
+    settings: Settings, spec: Modality, model: str, rows: tuple[str, ...]
+) -> tuple[Path, Path]:
+    """The fp32 and int8 model directories, exporting / quantizing what the rows need."""
+    if model not in find_models(settings.model_dir):
+        spec.export_default(settings.model_dir, model)
+    found = find_models(settings.model_dir)
+    fp32_dir = found[model]
+    int8_name = f"{model}-int8"
+    needs_int8 = any(r.endswith("int8") for r in rows)
+    if needs_int8 and int8_name not in found:
+        from embedstream.export.optimize import quantize_int8
+
+        log.info("quantizing %s to int8 (first run only)", model)
+        quantize_int8(fp32_dir, int8_name)
+    return fp32_dir, settings.model_dir / int8_name

@@ -185,8 +185,7 @@ class StoreConfig:
 
 def run_store_command(settings: Settings, args: argparse.Namespace) -> int:
     """``embedstream bench --store``: measure, print the table, write JSON on request."""
-    from embedstream.bench.command import model_dirs
-    from embedstream.bench.modalities import MODALITIES
+    from embedstream.bench.modalities import MODALITIES, model_dirs
 
     model = args.model or settings.default_text_model
     model_dir, _ = model_dirs(settings, MODALITIES["text"], model, ())
