@@ -350,3 +350,23 @@ def test_careful_mode_puts_its_first_record_in_only_once_the_pipeline_is_empty(m
     code = run_until(worker, add_suspect_once_busy, timeout=30)
     assert code == 0 and len(sink.stored) == 10
     assert stored_at_isolation and stored_at_isolation[0] == 8, stored_at_isolation
+
+
+def test_a_partition_in_limbo_gets_no_record_alone_and_no_mark_written():
+    """Between a revoke and the assignment that follows (a join can span several polls)
+    the next owner may be reading the mark: nothing may name a record in hand there."""
+    ledger = MemoryCrashLedger()
+    ledger.marks[TP] = Mark(5, 0)
+    limbo: set = set()
+    b = Breaker(ledger, 2, window=100, reject=lambda *a: None, in_limbo=limbo.__contains__)
+    b.admit(recs(5, 6, 7))
+    assert b.isolate(recs(5)[0]) and state(ledger) == (5, 1, 5)
+    b.revoking({TP})
+    limbo.add(TP)
+    assert state(ledger) == (5, 1, None)
+    b.isolated_done()
+    b.committed({TP: 6})
+    assert state(ledger) == (5, 1, None)  # not written again while in limbo
+    assert not b.isolate(recs(6)[0]) and state(ledger) == (5, 1, None)
+    limbo.clear()  # it came back to this process
+    assert b.isolate(recs(6)[0]) and state(ledger) == (5, 1, 6)

@@ -116,6 +116,12 @@ class Committer:
         with self._lock:
             return self._tracker.in_flight()
 
+    def in_limbo(self, tp: TopicPartition) -> bool:
+        """True between the revoke of ``tp`` and the assignment that says whether it came
+        back: another member may own it already (a join can span several polls)."""
+        with self._lock:
+            return tp in self._limbo
+
     def committable(self, tps: Iterable[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         with self._lock:
             return self._tracker.committable(tps)

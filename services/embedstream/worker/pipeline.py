@@ -128,7 +128,8 @@ class Worker:
         self.sink_stage = SinkStage(sink, results_q, reject, self.fanout.done, metrics,
                                     self.liveness.heartbeat("sink"), self._abandon, results)
 
-        self.breaker = Breaker(ledger, settings.poison_max_deaths, self.max_in_flight, reject)
+        self.breaker = Breaker(ledger, settings.poison_max_deaths, self.max_in_flight, reject,
+                               in_limbo=self.committer.in_limbo)
         # While any partition is careful, every polled record is kept back here and goes
         # into the pipeline alone (so a death is pinned on the one record in hand), taking
         # turns between partitions (a poison surfaces without waiting for the others).
@@ -258,7 +259,10 @@ class Worker:
             for tp in list(self._held):  # careful mode ended: the rest goes in batches
                 self.pre.submit(list(self._held.pop(tp)))
             return
-        waiting = [tp for tp in self._held if self._held[tp]]
+        # Not a partition in limbo (revoked, the new assignment not known yet): its next
+        # owner may already read its mark, and would take the record named there for
+        # the one that killed this process.
+        waiting = [tp for tp in self._held if self._held[tp] and not self.committer.in_limbo(tp)]
         if not waiting:
             return
         kept_back = len(self._waiting) + sum(len(held) for held in self._held.values())

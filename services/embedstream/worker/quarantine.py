@@ -26,7 +26,9 @@ process that dies leaves behind:
    only once the records that went in before careful mode are done: alone means
    alone in the process. A partition revoked while its record is in hand alone
    has ``isolating`` cleared from its mark inside the rebalance, before the next
-   owner can read it: a live owner's rebalance is not a death.
+   owner can read it: a live owner's rebalance is not a death. Until the new
+   assignment is known (a join can span several polls) nothing of a revoked
+   partition goes in alone and its mark is not written again.
 3. A mark with ``isolating`` set means a process died with that record alone
    in its pipeline: the record is the poison. The next owner dead-letters it
    as ``poison_quarantined`` without processing it, and goes on normally.
@@ -172,8 +174,12 @@ class Breaker:
         max_deaths: int,
         window: int,
         reject: Callable[[RawRecord, str, str], None],
+        in_limbo: Callable[[TopicPartition], bool] = lambda tp: False,
     ) -> None:
         self._ledger = ledger
+        # Revoked, the new assignment not known yet (a join can span several polls): the
+        # next owner may be reading the partition's mark already, so it is not written.
+        self._in_limbo = in_limbo
         self._max_deaths = max_deaths
         self._window = window
         self._reject = reject
@@ -283,6 +289,8 @@ class Breaker:
         """``record`` goes into the pipeline alone: say so in its partition's mark first.
         False when the mark could not be written: then it must not go in yet."""
         tp = (record.topic, record.partition)
+        if self._in_limbo(tp):
+            return False
         if not self._write({tp: Mark(self._heads.get(tp, record.offset),
                                      self._deaths.get(tp, 0), record.offset, self.owner)}):
             return False
@@ -298,7 +306,7 @@ class Breaker:
             return
         tp, _offset = self._isolating
         self._isolating = None
-        if tp in self._heads:
+        if tp in self._heads and not self._in_limbo(tp):
             self._write({tp: Mark(self._heads[tp], self._deaths.get(tp, 0), owner=self.owner)})
 
     def revoking(self, tps: set[TopicPartition]) -> None:
@@ -337,7 +345,7 @@ class Breaker:
         """Progress: the next owner starts past these offsets, so their marks move on."""
         marks: dict[TopicPartition, Mark] = {}
         for tp, offset in offsets.items():
-            if tp not in self._heads or offset <= self._heads[tp]:
+            if tp not in self._heads or offset <= self._heads[tp] or self._in_limbo(tp):
                 continue
             self._heads[tp] = offset
             self._deaths[tp] = 0
