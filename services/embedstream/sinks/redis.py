@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,6 +38,7 @@ from redis.retry import Retry
 from embedstream.envelope import flat_metadata
 from embedstream.errors import ConfigError, SinkError, StoreFull, StoreUnavailable
 from embedstream.models.manifest import Manifest
+from embedstream.retry import Backoff, retry
 from embedstream.settings import Settings
 from embedstream.sinks import cluster
 from embedstream.sinks import index as vector_index
@@ -237,41 +239,46 @@ def _client_options(settings: Settings, *, quick: bool, retries: bool) -> dict[s
     return kwargs
 
 
+STARTUP_BACKOFF = Backoff(initial_s=0.5, max_s=10.0)
+"""How often a starting worker asks again for a store or broker that does not answer."""
+
 # Errors that say the store is not there (yet), not that a request was wrong:
 # refused or timed-out connections, and LOADING (BusyLoadingError is a ConnectionError).
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
-def wait_until_answering(settings: Settings, *, max_delay_s: float = 10.0) -> float:
+def wait_until_answering(settings: Settings) -> float:
     """Block until Redis answers a PING (up and done loading its data set); return the
     seconds waited.
 
     A worker starts before a restarted Redis does (a pod rescheduled, a compose stack
-    coming up, a restart mid-outage): it waits, with a delay that doubles up to
-    ``max_delay_s`` and a warning per try, instead of exiting. Exiting would be read
-    as a configuration error (a pool does not restart those) and would take the cluster
-    question (:func:`connect`) from a server that cannot answer it. Authentication and
-    other refusals are not waited for: they raise :class:`SinkError`.
+    coming up, a restart mid-outage): it waits (:func:`embedstream.retry.retry`, a
+    warning per try) instead of exiting. Exiting would be read as a configuration error
+    (a pool does not restart those) and would take the cluster question
+    (:func:`connect`) from a server that cannot answer it. Authentication and other
+    refusals are not waited for: they raise :class:`SinkError`.
     """
-    started, delay = time.monotonic(), 0.5
-    while True:
+    where = _redacted(settings.redis_url)
+
+    def ping() -> None:
         client = redis.Redis.from_url(settings.redis_url,
                                       **_client_options(settings, quick=True, retries=False))
         try:
             client.ping()
-            return time.monotonic() - started
         except redis.AuthenticationError as err:  # a ConnectionError too, but no outage
-            raise SinkError(f"Redis at {_redacted(settings.redis_url)} refused to "
-                            f"authenticate: {err}") from err
+            raise SinkError(f"Redis at {where} refused to authenticate: {err}") from err
         except UNREACHABLE as err:
-            log.warning("Redis at %s does not answer yet (%s): trying again in %.1fs",
-                        _redacted(settings.redis_url), err, delay)
+            raise StoreUnavailable(f"Redis at {where} does not answer yet ({err})") from err
         except redis.RedisError as err:
-            raise SinkError(f"Redis at {_redacted(settings.redis_url)}: {err}") from err
+            raise SinkError(f"Redis at {where}: {err}") from err
         finally:
             client.close()
-        time.sleep(delay)
-        delay = min(delay * 2, max_delay_s)
+
+    started = time.monotonic()
+    retry(ping, transient=(StoreUnavailable,), backoff=STARTUP_BACKOFF,
+          cancel=threading.Event(),
+          on_retry=lambda err, delay: log.warning("%s: trying again in %.1fs", err, delay))
+    return time.monotonic() - started
 
 
 def _redacted(url: str) -> str:

@@ -12,15 +12,17 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import redis
 
 from embedstream.errors import BrokerUnavailable, EmbedstreamError, StoreUnavailable
 from embedstream.metrics import Metrics
 from embedstream.models.manifest import find_models
+from embedstream.retry import retry
 from embedstream.rollout.state import Control, read_control
 from embedstream.rollout.watcher import attach, routing_for
 from embedstream.runtime.loader import LoadedModel, load_models
@@ -29,13 +31,20 @@ from embedstream.runtime.onnx import GPU_PROVIDERS, choose_providers, default_th
 from embedstream.runtime.preprocess import Limits
 from embedstream.runtime.warmup import warm_up
 from embedstream.settings import Settings
-from embedstream.sinks.redis import RedisSink, connect, wait_until_answering
+from embedstream.sinks.redis import STARTUP_BACKOFF, RedisSink, connect, wait_until_answering
 from embedstream.sources.registry import kafka_client
 from embedstream.worker.http import StatusServer
 from embedstream.worker.pipeline import Worker
 from embedstream.worker.quarantine import RedisCrashLedger
 
 log = logging.getLogger(__name__)
+
+# Startup waits out a store or broker that does not answer yet (not a refusal).
+_WAIT: dict[str, Any] = {
+    "transient": (StoreUnavailable, BrokerUnavailable), "backoff": STARTUP_BACKOFF,
+    "cancel": threading.Event(),
+    "on_retry": lambda err, delay: log.warning("%s: trying again in %.1fs", err, delay),
+}
 
 
 def threads_per_process(settings: Settings) -> int:
@@ -140,10 +149,11 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
         m = model.manifest
         metrics.model_info.labels(m.name, m.modality, str(m.dimension), model.backend.provider).set(1)
     sink = RedisSink(settings)
-    _until_available(lambda: sink.prepare([m.manifest for m in models.values()]))
+    # Redis or the broker away now (after the wait above): wait again rather than exit.
+    retry(lambda: sink.prepare([m.manifest for m in models.values()]), **_WAIT)
     topics = sorted({settings.topic_for(m.manifest.modality) for m in models.values()})
     client = kafka_client(settings.kafka_client)
-    _until_available(lambda: client.ensure_topics(settings, [*topics, settings.topic_dlq]))
+    retry(lambda: client.ensure_topics(settings, [*topics, settings.topic_dlq]), **_WAIT)
     dead_letters = client.dead_letters(settings)
     results = None
     if settings.publish_results:
@@ -172,21 +182,6 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     attach(settings, worker, instances, load_one, sink, control_client, metrics, configured,
            control)
     return worker
-
-
-def _until_available(call: Callable[[], object], max_delay_s: float = 10.0) -> None:
-    """Call ``call`` until Redis or the broker answers it: a worker that starts during an
-    outage waits (a warning per try, the delay doubling up to ``max_delay_s``) rather
-    than exit; exiting is for configuration errors, which a pool does not restart."""
-    delay = 0.5
-    while True:
-        try:
-            call()
-            return
-        except (StoreUnavailable, BrokerUnavailable) as err:
-            log.warning("%s: trying again in %.1fs", err, delay)
-        time.sleep(delay)
-        delay = min(delay * 2, max_delay_s)
 
 
 def run_worker(settings: Settings) -> int:
