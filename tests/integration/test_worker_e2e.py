@@ -269,7 +269,7 @@ def test_worker_runtime_imports_neither_torch_nor_transformers(stack, unique, mo
 import sys
 from embedstream.settings import Settings
 from embedstream.worker.service import build_worker
-import embedstream.cli, embedstream.commands
+import embedstream.cli.app
 from embedstream.worker.service import build_worker
 settings = Settings.model_validate_json({settings.model_dump_json()!r})
 worker = build_worker(settings)

@@ -13,7 +13,8 @@ import pytest
 confluent_kafka = pytest.importorskip("confluent_kafka")
 
 import embedstream.sources  # noqa: E402
-from embedstream.cli import _parser, _settings  # noqa: E402
+from embedstream.cli.app import build_parser  # noqa: E402
+from embedstream.cli.flags import settings_from_args  # noqa: E402
 from embedstream.errors import ConfigError  # noqa: E402
 from embedstream.settings import Settings  # noqa: E402
 from embedstream.sources import registry  # noqa: E402
@@ -104,10 +105,10 @@ def test_kafka_client_setting_from_env_and_cli(monkeypatch):
     assert Settings().kafka_client == "kafka-python"
     monkeypatch.setenv("EMBEDSTREAM_KAFKA_CLIENT", "confluent")
     assert Settings().kafka_client == "confluent"
-    args = _parser().parse_args(["worker", "--kafka-client", "kafka-python"])
-    assert _settings(args).kafka_client == "kafka-python"  # the flag wins over the env
+    args = build_parser().parse_args(["worker", "--kafka-client", "kafka-python"])
+    assert settings_from_args(args).kafka_client == "kafka-python"  # the flag wins over the env
     with pytest.raises(SystemExit):
-        _parser().parse_args(["worker", "--kafka-client", "librdkafka"])
+        build_parser().parse_args(["worker", "--kafka-client", "librdkafka"])
     monkeypatch.setenv("EMBEDSTREAM_KAFKA_CLIENT", "nope")
     with pytest.raises(ValueError, match="kafka_client"):
         Settings()

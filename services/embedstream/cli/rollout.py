@@ -1,4 +1,5 @@
-"""``embedstream rollout ...`` and ``embedstream models announce``: thin over :mod:`.lifecycle`.
+"""``embedstream rollout ...`` and ``embedstream models announce``: thin over
+:mod:`embedstream.rollout.lifecycle`.
 
 Exit codes: 0 done, 2 refused (wrong state, unknown model, workers not answering).
 """
@@ -9,18 +10,14 @@ import argparse
 import datetime as dt
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from embedstream.rollout import lifecycle
+from embedstream.cli.flags import CONNECTION, add_settings_flags
+from embedstream.cli.registry import Command
 from embedstream.settings import Settings
-from embedstream.sinks.redis import connect
 
 
-def add_parsers(sub: Any, connection_flags: Any) -> None:
-    """The ``rollout`` and ``models`` subcommands on the CLI's subparsers."""
-    rollout = sub.add_parser("rollout", help="put a new model into the running pipeline: "
-                             "dual writes, backfill, atomic promotion")
+def add_rollout_arguments(rollout: argparse.ArgumentParser) -> None:
     actions = rollout.add_subparsers(dest="action", required=True)
     start = actions.add_parser("start", help="serve NEW beside OLD (dual writes) and backfill "
                                "OLD's history into NEW")
@@ -49,21 +46,21 @@ def add_parsers(sub: Any, connection_flags: Any) -> None:
     abort = actions.add_parser("abort", help="stop a rollout under way and drop NEW's vectors")
     abort.add_argument("new")
     for p in (start, backfill, status, promote, abort):
-        connection_flags(p)
-        p.add_argument("--model-dir", type=Path,
-                       help="the model store [EMBEDSTREAM_MODEL_DIR]")
+        add_settings_flags(p, (*CONNECTION, "model_dir"))
 
-    models = sub.add_parser("models", help="the model set of running workers")
+
+def add_models_arguments(models: argparse.ArgumentParser) -> None:
     what = models.add_subparsers(dest="action", required=True)
     announce = what.add_parser("announce", help="serve a model of the store on every running "
                                "worker, without a restart")
     announce.add_argument("name")
-    connection_flags(announce)
-    announce.add_argument("--model-dir", type=Path,
-                          help="the model store [EMBEDSTREAM_MODEL_DIR]")
+    add_settings_flags(announce, (*CONNECTION, "model_dir"))
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    from embedstream.rollout import lifecycle
+    from embedstream.sinks.redis import connect
+
     client = connect(settings)
     try:
         if args.command == "models":
@@ -91,6 +88,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _start(settings: Settings, client: Any, args: argparse.Namespace) -> int:
+    from embedstream.rollout import lifecycle
+
     record = lifecycle.start(settings, client, args.new, args.replaces)
     print(f"rollout of {args.new} replacing {args.replaces} started: every live worker "
           "embeds new events with both", file=sys.stderr)
@@ -122,6 +121,7 @@ def _backfill(settings: Settings, new: str, rate: float | None, show: bool) -> i
 
 
 def _status(settings: Settings, client: Any, new: str | None, as_json: bool) -> int:
+    from embedstream.rollout import lifecycle
     from embedstream.rollout.lifecycle import drop_due
     from embedstream.rollout.state import read_control
 
@@ -153,3 +153,10 @@ def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+COMMANDS = (
+    Command("rollout", "put a new model into the running pipeline: dual writes, backfill, "
+            "atomic promotion", add_rollout_arguments, run),
+    Command("models", "the model set of running workers", add_models_arguments, run),
+)
