@@ -253,14 +253,12 @@ def _run(settings: Settings, events: int, files: Path) -> int:
 
 def _searches(settings: Settings, photos: list[Path], clips: list[Path]) -> dict[str, int]:
     """Search each model as a user would; return the stored key count per model."""
-    from embedstream.runtime.loader import load_models
-    from embedstream.runtime.preprocess import Limits
+    from embedstream.runtime.loader import load_configured
     from embedstream.search import search_vector
     from embedstream.sinks.redis import connect
 
     names = [settings.default_text_model, IMAGE_MODEL, AUDIO_MODEL, WORDVEC_MODEL]
-    models = load_models(settings.model_dir, names, providers=settings.providers,
-                         threads=settings.intra_op_threads, limits=Limits.from_settings(settings))
+    models = load_configured(settings, names)
     client = connect(settings)
     queries = [
         (settings.default_text_model, repr(DEMO_QUERY),

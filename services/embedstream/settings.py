@@ -192,6 +192,11 @@ class Settings(BaseSettings):
         description="Models the worker loads at start (default: every model in model_dir). "
         "Env: JSON list, e.g. '[\"all-minilm-l6-v2\"]'.",
     )
+    backend: str = Field(
+        "onnxruntime", description="Model backend, by name in embedstream.runtime.registry "
+        "(BACKENDS): what runs every model's graph. 'onnxruntime' is the one built in; a new "
+        "runtime registers there and is chosen here."
+    )
     providers: list[str] = Field(
         default_factory=list,
         description="ONNX Runtime execution providers in order of preference, e.g. "

@@ -19,8 +19,8 @@ from embedstream.envelope import RawRecord, encode
 from embedstream.errors import ModelError
 from embedstream.metrics import Metrics
 from embedstream.models.manifest import Manifest
+from embedstream.preprocess.text import TextPreprocessor
 from embedstream.runtime.loader import LoadedModel
-from embedstream.runtime.text import TextPreprocessor
 from embedstream.settings import Settings
 from embedstream.testing import MemoryDeadLetters, MemorySink, MemorySource
 from embedstream.worker.pipeline import Worker

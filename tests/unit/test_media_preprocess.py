@@ -18,10 +18,10 @@ from embedstream.envelope import Event, RawRecord
 from embedstream.errors import EnvelopeError
 from embedstream.models.manifest import Manifest
 from embedstream.payloads import PayloadResolver
-from embedstream.runtime.audio import AudioPreprocessor, decode_audio, mel_filters, resample
-from embedstream.runtime.image import ImagePreprocessor, decode_image
-from embedstream.runtime.preprocess import Limits, Prepared
-from embedstream.runtime.wordvec import WordVectorPreprocessor
+from embedstream.preprocess.audio import AudioPreprocessor, decode_audio, mel_filters, resample
+from embedstream.preprocess.base import Limits, Prepared
+from embedstream.preprocess.image import ImagePreprocessor, decode_image
+from embedstream.preprocess.wordvec import WordVectorPreprocessor
 from embedstream.settings import Settings
 
 
@@ -238,7 +238,7 @@ def test_the_preprocess_interface_imports_none_of_its_implementations() -> None:
     """No cycle: the modality modules import ``preprocess``, never the other way round."""
     import ast
 
-    import embedstream.runtime.preprocess as interface
+    import embedstream.preprocess.base as interface
 
     tree = ast.parse(Path(interface.__file__).read_text(encoding="utf-8"))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
@@ -250,7 +250,7 @@ def test_the_preprocess_interface_imports_none_of_its_implementations() -> None:
 
 def test_a_manifest_with_no_preprocessor_is_a_config_error(tmp_path: Path) -> None:
     from embedstream.errors import ConfigError
-    from embedstream.runtime.modalities import build_preprocessor
+    from embedstream.preprocess.modalities import build_preprocessor
 
     manifest = Manifest(name="m", modality="text", dimension=4, pooling="mean", normalize=True,
                         inputs=["x"], opset=17, sha256="0", extra={"kind": "no-such-kind"})

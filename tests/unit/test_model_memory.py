@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -138,3 +139,25 @@ def test_sessions_of_different_models_open_beside_the_shared_arena(tiny_root: Pa
     second = OrtBackend(path, providers=["CPUExecutionProvider"], threads=1)
     feed = {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.array([[1, 1, 0]])}
     assert np.array_equal(first.embed(feed), second.embed(feed))
+
+
+def test_the_backend_is_a_setting_chosen_through_the_registry(
+        tiny_root: Path, monkeypatch: pytest.MonkeyPatch):
+    from embedstream.errors import ConfigError
+    from embedstream.runtime import registry
+    from embedstream.runtime.loader import load_configured
+
+    with pytest.raises(ConfigError, match=r"unknown backend 'tensorflow'; known: \['onnxruntime'\]"):
+        load_configured(_settings(tiny_root, backend="tensorflow"), ["tiny"])
+    opened: list[str] = []
+
+    class Recording(OrtBackend):
+        def __init__(self, path: str, **kwargs: Any) -> None:
+            opened.append(path)
+            super().__init__(path, **kwargs)
+
+    monkeypatch.setitem(registry.BACKENDS, "recording", Recording)
+    models = load_configured(_settings(tiny_root, backend="recording"), ["tiny"])
+    assert opened == [str(tiny_root / "tiny" / "model.onnx")]
+    assert isinstance(models["tiny"].backend, Recording)
+    assert models["tiny"].embed_texts(["w1 w2"]).shape == (1, DIM)

@@ -113,3 +113,4 @@ def test_an_unwritable_engine_cache_is_a_configuration_error(
     monkeypatch.setattr(ort_backend.tempfile, "gettempdir", lambda: str(blocker))
     with pytest.raises(ConfigError, match=r"engine cache .* is not writable"):
         ort_backend.provider_options("TensorrtExecutionProvider", str(identity_model))
+

@@ -16,7 +16,7 @@ import numpy as np
 
 from embedstream.envelope import RawRecord
 from embedstream.errors import ModelError
-from embedstream.runtime.preprocess import Prepared
+from embedstream.preprocess.base import Prepared
 from support.pipeline import counter, make_worker, run_until, text_records
 
 TP = ("embedstream.text", 0)

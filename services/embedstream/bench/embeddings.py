@@ -63,11 +63,10 @@ def _serve_forever(settings: Settings, model: str, port: int) -> None:
 
     from embedstream.gateway.app import create_app
     from embedstream.gateway.query import Searcher
-    from embedstream.runtime.loader import load_models
+    from embedstream.runtime.loader import load_configured
     from embedstream.testing import MemoryPublisher
 
-    models = load_models(settings.model_dir, [model], providers=settings.providers,
-                         threads=settings.intra_op_threads or 1)
+    models = load_configured(settings, [model], threads=settings.intra_op_threads or 1)
     searcher = Searcher(settings, models, _NoRedis())  # type: ignore[arg-type]
     uvicorn.run(create_app(settings, MemoryPublisher(), searcher), host="127.0.0.1", port=port,
                 log_config=None, access_log=False)
@@ -138,10 +137,9 @@ def _in_process(settings: Settings, model: str, name: str, texts: list[str]) -> 
     from concurrent.futures import ThreadPoolExecutor
 
     from embedstream.gateway.query import Searcher
-    from embedstream.runtime.loader import load_models
+    from embedstream.runtime.loader import load_configured
 
-    models = load_models(settings.model_dir, [model], providers=settings.providers,
-                         threads=settings.intra_op_threads or 1)
+    models = load_configured(settings, [model], threads=settings.intra_op_threads or 1)
     searcher = Searcher(settings, models, _NoRedis())  # type: ignore[arg-type]
     info = searcher.model_for(model, "text")
     latencies: list[float] = []

@@ -22,9 +22,9 @@ import numpy as np
 
 from embedstream.errors import BenchError
 from embedstream.models.manifest import Manifest, load_manifest
+from embedstream.preprocess.base import Limits, Prepared, Preprocessor
+from embedstream.preprocess.modalities import build_preprocessor
 from embedstream.runtime.loader import LoadedModel, load_model
-from embedstream.runtime.modalities import build_preprocessor
-from embedstream.runtime.preprocess import Limits, Prepared, Preprocessor
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,11 +70,9 @@ def search_example(
 
 
 def _load(settings: Settings, name: str) -> LoadedModel:
-    from embedstream.runtime.loader import load_models
-    from embedstream.runtime.preprocess import Limits
+    from embedstream.runtime.loader import load_configured
 
-    return load_models(settings.model_dir, [name], providers=settings.providers,
-                       threads=settings.intra_op_threads, limits=Limits.from_settings(settings))[name]
+    return load_configured(settings, [name])[name]
 
 
 def _search(

@@ -11,7 +11,7 @@ Families, chosen by name through :data:`AUDIO_FAMILIES`:
     input, hidden states mean-pooled over the real frames) or a Whisper
     encoder (log-mel input, mean over frames).
 
-The runtime computes every front end in numpy (:mod:`embedstream.runtime.audio`);
+The runtime computes every front end in numpy (:mod:`embedstream.preprocess.audio`);
 the export checks the ONNX graph against the PyTorch module on clips decoded
 and preprocessed by that same code (cosine >= 0.9999).
 """
@@ -233,7 +233,7 @@ def export_audio_model(
 def _feeds(name: str, src: AudioSource, clips: list[bytes]) -> dict[str, np.ndarray]:
     """Graph inputs for ``clips`` from the runtime's preprocessor, before any graph exists."""
     from embedstream.models.manifest import Manifest
-    from embedstream.runtime.audio import AudioPreprocessor
+    from embedstream.preprocess.audio import AudioPreprocessor
 
     manifest = Manifest(name=name, modality="audio", dimension=1, pooling="mean", normalize=True,
                         inputs=src.inputs, opset=17, sha256="-", max_length=0, source="",

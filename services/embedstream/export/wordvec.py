@@ -13,7 +13,7 @@ with gensim):
                     ``key2row``, ``strings.json``), e.g. en_core_web_md
 
 The graph is plain ONNX (Gather, weighted mean, L2 normalise), built with
-``onnx.helper``: see :mod:`embedstream.runtime.wordvec` for its contract.
+``onnx.helper``: see :mod:`embedstream.preprocess.wordvec` for its contract.
 Optional SIF weighting (Arora et al. 2017): each word weighs ``a / (a + p(w))``
 with ``p`` from the vectors' counts, or a Zipf estimate from frequency rank
 when the file has none. The export checks the graph against the reference
@@ -44,7 +44,7 @@ from embedstream.export.common import (
     write_manifest,
 )
 from embedstream.export.parity import PARITY_SENTENCES
-from embedstream.runtime.wordvec import DEFAULT_TOKEN_PATTERN
+from embedstream.preprocess.wordvec import DEFAULT_TOKEN_PATTERN
 
 log = logging.getLogger(__name__)
 

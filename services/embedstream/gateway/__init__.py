@@ -23,11 +23,10 @@ def build_searcher(settings: Settings) -> Searcher | None:
     if not settings.gateway_search:
         return None
     from embedstream.gateway.query import Searcher
-    from embedstream.runtime.loader import load_models
+    from embedstream.runtime.loader import load_configured
     from embedstream.sinks.redis import connect
 
-    models = load_models(settings.model_dir, settings.models, providers=settings.providers,
-                         threads=settings.intra_op_threads or 1)
+    models = load_configured(settings, settings.models, threads=settings.intra_op_threads or 1)
     return Searcher(settings, models, connect(settings))
 
 

@@ -1,7 +1,7 @@
 """The search side of the gateway: embed a query, search a model's index, read vectors.
 
 Queries are embedded with the same ONNX models the workers run
-(:func:`embedstream.runtime.loader.load_models`), through one
+(:func:`embedstream.runtime.loader.load_configured`), through one
 :class:`~embedstream.batching.DynamicBatcher` per model under the worker's batch
 budget: concurrent requests (``/v1/search`` queries and ``/v1/embeddings``
 inputs alike) share model calls instead of queueing one text at a time.
@@ -23,9 +23,9 @@ import redis
 from embedstream.batching import BatchBudget, DynamicBatcher
 from embedstream.errors import EnvelopeError, GatewayError, ModelError, SinkError
 from embedstream.models.routing import default_models
+from embedstream.preprocess.base import Prepared
 from embedstream.rollout.query import serving
-from embedstream.runtime.loader import LoadedModel, load_models
-from embedstream.runtime.preprocess import Prepared
+from embedstream.runtime.loader import LoadedModel, load_configured
 from embedstream.search import Filter, Hit, RangeFilter, TagFilter, search_vector
 from embedstream.settings import Settings
 from embedstream.sinks.cluster import Client, is_cluster
@@ -64,9 +64,8 @@ class Searcher:
                           for name, m in models.items()}
         # The same rule as the worker's, so a query embeds with the model ingest used.
         self._defaults = default_models(settings, self.served())
-        self._loader = loader or (lambda name: load_models(
-            settings.model_dir, [name], providers=settings.providers,
-            threads=settings.intra_op_threads or 1)[name])
+        self._loader = loader or (lambda name: load_configured(
+            settings, [name], threads=settings.intra_op_threads or 1)[name])
         self._load_lock = threading.Lock()
 
     def _info(self, model: LoadedModel) -> ModelInfo:

@@ -43,8 +43,7 @@ from embedstream.rollout.state import (
     update_control,
     with_rollout,
 )
-from embedstream.runtime.loader import load_models
-from embedstream.runtime.preprocess import Limits
+from embedstream.runtime.loader import load_configured
 from embedstream.settings import Settings
 from embedstream.sinks.cluster import Client
 from embedstream.sinks.redis import RedisSink, connect
@@ -263,9 +262,7 @@ def _backfill_worker(settings: Settings, record: dict[str, Any], fields: dict[by
         "group_id": group, "auto_offset_reset": "earliest", "models": [new],
         "max_poll_records": max(1, min(settings.max_poll_records, int(limit) or 1 << 30)),
     })
-    models = load_models(settings.model_dir, [new], providers=settings.providers,
-                         threads=max(1, settings.intra_op_threads),
-                         limits=Limits.from_settings(settings))
+    models = load_configured(settings, [new], threads=max(1, settings.intra_op_threads))
     routing = Routing({old: (new,), new: (new,)},
                       {record["modality"]: old} if record.get("old_default") else {},
                       skip_others=True)

@@ -1,4 +1,5 @@
-"""Model runtime: backends (ONNX Runtime), preprocessing, and model loading."""
+"""Model runtime: the backends that run a model (ONNX Runtime, by name through
+:mod:`.registry`), model loading and warm-up. Preprocessing is :mod:`embedstream.preprocess`."""
 
 from embedstream.runtime.loader import LoadedModel, load_model, load_models
 

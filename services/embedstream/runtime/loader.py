@@ -6,17 +6,20 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedstream.errors import ConfigError, EnvelopeError, ModelError
 from embedstream.models.manifest import Manifest, find_models, load_manifest
+from embedstream.preprocess.base import Limits, Prepared, Preprocessor
+from embedstream.preprocess.modalities import build_preprocessor
 from embedstream.runtime.base import Backend
 from embedstream.runtime.memory import grew, rss_mb
-from embedstream.runtime.modalities import build_preprocessor
-from embedstream.runtime.preprocess import Limits, Prepared, Preprocessor
 from embedstream.runtime.registry import get_backend_factory
+
+if TYPE_CHECKING:
+    from embedstream.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +161,16 @@ def load_models(
         log.info("model %s loaded (%s, %d-d): %s", name, models[name].manifest.modality,
                  models[name].manifest.dimension, grew(before, after))
     return models
+
+
+def load_configured(settings: Settings, names: list[str], *,
+                    threads: int | None = None) -> dict[str, LoadedModel]:
+    """``names`` (every model under ``model_dir`` when empty) loaded the way the settings
+    say: their backend, providers, input limits and inference threads (``threads``
+    overrides ``intra_op_threads``). The one way a service loads the models it serves."""
+    get_backend_factory(settings.backend)  # an unknown backend is named before any model loads
+    return load_models(
+        settings.model_dir, names, backend=settings.backend, providers=settings.providers,
+        threads=settings.intra_op_threads if threads is None else threads,
+        limits=Limits.from_settings(settings),
+    )

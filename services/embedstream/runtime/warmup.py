@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from embedstream.preprocess.base import Prepared
 from embedstream.runtime.loader import LoadedModel
 from embedstream.runtime.memory import grew, rss_mb
-from embedstream.runtime.preprocess import Prepared
 
 log = logging.getLogger(__name__)
 

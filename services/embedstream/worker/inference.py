@@ -26,8 +26,8 @@ import numpy as np
 
 from embedstream.errors import ModelError, ModelUnavailable
 from embedstream.metrics import Metrics
+from embedstream.preprocess.base import Prepared
 from embedstream.runtime.loader import LoadedModel
-from embedstream.runtime.preprocess import Prepared
 from embedstream.runtime.warmup import probe_input
 from embedstream.worker.deadletters import describe
 from embedstream.worker.items import STOP, Item, Position, ResultBatch, WorkBatch, position, put

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from embedstream.envelope import Event, RawRecord
+from embedstream.preprocess.base import Prepared
 from embedstream.runtime.loader import LoadedModel
-from embedstream.runtime.preprocess import Prepared
 from embedstream.sinks.base import Deletion
 
 STOP = object()

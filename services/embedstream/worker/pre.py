@@ -36,8 +36,8 @@ from embedstream.errors import EnvelopeError
 from embedstream.metrics import Metrics
 from embedstream.models.routing import Routing
 from embedstream.payloads import PayloadResolver
+from embedstream.preprocess.base import Prepared
 from embedstream.runtime.loader import LoadedModel
-from embedstream.runtime.preprocess import Prepared
 from embedstream.settings import Settings
 from embedstream.sinks.base import Deletion
 from embedstream.worker.deadletters import describe

@@ -25,10 +25,9 @@ from embedstream.models.manifest import find_models
 from embedstream.retry import retry
 from embedstream.rollout.state import Control, read_control
 from embedstream.rollout.watcher import attach, routing_for
-from embedstream.runtime.loader import LoadedModel, load_models
+from embedstream.runtime.loader import LoadedModel, load_configured
 from embedstream.runtime.memory import grew, rss_mb
 from embedstream.runtime.onnx import GPU_PROVIDERS, choose_providers, default_threads
-from embedstream.runtime.preprocess import Limits
 from embedstream.runtime.warmup import warm_up
 from embedstream.settings import Settings
 from embedstream.sinks.redis import STARTUP_BACKOFF, RedisSink, connect, wait_until_answering
@@ -90,13 +89,8 @@ def load_instances(
     count = instances_per_process(settings, threads)
     shared = not on_gpu(settings)
     sets = [
-        load_models(
-            settings.model_dir,
-            settings.models if names is None else names,
-            providers=settings.providers,
-            threads=max(1, threads // count),
-            limits=Limits.from_settings(settings),
-        )
+        load_configured(settings, settings.models if names is None else names,
+                        threads=max(1, threads // count))
         for _ in range(1 if shared else count)
     ]
     if settings.warmup:

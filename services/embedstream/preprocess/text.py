@@ -16,8 +16,8 @@ from tokenizers import Tokenizer
 
 from embedstream.errors import EnvelopeError, ModelError
 from embedstream.models.manifest import Manifest
-from embedstream.runtime.chunking import Span, split
-from embedstream.runtime.preprocess import Limits, Prepared, register
+from embedstream.preprocess.base import Limits, Prepared, register
+from embedstream.preprocess.chunking import Span, split
 
 
 @dataclass(frozen=True, slots=True)

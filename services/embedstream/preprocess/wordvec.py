@@ -30,7 +30,7 @@ import numpy as np
 
 from embedstream.errors import ConfigError, EnvelopeError
 from embedstream.models.manifest import Manifest
-from embedstream.runtime.preprocess import Limits, Prepared, register
+from embedstream.preprocess.base import Limits, Prepared, register
 
 DEFAULT_TOKEN_PATTERN = r"\w+(?:[-']\w+)*|[^\w\s]"
 

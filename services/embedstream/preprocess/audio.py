@@ -42,7 +42,7 @@ import soundfile as sf
 
 from embedstream.errors import ConfigError, EnvelopeError
 from embedstream.models.manifest import Manifest
-from embedstream.runtime.preprocess import Limits, Prepared, prepare_each, register
+from embedstream.preprocess.base import Limits, Prepared, prepare_each, register
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Implementations sit beside this module: ``text.py`` (tokenizer.json),
 decode, resize, crop, normalise) and ``audio.py`` (soundfile decode,
 resample, log-mel front end). They import this interface and register
 themselves; this module imports none of them (the choice by manifest is
-:func:`embedstream.runtime.modalities.build_preprocessor`).
+:func:`embedstream.preprocess.modalities.build_preprocessor`).
 
 Contract:
 

@@ -1,7 +1,7 @@
 """Every modality's preprocessor, and the choice of one by a model's manifest.
 
-:mod:`embedstream.runtime.preprocess` holds the interface and the registry
-(:data:`~embedstream.runtime.preprocess.PREPROCESSORS`); the modality modules
+:mod:`embedstream.preprocess.base` holds the interface and the registry
+(:data:`~embedstream.preprocess.base.PREPROCESSORS`); the modality modules
 beside it (``text``, ``wordvec``, ``image``, ``audio``) import that interface
 and register their implementations. This module is the one place that
 imports them all, so the interface never imports its implementations back.
@@ -13,14 +13,14 @@ from pathlib import Path
 
 from embedstream.errors import ConfigError
 from embedstream.models.manifest import Manifest
-from embedstream.runtime.preprocess import PREPROCESSORS, Limits, Preprocessor
+from embedstream.preprocess.base import PREPROCESSORS, Limits, Preprocessor
 
 
 def build_preprocessor(manifest: Manifest, model_dir: Path, limits: Limits) -> Preprocessor:
     """The preprocessor the manifest asks for (``modality`` and ``extra["kind"]``)."""
     # Imported on first use, not with this module: a text-only worker never
     # loads Pillow or soundfile. Importing them fills PREPROCESSORS.
-    from embedstream.runtime import audio, image, text, wordvec  # noqa: F401  (registration)
+    from embedstream.preprocess import audio, image, text, wordvec  # noqa: F401  (registration)
 
     key = (manifest.modality, str(manifest.extra.get("kind", "")))
     try:

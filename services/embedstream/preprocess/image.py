@@ -28,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from embedstream.errors import ConfigError, EnvelopeError
 from embedstream.models.manifest import Manifest
-from embedstream.runtime.preprocess import Limits, Prepared, prepare_each, register
+from embedstream.preprocess.base import Limits, Prepared, prepare_each, register
 
 log = logging.getLogger(__name__)
 
