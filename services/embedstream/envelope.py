@@ -30,7 +30,9 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
+from embedstream import cloudevent
 from embedstream.errors import EnvelopeError
+from embedstream.records import HEADER_CONTENT_TYPE, RawRecord, header  # (their callers import them from here too)
 
 # The closed set of reasons an event is rejected for. They label the failure
 # counter and the dead-letter header, so keep the set small and stable.
@@ -72,7 +74,6 @@ REASONS = (
 # The raw-bytes form: the record value is the file itself and these headers
 # carry what the JSON envelope would. A record is in this form when its
 # ``content-type`` header is present and is not JSON.
-HEADER_CONTENT_TYPE = "content-type"
 HEADER_ID = "embedstream.id"
 HEADER_MODEL = "embedstream.model"
 HEADER_METADATA = "embedstream.metadata"
@@ -110,19 +111,6 @@ class MetadataLimits:
     max_fields: int = 256
     max_bytes: int = 64 << 10
     """UTF-8 bytes of every name and (serialised) value together."""
-
-
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """A record as consumed, independent of the Kafka client that fetched it."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int
-    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +166,6 @@ def decode(
     content mode, see :mod:`embedstream.cloudevent`) is decoded from the record
     it unwraps to; the event keeps the record as consumed.
     """
-    from embedstream import cloudevent  # (it builds on this module)
-
     if cloudevent.is_cloudevent(record):
         native = cloudevent.unwrap(record, modality)
         return replace(decode(native, modality, max_bytes, metadata_limits, tenant_from),
@@ -353,15 +339,6 @@ def _integral(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
-def header(record: RawRecord, name: str) -> bytes | None:
-    """The last value of header ``name`` (case-insensitive), or None."""
-    found = None
-    for key, value in record.headers:
-        if key.lower() == name:
-            found = value
-    return found
-
-
 def _is_raw(record: RawRecord) -> bool:
     content_type = header(record, HEADER_CONTENT_TYPE)
     return content_type is not None and not content_type.lower().startswith(b"application/json")
