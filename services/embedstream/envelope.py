@@ -32,7 +32,9 @@ from typing import Any
 
 from embedstream import cloudevent
 from embedstream.errors import EnvelopeError
-from embedstream.records import HEADER_CONTENT_TYPE, RawRecord, header  # (their callers import them from here too)
+
+# (most callers take RawRecord, header and HEADER_CONTENT_TYPE from here too)
+from embedstream.records import HEADER_CONTENT_TYPE, RawRecord, header
 
 # The closed set of reasons an event is rejected for. They label the failure
 # counter and the dead-letter header, so keep the set small and stable.
