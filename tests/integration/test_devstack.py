@@ -26,8 +26,19 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from redis.commands.search.query import Query
 
-from embedstream import devstack
-from embedstream.devstack import DevStackConfig, DevStackError, down, embedded_stack, status, up
+from embedstream.devstack import (
+    DevStackConfig,
+    DevStackError,
+    down,
+    embedded_stack,
+    free_port,
+    probes,
+    processes,
+    servers,
+    status,
+    up,
+)
+from embedstream.devstack import stack as stack_module
 
 # --------------------------------------------------------------------------- helpers
 
@@ -50,18 +61,18 @@ def own_cfg(tmp_path: Path) -> Iterator[DevStackConfig]:
 
 
 def _pid_gone(pid: int) -> bool:
-    return not devstack._alive(pid)
+    return not processes.alive(pid)
 
 
-def _fake_service(tmp_path: Path, name: str, code: str, answers: bool) -> devstack._Service:
+def _fake_service(tmp_path: Path, name: str, code: str, answers: bool) -> processes.Service:
     """A stand-in server: a Python one-liner and a probe that answers or not."""
 
     def probe() -> tuple[str, bool | None]:
         if not answers:
-            raise devstack._NotReady("no answer")
+            raise probes.NotReady("no answer")
         return "answering", None
 
-    return devstack._Service(
+    return processes.Service(
         name=name, host="127.0.0.1", port=1, binary=Path(sys.executable),
         argv=(sys.executable, "-c", code), pid_file=tmp_path / f"{name}.pid",
         log_file=tmp_path / f"{name}.log", probe=probe,
@@ -80,7 +91,7 @@ def test_config_addresses() -> None:
 def test_free_ports_are_distinct_and_bindable(tmp_path: Path) -> None:
     cfg = DevStackConfig.on_free_ports(tmp_path)
     assert cfg.broker_port != cfg.redis_port
-    for port in (cfg.broker_port, cfg.redis_port, devstack.free_port()):
+    for port in (cfg.broker_port, cfg.redis_port, free_port()):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
 
@@ -98,7 +109,7 @@ def test_status_and_down_of_a_stack_never_started(tmp_path: Path) -> None:
 
 def test_status_points_at_a_foreign_listener(tmp_path: Path, listening: socket.socket) -> None:
     cfg = DevStackConfig(broker_port=listening.getsockname()[1], state_dir=tmp_path,
-                         redis_port=devstack.free_port())
+                         redis_port=free_port())
     assert "in use by another process" in status(cfg).broker.detail
 
 
@@ -119,14 +130,14 @@ def test_up_refuses_one_address_for_both(tmp_path: Path) -> None:
 
 def test_a_pid_file_naming_another_program_is_not_trusted(tmp_path: Path) -> None:
     cfg = DevStackConfig.on_free_ports(tmp_path)
-    broker_bin = devstack._broker_binary()
+    broker_bin = servers.broker_binary()
     # Our own pid, recorded as the broker: alive, but the wrong binary.
-    devstack._write_pid_file(tmp_path / "broker.pid", devstack._PidRecord(
+    processes.write_pid_file(tmp_path / "broker.pid", processes.PidRecord(
         os.getpid(), str(broker_bin), "127.0.0.1", cfg.broker_port, None))
     # A dead pid.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    devstack._write_pid_file(tmp_path / "redis.pid", devstack._PidRecord(
+    processes.write_pid_file(tmp_path / "redis.pid", processes.PidRecord(
         dead.pid, str(broker_bin), "127.0.0.1", cfg.redis_port, None))
 
     st = status(cfg)
@@ -137,8 +148,8 @@ def test_a_pid_file_naming_another_program_is_not_trusted(tmp_path: Path) -> Non
 
 
 def test_process_identity_uses_the_executable() -> None:
-    assert devstack._runs_binary(os.getpid(), Path(sys.executable))
-    assert not devstack._runs_binary(os.getpid(), devstack._broker_binary())
+    assert processes.runs_binary(os.getpid(), Path(sys.executable))
+    assert not processes.runs_binary(os.getpid(), servers.broker_binary())
 
 
 def test_a_server_that_dies_stops_the_others_and_quotes_its_log(tmp_path: Path) -> None:
@@ -147,25 +158,25 @@ def test_a_server_that_dies_stops_the_others_and_quotes_its_log(tmp_path: Path) 
         tmp_path, "bad", "print('\\x1b[31mERROR\\x1b[0m bind: Address in use'); raise SystemExit(0)",
         answers=False,
     )
-    ours_before = set(devstack._children)
+    ours_before = set(processes.children)
     with pytest.raises(DevStackError) as info:
-        devstack._start_all([good, bad], timeout_s=10)
+        processes.start_all([good, bad], timeout_s=10)
     message = str(info.value)
     assert message.startswith("bad (127.0.0.1:1) exited during start-up")
     assert str(bad.log_file) in message
     assert "ERROR bind: Address in use" in message  # colour codes stripped
     assert not list(tmp_path.glob("*.pid"))
-    assert set(devstack._children) <= ours_before  # the good one was stopped and reaped
+    assert set(processes.children) <= ours_before  # the good one was stopped and reaped
 
 
 def test_a_server_that_never_answers_times_out(tmp_path: Path) -> None:
     mute = _fake_service(tmp_path, "mute", "import time; time.sleep(60)", answers=False)
-    ours_before = set(devstack._children)
+    ours_before = set(processes.children)
     started = time.monotonic()
     with pytest.raises(DevStackError, match=r"mute .* did not answer on 127.0.0.1:1 within 0.5s"):
-        devstack._start_all([mute], timeout_s=0.5)
+        processes.start_all([mute], timeout_s=0.5)
     assert time.monotonic() - started < 5
-    assert set(devstack._children) <= ours_before
+    assert set(processes.children) <= ours_before
 
 
 # --------------------------------------------------------------------------- integration
@@ -219,7 +230,7 @@ def test_lifecycle_up_status_down_is_idempotent(own_cfg: DevStackConfig) -> None
     again = up(own_cfg)  # already running: left as is
     assert (again.broker.pid, again.redis.pid) == pids
 
-    other_port = replace(own_cfg, broker_port=devstack.free_port())
+    other_port = replace(own_cfg, broker_port=free_port())
     with pytest.raises(DevStackError, match="already runs on"):
         up(other_port)
 
@@ -281,7 +292,7 @@ def test_a_real_server_losing_the_port_race_fails_with_its_log(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The port is taken between the pre-check and the bind: the server itself fails.
-    monkeypatch.setattr(devstack, "_port_free", lambda host, port: True)
+    monkeypatch.setattr(stack_module, "port_free", lambda host, port: True)
     port = listening.getsockname()[1]
     cfg = replace(own_cfg, **{f"{service}_port": port})
     with pytest.raises(DevStackError) as info:
@@ -297,7 +308,7 @@ def test_a_real_server_losing_the_port_race_fails_with_its_log(
 def test_redis_runs_without_the_search_module(
     own_cfg: DevStackConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(devstack, "search_module_path", lambda: None)
+    monkeypatch.setattr(servers, "search_module_path", lambda: None)
     with caplog.at_level(logging.WARNING, logger="embedstream.devstack"):
         st = up(own_cfg)
     assert st.ok and not st.search
