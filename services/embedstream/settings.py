@@ -528,6 +528,12 @@ class Settings(BaseSettings):
             modality
         ]
 
+    def default_model_for(self, modality: str) -> str:
+        """The configured default model of a modality (the one place that maps the
+        per-modality fields back; routing applies it to the models actually served)."""
+        return {"text": self.default_text_model, "image": self.default_image_model,
+                "audio": self.default_audio_model}[modality]
+
     def bootstrap_servers(self) -> list[str]:
         return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
 

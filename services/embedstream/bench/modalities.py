@@ -109,21 +109,21 @@ MODALITIES: dict[str, Modality] = {
         count_arg="texts", smoke_count=48, smoke_batch=16,
         generate=generated_texts, read_file=file_texts, measure=_text_work, peer=PeerRow,
         reference="peer (sentence-transformers fp32)",
-        default_model=lambda s: s.default_text_model, export_default=_export_text,
+        default_model=lambda s: s.default_model_for("text"), export_default=_export_text,
     ),
     "image": Modality(
         rows=_MEDIA_ROWS, count_arg="images", smoke_count=16, smoke_batch=4,
         generate=media.generated_images,
         read_file=lambda path, limit: media.file_media(path, "image", limit),
         measure=_image_work, peer=TorchRow, reference=_TORCH_REFERENCE,
-        default_model=lambda s: s.default_image_model, export_default=_export_image,
+        default_model=lambda s: s.default_model_for("image"), export_default=_export_image,
     ),
     "audio": Modality(
         rows=_MEDIA_ROWS, count_arg="clips", smoke_count=16, smoke_batch=4,
         generate=media.generated_clips,
         read_file=lambda path, limit: media.file_media(path, "audio", limit),
         measure=_audio_work, peer=TorchRow, reference=_TORCH_REFERENCE,
-        default_model=lambda s: s.default_audio_model, export_default=_export_audio,
+        default_model=lambda s: s.default_model_for("audio"), export_default=_export_audio,
     ),
 }
 

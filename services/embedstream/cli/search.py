@@ -57,8 +57,7 @@ def search_example(
     all_chunks: bool = False,
 ) -> int:
     """Search by example: embed an image or audio file with the model, find its neighbours."""
-    name = model or (settings.default_image_model if modality == "image"
-                     else settings.default_audio_model)
+    name = model or settings.default_model_for(modality)
     data = path.read_bytes()
 
     def embed(served: str) -> np.ndarray:

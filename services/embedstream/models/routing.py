@@ -4,22 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from embedstream.settings import Settings
+from embedstream.settings import MODALITIES, Settings
 
 
 def default_models(settings: Settings, served: dict[str, str]) -> dict[str, str]:
     """Modality -> the model used when none is named, for the models ``served``
     (name -> modality): the configured default of that modality when served,
     otherwise the first served model of the modality by name."""
-    preferred = {
-        "text": settings.default_text_model,
-        "image": settings.default_image_model,
-        "audio": settings.default_audio_model,
-    }
     defaults: dict[str, str] = {}
     for modality in sorted(set(served.values())):
         names = sorted(n for n, m in served.items() if m == modality)
-        choice = preferred.get(modality)
+        choice = settings.default_model_for(modality) if modality in MODALITIES else None
         defaults[modality] = choice if choice in names else names[0]
     return defaults
 
