@@ -199,3 +199,25 @@ def test_queries_route_like_ingest_and_refused_media_is_a_4xx(tmp_path):
     with pytest.raises(GatewayError) as caught:
         searcher.embed(searcher.model_for(None, "image"), b"not an image")
     assert (caught.value.status, caught.value.code) == (422, "invalid_image")
+
+
+def test_every_request_is_counted_and_timed_by_route_name_and_status():
+    from embedstream.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    settings = Settings(gateway_search=False)
+    client = TestClient(create_app(settings, MemoryPublisher(), metrics=metrics))
+    assert client.post("/v1/events/text", json={"text": "a"}).status_code == 202
+    assert client.post("/v1/events/text", json={"text": " "}).status_code == 422
+    assert client.get("/no/such/path").status_code == 404
+    assert client.get("/openapi.json").status_code == 200
+
+    def count(route: str, status: str) -> float:
+        return metrics.registry.get_sample_value(
+            "embedstream_gateway_requests_total", {"route": route, "status": status}) or 0.0
+
+    assert (count("ingest", "202"), count("ingest", "422")) == (1, 1)
+    assert (count("other", "404"), count("docs", "200")) == (1, 1)
+    timed = metrics.registry.get_sample_value(
+        "embedstream_gateway_request_seconds_count", {"route": "ingest"})
+    assert timed == 2
