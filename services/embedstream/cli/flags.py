@@ -100,18 +100,15 @@ def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
     elif origin is dict:
         options["type"] = _json_object
         options["metavar"] = "JSON"
-    elif annotation is int:
-        options["type"] = int
-        options["metavar"] = "N"
-    elif annotation is float:
-        options["type"] = float
-        options["metavar"] = "X"
-    elif annotation is Path:
-        options["type"] = Path
-        options["metavar"] = "PATH"
+    elif annotation in _SCALARS:
+        options["type"] = annotation
+        options["metavar"] = _SCALARS[annotation]
     else:
         options["metavar"] = "TOPIC" if name.startswith("topic_") else name.rsplit("_", 1)[-1].upper()
     return options
+
+
+_SCALARS: dict[Any, str] = {int: "N", float: "X", Path: "PATH"}  # type -> metavar
 
 
 def _unwrap_optional(annotation: Any) -> Any:
