@@ -103,7 +103,6 @@ def create_app(
         auth = Authenticator(settings, metrics)
         check_exposure(settings, auth)
     auth.metrics = metrics
-    limits = Limits(settings.gateway_max_events, settings.max_event_bytes)
     metrics.broker_ready.set_function(lambda: float(publisher.ready()))
 
     @asynccontextmanager
@@ -123,7 +122,21 @@ def create_app(
     )
     app.state.auth = auth
     _install_handlers(app, metrics)
+    _add_ingest_routes(app, settings, publisher, searcher, metrics)
+    _add_query_routes(app, settings, searcher, auth)
+    _add_admin_routes(app, settings, publisher)
+    _add_operations_routes(app, publisher, searcher, metrics)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="page-static")
+    check_routes(app)
+    document_scopes(app)
+    return app
 
+
+# ------------------------------------------------------------------ routes, by area
+def _add_ingest_routes(app: FastAPI, settings: Settings, publisher: EventPublisher,
+                       searcher: Searcher | None, metrics: GatewayMetrics) -> None:
+    """``POST /v1/events/{modality}``: events into Kafka (scope ``ingest``)."""
+    limits = Limits(settings.gateway_max_events, settings.max_event_bytes)
     infos = list(searcher.info.values()) if searcher is not None else []
     for modality in MODALITIES:
         served_names = sorted(i.name for i in infos if i.modality == modality)
@@ -134,6 +147,12 @@ def create_app(
             openapi_extra=ingest_openapi(modality, served_names, settings.gateway_max_events),
             summary=f"Publish {modality} events", operation_id=f"ingest_{modality}",
         )(_ingest_handler(modality, settings, publisher, searcher, metrics, limits))
+
+
+def _add_query_routes(app: FastAPI, settings: Settings, searcher: Searcher | None,
+                      auth: Authenticator) -> None:
+    """Search, the OpenAI-compatible embeddings, stored vectors and the served models."""
+    infos = list(searcher.info.values()) if searcher is not None else []
 
     @app.post(
         "/v1/search", name="search", dependencies=[require("search")],
@@ -191,6 +210,24 @@ def create_app(
             "fields": {k: v for k, v in fields.items() if k != "metadata"},
         })
 
+    @app.get("/v1/models", name="models", dependencies=[require()],
+             response_model=schemas.ModelsResponse, responses={**_ERRORS, **_LIMITED},
+             summary="Models served for search, with their filter fields (any valid key)")
+    def models(request: Request) -> JSONResponse:
+        infos = searcher.info.values() if searcher is not None else []
+        principal = principal_of(request)
+        return JSONResponse({
+            "models": [{"name": i.name, "modality": i.modality, "dimension": i.dimension,
+                        "filters": i.schema} for i in infos],
+            "auth": auth.enabled,
+            "scopes": sorted(principal.scopes),
+            "tenant": principal.tenant,
+            "rollouts": searcher.rollouts() if searcher is not None else [],
+        })
+
+
+def _add_admin_routes(app: FastAPI, settings: Settings, publisher: EventPublisher) -> None:
+    """``DELETE /v1/items/{id}``: a tombstone on every topic (scope ``admin``)."""
     @app.delete(
         "/v1/items/{event_id}", name="delete", status_code=202, dependencies=[require("admin")],
         response_model=schemas.Deleted, responses={**_ERRORS, **_RETRY},
@@ -211,21 +248,10 @@ def create_app(
             await run_in_threadpool(publisher.publish, topic, [(event_id, None)], headers)
         return JSONResponse({"id": event_id, "topics": topics}, status_code=202)
 
-    @app.get("/v1/models", name="models", dependencies=[require()],
-             response_model=schemas.ModelsResponse, responses={**_ERRORS, **_LIMITED},
-             summary="Models served for search, with their filter fields (any valid key)")
-    def models(request: Request) -> JSONResponse:
-        infos = searcher.info.values() if searcher is not None else []
-        principal = principal_of(request)
-        return JSONResponse({
-            "models": [{"name": i.name, "modality": i.modality, "dimension": i.dimension,
-                        "filters": i.schema} for i in infos],
-            "auth": auth.enabled,
-            "scopes": sorted(principal.scopes),
-            "tenant": principal.tenant,
-            "rollouts": searcher.rollouts() if searcher is not None else [],
-        })
 
+def _add_operations_routes(app: FastAPI, publisher: EventPublisher, searcher: Searcher | None,
+                           metrics: GatewayMetrics) -> None:
+    """Health, readiness, metrics and the search page: public."""
     @app.get("/healthz", name="health", summary="Liveness", dependencies=[PUBLIC])
     def healthz() -> dict[str, bool]:
         return {"alive": True}
@@ -247,11 +273,6 @@ def create_app(
     @app.get("/", name="page", include_in_schema=False, dependencies=[PUBLIC])
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
-
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="page-static")
-    check_routes(app)
-    document_scopes(app)
-    return app
 
 
 def _tenant_headers(principal: Principal) -> list[tuple[str, bytes]]:
