@@ -314,7 +314,8 @@ class _Target:
         row.index_bytes_per_vector = float(info["vector_index_sz_mb"]) * 2**20 / self.written
         row.recall_at_10, row.query_p50_ms = self._recall(client, queries, exact, None)
         if self.candidate.index.algorithm == "HNSW":
-            row.recall_by_ef = {ef: self._recall(client, queries, exact, ef) for ef in EF_SWEEP}
+            sweep = sorted({*EF_SWEEP, self.candidate.index.ef_runtime})  # its own too
+            row.recall_by_ef = {ef: self._recall(client, queries, exact, ef) for ef in sweep}
         return row
 
     def _check_indexed(self, info: dict[str, Any]) -> None:
