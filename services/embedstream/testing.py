@@ -103,7 +103,8 @@ class MemorySink:
             self.full_next -= 1
             raise StoreFull("simulated OOM command not allowed")
         self.writes += 1
-        stored = duplicates = stale = 0
+        stored = duplicates = 0
+        stale_at: list[int] = []
         rejected: list[Rejected] = []
         for index, result in enumerate(results):
             if result.event.id in self.refuse_ids:
@@ -113,16 +114,16 @@ class MemorySink:
             current = self.stored.get(key)
             order = _order(result.event)
             if current is not None and _order(current.event) > order:
-                stale += 1
+                stale_at.append(index)
             elif current is not None and _order(current.event) == order:
                 duplicates += 1
             elif key in self.markers and self.markers[key] >= order:
-                stale += 1
+                stale_at.append(index)
             else:
                 self.stored[key] = result
                 self.markers.pop(key, None)
                 stored += 1
-        return WriteOutcome(stored, duplicates, stale, tuple(rejected))
+        return WriteOutcome(stored, duplicates, len(stale_at), tuple(rejected), tuple(stale_at))
 
     def delete(self, deletions: list[Deletion]) -> DeleteOutcome:
         if self.fail_next:

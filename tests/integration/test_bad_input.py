@@ -130,8 +130,10 @@ def test_equal_versions_are_ordered_by_offset_in_the_write_script(stack, unique,
         assert sink.write([result(9, 0, "later")]).stored == 1
         outcome = sink.write([result(5, 0, "earlier, written second")])
         assert (outcome.stored, outcome.stale) == (0, 1)
-        assert sink.write([result(9, 0, "later")]).duplicates == 1  # a redelivery
-        assert sink.write([result(9, 1, "same offset, higher partition")]).stored == 1
+        mixed = sink.write([result(10, 0, "newest"), result(6, 0, "older again")])
+        assert (mixed.stored, mixed.stale, mixed.stale_at) == (1, 1, (1,))  # which one: never announced
+        assert sink.write([result(10, 0, "newest")]).duplicates == 1  # a redelivery
+        assert sink.write([result(10, 1, "same offset, higher partition")]).stored == 1
         assert sink.write([result(1, 0, "newer version", version=8)]).stored == 1
         assert client.hget(result_key(unique, manifest.name, "doc"), "text") == b"newer version"
     finally:

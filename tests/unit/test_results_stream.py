@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
@@ -57,3 +58,22 @@ def test_result_record_format(model):
     }
     assert "vector" not in result_record(Embedded(event, manifest, np.ones(8)), "es", 1.5, False)
     json.dumps(body)
+
+
+def test_a_stale_write_is_committed_but_never_announced(model):
+    # The delete (newer) reaches the store first; the older upsert of the same document
+    # is then left out by the store, and the results stream must not say it was stored.
+    from embedstream.envelope import RawRecord, encode
+
+    now = int(time.time() * 1000)
+    records = [RawRecord("embedstream.text", 0, 0, b"doc", None, now + 10),
+               RawRecord("embedstream.text", 0, 1, b"doc", encode("doc", text="w1 w2"), now),
+               RawRecord("embedstream.text", 0, 2, b"new", encode("new", text="w3"), now)]
+    worker, source, sink, _ = make_worker(model, records)
+    worker.results = results = MemoryResults(sink)
+    assert run_until(worker, lambda: source.committed.get(("embedstream.text", 0)) == 3) == 0
+    assert ("fake", "doc") not in sink.stored
+    assert results.deleted == [("fake", "doc")]
+    assert results.announced == [("fake", "new")]
+    assert worker.metrics.registry.get_sample_value(
+        "embedstream_events_stale_total", {"model": "fake"}) == 1

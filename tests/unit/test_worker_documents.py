@@ -52,7 +52,8 @@ def test_a_tombstone_and_an_op_delete_remove_the_document_and_are_not_dead_lette
                record(3, encode("other", op="delete"), key=None, ts=ts + 3)]
     worker, source, sink, dlq = make_worker(model, records)
     worker.results = results = MemoryResults(sink)
-    run_until(worker, lambda: source.committed.get(TP) == 4)
+    assert run_until(worker, lambda: source.committed.get(TP) == 4) == 0
+    assert source.committed.get(TP) == 4
     assert sink.stored == {} and dlq.letters == []
     assert counter(worker.metrics, "embedstream_events_deleted_total", model="fake") == 2
     assert sorted(results.deleted) == [("fake", "doc"), ("fake", "other")]

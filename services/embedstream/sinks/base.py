@@ -94,6 +94,7 @@ class WriteOutcome:
     duplicates: int = 0  # this version was already stored (a redelivery)
     stale: int = 0  # a newer version is stored; left as it was
     rejected: tuple[Rejected, ...] = ()  # refused for their data; not stored
+    stale_at: tuple[int, ...] = ()  # the indexes of the stale ones: never announced as stored
 
 
 class Sink(Protocol):

@@ -440,10 +440,12 @@ class RedisSink:
                 rejected.append(Rejected(index, f"cannot encode a field: {err}"))
                 continue
             self._write_script(keys=keys, args=encoded, client=batch.pipe(keys[0], index))
-        codes = self._execute(batch, rejected, len(results))
+        replies = self._execute(batch, rejected, len(results))
+        codes = [code for _, code in replies]
         return WriteOutcome(
             stored=codes.count(1), duplicates=codes.count(2), stale=codes.count(0),
             rejected=tuple(sorted(rejected, key=lambda r: r.index)),
+            stale_at=tuple(index for index, code in replies if code == 0),
         )
 
     def delete(self, deletions: list[Deletion]) -> DeleteOutcome:
@@ -461,16 +463,18 @@ class RedisSink:
                 client=batch.pipe(key, index),
             )
         rejected: list[Rejected] = []
-        codes = self._execute(batch, rejected, len(deletions))
+        codes = [code for _, code in self._execute(batch, rejected, len(deletions))]
         if rejected:  # a delete touches only our own keys: a refusal is about the store
             raise SinkError(f"Redis refused a delete: {rejected[0].detail}")
         return DeleteOutcome(deleted=codes.count(1), absent=codes.count(3),
                              stale=codes.count(0), duplicates=codes.count(2))
 
-    def _execute(self, batch: _Batch, rejected: list[Rejected], size: int) -> list[int]:
-        """Run the batch's pipelines (one per master, all at once): reply codes of the
-        calls that worked; per-item refusals appended to ``rejected``; failures about the
-        server raised (in a cluster, after re-reading the slot map: a slot may have moved)."""
+    def _execute(self, batch: _Batch, rejected: list[Rejected],
+                 size: int) -> list[tuple[int, int]]:
+        """Run the batch's pipelines (one per master, all at once): (item index, reply
+        code) of the calls that worked; per-item refusals appended to ``rejected``; failures
+        about the server raised (in a cluster, after re-reading the slot map: a slot may
+        have moved)."""
         if not batch.pipes:
             return []
         try:
@@ -478,10 +482,10 @@ class RedisSink:
         except (redis.RedisError, RedisClusterException) as err:
             self._refresh_slots()
             raise self._failure(err, size) from err
-        codes: list[int] = []
+        codes: list[tuple[int, int]] = []
         for index, reply in answered:
             if not isinstance(reply, Exception):
-                codes.append(int(reply))
+                codes.append((index, int(reply)))
             elif classify(reply) == "item":
                 rejected.append(Rejected(index, f"Redis refused the write: {reply}"))
             else:

@@ -99,13 +99,17 @@ class SinkStage:
         for rejection in outcome.rejected:
             self._reject(embedded[rejection.index].event.record, rejection.reason,
                          rejection.detail)
-        stored = [doc for i, doc in enumerate(embedded) if i not in refused]
-        if self.announcer is not None and stored:
-            self._retry(functools.partial(self.announcer.publish, stored),
+        done = [doc for i, doc in enumerate(embedded) if i not in refused]
+        # A stale document (a newer version or a newer delete is stored) was left as it
+        # was: announcing it would tell the results stream an older state than the store's.
+        stale = set(outcome.stale_at)
+        fresh = [doc for i, doc in enumerate(embedded) if i not in refused and i not in stale]
+        if self.announcer is not None and fresh:
+            self._retry(functools.partial(self.announcer.publish, fresh),
                         "results stream unavailable")
-        self._count(result.model.name, stored, outcome)
-        if stored:
-            self._done([position(doc.event.record) for doc in stored])
+        self._count(result.model.name, done, outcome)
+        if done:
+            self._done([position(doc.event.record) for doc in done])
 
     def delete(self, batch: DeleteBatch) -> None:
         """Apply deletions (versioned, see the sink), announce them, then done."""
@@ -150,12 +154,14 @@ class SinkStage:
             outcomes.append(WriteOutcome(
                 one.stored, one.duplicates, one.stale,
                 tuple(Rejected(index, r.detail, r.reason) for r in one.rejected),
+                (index,) if one.stale_at else (),
             ))
         return WriteOutcome(
             stored=sum(o.stored for o in outcomes),
             duplicates=sum(o.duplicates for o in outcomes),
             stale=sum(o.stale for o in outcomes),
             rejected=tuple(r for o in outcomes for r in o.rejected),
+            stale_at=tuple(i for o in outcomes for i in o.stale_at),
         )
 
     def _retry(self, call: Callable[[], Any], what: str,
