@@ -70,7 +70,9 @@ def text_records(texts: list[str], partition: int = 0, start: int = 0) -> list[R
 
 def make_worker(model: LoadedModel, records: list[RawRecord], ledger=None, **overrides):
     """A worker over in-memory parts: (worker, source, sink, dead letters)."""
+    # Commits every 50 ms rather than every second: the tests wait for them.
     settings = Settings(**{"batch_max_items": 4, "batch_max_wait_ms": 5, "shutdown_timeout_s": 5,
+                           "commit_interval_ms": 50,
                            **overrides})
     sink, dlq = MemorySink(), MemoryDeadLetters()
     holder: dict[str, MemorySource] = {}
