@@ -50,6 +50,15 @@ def test_a_flag_overrides_the_environment_and_an_unset_flag_leaves_it(monkeypatc
     assert settings.batch_max_items == 9
 
 
+def test_a_setting_given_before_the_command_is_kept(monkeypatch):
+    monkeypatch.delenv("EMBEDSTREAM_LOG_LEVEL", raising=False)
+    parser = build_parser()
+    for argv in (["--log-level", "DEBUG", "worker"], ["worker", "--log-level", "DEBUG"],
+                 ["--log-level", "DEBUG", "search", "q"]):
+        assert settings_from_args(parser.parse_args(argv)).log_level == "DEBUG", argv
+    assert settings_from_args(parser.parse_args(["worker"])).log_level == "INFO"
+
+
 def test_flags_of_each_kind_of_setting_parse_to_the_field():
     args = build_parser().parse_args([
         "worker", "--providers", "CUDAExecutionProvider,CPUExecutionProvider",

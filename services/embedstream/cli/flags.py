@@ -87,6 +87,9 @@ def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
     default = field.default if field.default_factory is None else field.default_factory()  # type: ignore[call-arg]
     options: dict[str, Any] = {
         "help": f"{help_text} [EMBEDSTREAM_{name.upper()}; default {_show(default)}]",
+        # An unset flag leaves no attribute: the environment stays in force, and a
+        # subcommand's unset flag cannot undo the same flag given before the command.
+        "default": argparse.SUPPRESS,
     }
     origin = typing.get_origin(annotation)
     if annotation is bool:
