@@ -34,7 +34,7 @@ from dataclasses import replace
 from typing import Any
 
 from embedstream.errors import EnvelopeError
-from embedstream.records import HEADER_CONTENT_TYPE, RawRecord, header
+from embedstream.records import HEADER_CONTENT_TYPE, RawRecord, encode, header
 
 SPECVERSION = "1.0"
 STRUCTURED = "application/cloudevents+json"
@@ -124,10 +124,7 @@ def _native(record: RawRecord, modality: str, event_id: str, ctype: str, data: b
             text = data.decode("utf-8")
         except UnicodeDecodeError as err:
             raise EnvelopeError("invalid_utf8", f"the text is not UTF-8: {err}") from err
-        # our envelope of a text event (the wire schema's upsert), as envelope.encode makes it
-        envelope = {"id": event_id, "text": text}
-        value = json.dumps(envelope, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        return replace(record, key=key, value=value, headers=plain)
+        return replace(record, key=key, value=encode(event_id, text=text), headers=plain)
     if modality == "text":
         raise _invalid(f"a text event's data must be JSON or text/*, not {ctype!r}")
     return replace(record, key=key, value=data,

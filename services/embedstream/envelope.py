@@ -33,8 +33,9 @@ from typing import Any
 from embedstream import cloudevent
 from embedstream.errors import EnvelopeError
 
-# (most callers take RawRecord, header and HEADER_CONTENT_TYPE from here too)
+# (most callers take RawRecord, header, encode and HEADER_CONTENT_TYPE from here too)
 from embedstream.records import HEADER_CONTENT_TYPE, RawRecord, header
+from embedstream.records import encode as encode  # re-exported: the producer side of decode
 
 # The closed set of reasons an event is rejected for. They label the failure
 # counter and the dead-letter header, so keep the set small and stable.
@@ -458,34 +459,3 @@ def flat_metadata(metadata: dict[str, Any]) -> dict[str, str]:
         else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         for name, value in metadata.items()
     }
-
-
-def encode(
-    event_id: str,
-    *,
-    text: str | None = None,
-    model: str | None = None,
-    metadata: dict[str, Any] | None = None,
-    data_b64: str | None = None,
-    uri: str | None = None,
-    version: int | None = None,
-    op: str | None = None,
-) -> bytes:
-    """Serialise an envelope (the producer side of :func:`decode`); ``op="delete"``
-    makes a delete."""
-    body: dict[str, Any] = {"id": event_id}
-    if op is not None:
-        body["op"] = op
-    if version is not None:
-        body["version"] = version
-    if text is not None:
-        body["text"] = text
-    if data_b64 is not None:
-        body["data"] = data_b64
-    if uri is not None:
-        body["uri"] = uri
-    if model is not None:
-        body["model"] = model
-    if metadata:
-        body["metadata"] = metadata
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
