@@ -22,7 +22,7 @@ Where it differs from OpenAI, it says so with a 400:
   (``data:image/png;base64,...``); ``usage`` counts one per image or
   preprocessed audio frame.
 
-Inputs are tokenized (on the event loop when short, else in a worker thread) and embedded through the model's
+Inputs are tokenized in the request's thread and embedded through the model's
 dynamic batcher (:mod:`embedstream.batching.dynamic`), shared with
 ``/v1/search``.
 """
@@ -44,9 +44,6 @@ from embedstream.errors import GatewayError
 from embedstream.gateway.query import ModelInfo, Searcher
 
 PATH = "/v1/embeddings"
-INLINE_CHARS = 2048
-"""Text requests this short (characters, all inputs) are tokenized on the event loop; longer
-ones, and images and audio (decoding), in a worker thread."""
 MAX_INPUTS = 2048
 """Most inputs in one request (OpenAI's limit)."""
 
@@ -135,11 +132,7 @@ async def create_embeddings(body: bytes, searcher: Searcher) -> dict[str, Any]:
     info = searcher.model_for(req.model, "text")
     dims = _dimensions(req.dimensions, info)
     inputs = _inputs(req.input, info)
-    if info.modality == "text" and sum(map(len, inputs)) <= INLINE_CHARS:
-        # A few short texts tokenize in microseconds: a thread hop would cost more.
-        prepared = searcher.prepare(info, inputs)
-    else:
-        prepared = await run_in_threadpool(searcher.prepare, info, inputs)
+    prepared = await run_in_threadpool(searcher.prepare, info, inputs)
     if info.modality == "text":
         for index, item in enumerate(prepared):
             if item.truncated:
