@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(parser, ("log_level",))
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
-        command.add_arguments(sub.add_parser(command.name, help=command.help))
-        sub.choices[command.name].set_defaults(run=command.run)
+        command_parser = sub.add_parser(command.name, help=command.help)
+        command.add_arguments(command_parser)
+        command_parser.set_defaults(run=command.run)
     return parser
 
 

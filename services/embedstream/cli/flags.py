@@ -45,13 +45,13 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None,
-                       *, title: str = "settings") -> None:
+def add_settings_flags(parser: argparse.ArgumentParser,
+                       names: Iterable[str] | None = None) -> None:
     """Add a flag for each setting in ``names`` (default: every setting but secrets)."""
     fields = Settings.model_fields
     wanted = list(fields) if names is None else list(names)
     group = parser.add_argument_group(
-        title, "each overrides its EMBEDSTREAM_* environment variable (README: Configuration)")
+        "settings", "each overrides its EMBEDSTREAM_* environment variable (README: Configuration)")
     for name in wanted:
         field = fields[name]  # KeyError: a command names a setting that does not exist
         if _is_secret(field.annotation):
