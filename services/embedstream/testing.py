@@ -123,7 +123,7 @@ class MemorySink:
                 self.stored[key] = result
                 self.markers.pop(key, None)
                 stored += 1
-        return WriteOutcome(stored, duplicates, len(stale_at), tuple(rejected), tuple(stale_at))
+        return WriteOutcome(stored, duplicates, tuple(rejected), tuple(stale_at))
 
     def delete(self, deletions: list[Deletion]) -> DeleteOutcome:
         if self.fail_next:

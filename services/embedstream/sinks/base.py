@@ -92,9 +92,14 @@ class WriteOutcome:
 
     stored: int = 0  # new, or a newer version than the one stored
     duplicates: int = 0  # this version was already stored (a redelivery)
-    stale: int = 0  # a newer version is stored; left as it was
     rejected: tuple[Rejected, ...] = ()  # refused for their data; not stored
-    stale_at: tuple[int, ...] = ()  # the indexes of the stale ones: never announced as stored
+    # The indexes of the stale ones: a newer version (or delete) is stored, so each was
+    # left as it was, and is never announced as stored.
+    stale_at: tuple[int, ...] = ()
+
+    @property
+    def stale(self) -> int:
+        return len(self.stale_at)
 
 
 class Sink(Protocol):

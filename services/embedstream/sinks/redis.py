@@ -443,7 +443,7 @@ class RedisSink:
         replies = self._execute(batch, rejected, len(results))
         codes = [code for _, code in replies]
         return WriteOutcome(
-            stored=codes.count(1), duplicates=codes.count(2), stale=codes.count(0),
+            stored=codes.count(1), duplicates=codes.count(2),
             rejected=tuple(sorted(rejected, key=lambda r: r.index)),
             stale_at=tuple(index for index, code in replies if code == 0),
         )

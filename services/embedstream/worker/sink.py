@@ -152,14 +152,13 @@ class SinkStage:
             finally:
                 self._heartbeat.beat()
             outcomes.append(WriteOutcome(
-                one.stored, one.duplicates, one.stale,
+                one.stored, one.duplicates,
                 tuple(Rejected(index, r.detail, r.reason) for r in one.rejected),
                 (index,) if one.stale_at else (),
             ))
         return WriteOutcome(
             stored=sum(o.stored for o in outcomes),
             duplicates=sum(o.duplicates for o in outcomes),
-            stale=sum(o.stale for o in outcomes),
             rejected=tuple(r for o in outcomes for r in o.rejected),
             stale_at=tuple(i for o in outcomes for i in o.stale_at),
         )
