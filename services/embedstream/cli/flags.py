@@ -41,7 +41,7 @@ def setting_dest(name: str) -> str:
     return _DEST + name
 
 
-def flag_of(name: str) -> str:
+def _flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -58,9 +58,7 @@ def add_settings_flags(parser: argparse.ArgumentParser,
             if names is not None:
                 raise ValueError(f"{name} is a secret: it has no flag")
             continue
-        if flag_of(name) in parser._option_string_actions:
-            continue  # the command spelled this one itself (an alias like --port)
-        group.add_argument(flag_of(name), dest=setting_dest(name), **_argument(name, field))
+        group.add_argument(_flag_of(name), dest=setting_dest(name), **_argument(name, field))
 
 
 def add_setting_alias(parser: argparse.ArgumentParser, flag: str, name: str,
@@ -74,7 +72,7 @@ def add_setting_alias(parser: argparse.ArgumentParser, flag: str, name: str,
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the environment, overridden by the settings flags that were given."""
     overrides = {key[len(_DEST):]: value for key, value in vars(args).items()
-                 if key.startswith(_DEST) and value is not None}
+                 if key.startswith(_DEST)}
     try:
         return Settings(**overrides)
     except ValidationError as err:
