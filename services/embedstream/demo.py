@@ -187,7 +187,7 @@ def _run(settings: Settings, events: int, files: Path) -> int:
         photos = demo_photos(files / "photos")
         clips = demo_clips(files / "sounds")
         sentences = sample_sentences(events)
-        with Producer(settings) as producer:
+        with Producer(settings.kafka) as producer:
 
             def text_phase() -> None:
                 for i, sentence in enumerate(sentences):
@@ -259,7 +259,7 @@ def _searches(settings: Settings, photos: list[Path], clips: list[Path]) -> dict
 
     names = [settings.default_text_model, IMAGE_MODEL, AUDIO_MODEL, WORDVEC_MODEL]
     models = load_configured(settings, names)
-    client = connect(settings)
+    client = connect(settings.redis)
     queries = [
         (settings.default_text_model, repr(DEMO_QUERY),
          lambda m: m.embed_texts([DEMO_QUERY])[0]),

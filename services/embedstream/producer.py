@@ -1,6 +1,6 @@
 """Publishing events: a small Python API for applications and the produce command.
 
->>> with Producer(Settings()) as producer:
+>>> with Producer(Settings().kafka) as producer:
 ...     event_id = producer.send_text("hello world", metadata={"lang": "en"})
 """
 
@@ -23,7 +23,7 @@ from typing import IO, Any, Literal
 
 from embedstream import envelope
 from embedstream.errors import Backpressure, DeliveryFailed, EnvelopeError, SourceError
-from embedstream.settings import Settings
+from embedstream.sections import KafkaSettings
 from embedstream.sources.registry import kafka_client
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Producer:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: KafkaSettings,
         *,
         create_topics: bool = True,
         topics: list[str] | None = None,

@@ -60,7 +60,7 @@ def redrive_dead_letters(
     settings: Settings, *, reasons: set[str] | None = None, dry_run: bool = False
 ) -> ReplayReport:
     """Publish dead letters (of ``reasons``, or all) back to their source topics."""
-    reader = KafkaConsumer(**client_config(settings), enable_auto_commit=False, group_id=None)
+    reader = KafkaConsumer(**client_config(settings.kafka), enable_auto_commit=False, group_id=None)
     partitions = sorted(reader.partitions_for_topic(settings.topic_dlq) or ())
     tps = [TopicPartition(settings.topic_dlq, p) for p in partitions]
     cursors = _Cursors(settings, tps)
@@ -130,7 +130,7 @@ class _Cursors:
     def _group(self, reason: str | None) -> KafkaConsumer:
         if reason not in self._groups:
             name = self._base if reason is None else f"{self._base}.{reason}"
-            consumer = KafkaConsumer(**client_config(self._settings), group_id=name,
+            consumer = KafkaConsumer(**client_config(self._settings.kafka), group_id=name,
                                      enable_auto_commit=False)
             self._groups[reason] = consumer
             self._committed[reason] = {tp: consumer.committed(tp) or 0 for tp in self._tps}
@@ -180,7 +180,7 @@ def _original(
                     letter.partition, letter.offset)
         return None
     size = int(ref.get("value_bytes") or 0)
-    reader = KafkaConsumer(**client_config(settings), enable_auto_commit=False, group_id=None,
+    reader = KafkaConsumer(**client_config(settings.kafka), enable_auto_commit=False, group_id=None,
                            max_partition_fetch_bytes=max(1 << 20, size * 2),
                            fetch_max_bytes=max(50 << 20, size * 2))
     try:
@@ -221,7 +221,7 @@ def reembed_range(
 
     ``end`` defaults to the end of each partition as the replay begins.
     """
-    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False)
+    consumer = KafkaConsumer(**client_config(settings.kafka), enable_auto_commit=False)
     available = consumer.partitions_for_topic(topic)
     if not available:
         consumer.close()
@@ -295,5 +295,5 @@ def _retarget(record: Any, model: str) -> bytes | None:
 
 def _producer(settings: Settings) -> KafkaProducer:
     # Room for an original re-driven from a reference (the broker has its own limit).
-    return KafkaProducer(**client_config(settings), acks="all", linger_ms=5, retries=10,
+    return KafkaProducer(**client_config(settings.kafka), acks="all", linger_ms=5, retries=10,
                          max_request_size=64 << 20)

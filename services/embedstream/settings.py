@@ -22,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from embedstream.sections import GatewaySettings, KafkaSettings, PayloadSettings, RedisSettings
+
 MODALITIES = ("text", "image", "audio")
 
 
@@ -522,11 +524,27 @@ class Settings(BaseSettings):
         # Precedence: explicit values (CLI flags), then the env, then *_FILE secrets.
         return (init_settings, env_settings, _SecretFiles(settings_cls), file_secret_settings)
 
+    # The sections: typed views handed to components (see embedstream.sections).
+
+    @property
+    def kafka(self) -> KafkaSettings:
+        return KafkaSettings.of(self)
+
+    @property
+    def redis(self) -> RedisSettings:
+        return RedisSettings.of(self)
+
+    @property
+    def payloads(self) -> PayloadSettings:
+        return PayloadSettings.of(self)
+
+    @property
+    def gateway(self) -> GatewaySettings:
+        return GatewaySettings.of(self)
+
     def topic_for(self, modality: str) -> str:
         """The input topic of a modality."""
-        return {"text": self.topic_text, "image": self.topic_image, "audio": self.topic_audio}[
-            modality
-        ]
+        return self.kafka.topic_for(modality)
 
     def default_model_for(self, modality: str) -> str:
         """The configured default model of a modality (the one place that maps the
@@ -535,7 +553,7 @@ class Settings(BaseSettings):
                 "audio": self.default_audio_model}[modality]
 
     def bootstrap_servers(self) -> list[str]:
-        return [s.strip() for s in self.kafka_bootstrap.split(",") if s.strip()]
+        return self.kafka.bootstrap_servers()
 
 
 class _SecretFiles(PydanticBaseSettingsSource):

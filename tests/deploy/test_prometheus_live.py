@@ -85,7 +85,7 @@ def test_prometheus_scrapes_a_worker_and_answers_queries(stack, unique, model_ro
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        with Producer(settings) as producer:
+        with Producer(settings.kafka) as producer:
             for i in range(5):
                 producer.send_text(f"metrics event {i}", id=f"e{i}")
             producer.send_raw(settings.topic_text, "bad", b"{not json")

@@ -66,7 +66,7 @@ def png(seed: int) -> str:
 
 def test_a_store_data_error_dead_letters_that_item_and_stores_the_rest(stack, unique, model_root):
     settings = make_settings(stack, unique, model_root)
-    client = connect(settings)
+    client = connect(settings.redis)
     client.set(result_key(unique, MODEL, "wrongtype"), "a string where a hash goes")
     worker = ThreadWorker(settings)
     try:
@@ -92,7 +92,7 @@ def test_metadata_the_old_write_script_could_not_unpack_is_stored_when_allowed(
     a deployment that raises them gets it stored."""
     settings = make_settings(stack, unique, model_root, metadata_max_fields=5000,
                              metadata_max_bytes=1 << 20)
-    client = connect(settings)
+    client = connect(settings.redis)
     worker = ThreadWorker(settings)
     try:
         fields = {f"f{i}": i for i in range(3000)}
@@ -118,8 +118,8 @@ def test_metadata_the_old_write_script_could_not_unpack_is_stored_when_allowed(
 def test_equal_versions_are_ordered_by_offset_in_the_write_script(stack, unique, model_root):
     settings = Settings(redis_url=stack.redis_url, key_prefix=unique, create_index=False)
     manifest = load_manifest(model_root / MODEL)
-    sink = RedisSink(settings)
-    client = connect(settings)
+    sink = RedisSink(settings.redis)
+    client = connect(settings.redis)
 
     def result(offset: int, partition: int, text: str, version: int = 7) -> Embedded:
         record = RawRecord("t.text", partition, offset, b"doc", b"", 1_000)
@@ -212,7 +212,7 @@ def test_a_worker_started_while_redis_is_down_waits_for_it_and_then_works(
 def test_a_record_too_large_to_copy_is_dead_lettered_as_a_reference(
         stack, unique, model_root, client):
     settings = make_settings(stack, unique, model_root, kafka_client=client)
-    store = connect(settings)
+    store = connect(settings.redis)
     worker = ThreadWorker(settings)
     try:
         huge = encode("huge", text="x" * 3_000_000)  # the broker took it; 3x the producer limit
@@ -260,7 +260,7 @@ def test_a_record_that_kills_its_worker_is_quarantined_after_two_deaths(
                 files.hit.clear()
                 workers[-1].kill()
                 workers.append(WorkerProcess(settings, tmp_path / f"w{death + 1}.log"))
-            store = connect(settings)
+            store = connect(settings.redis)
             ids = lambda: {k.decode().rsplit(":", 1)[-1]  # noqa: E731
                            for k in store.scan_iter(result_key(unique, IMAGE_MODEL, "*"))}
             assert wait_for(lambda: ids() == {"img-0", "img-1", "img-2"}, 120)

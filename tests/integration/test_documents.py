@@ -53,7 +53,7 @@ def keys_of(client, prefix: str, doc_id: str) -> set[str]:
 def test_documents_are_chunked_found_by_their_last_paragraph_updated_and_deleted(
         stack, unique, model_root, articles):
     settings = make_settings(stack, unique, model_root)
-    client = connect(settings)
+    client = connect(settings.redis)
     model = load_models(model_root, [MODEL], providers=[], threads=1)[MODEL]
     long_text = "\n\n".join([*articles[:25], NEEDLE])
     worker = ThreadWorker(settings)
@@ -109,7 +109,7 @@ def test_metadata_of_any_name_round_trips_to_search_results(stack, unique, model
     metadata = {"source": "crm", "model": "not ours", "id": 7, "text": "theirs",
                 "nested": {"a": [1, 2.5, None], "b": "é"}, "embedding": True}
     settings = make_settings(stack, unique, model_root, metadata_schema={"source": "tag"})
-    client = connect(settings)
+    client = connect(settings.redis)
     model = load_models(model_root, [MODEL], providers=[], threads=1)[MODEL]
     worker = ThreadWorker(settings)
     try:
@@ -157,7 +157,7 @@ def test_a_compacted_topic_read_from_the_start_leaves_exactly_the_live_documents
 
 def _consume_log(stack, prefix: str, model_root, log, live: dict[str, str]) -> None:
     settings = make_settings(stack, prefix, model_root)
-    client = connect(settings)
+    client = connect(settings.redis)
     worker = ThreadWorker(settings)
     try:
         produce(settings, log)
@@ -196,7 +196,7 @@ def test_tombstones_delete_images_too(stack, unique, media_model_root):
 
     settings = make_settings(stack, unique, media_model_root, topic_image=f"{unique}.image",
                              models=["efficientnet-lite0"])
-    client = connect(settings)
+    client = connect(settings.redis)
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), np.uint8)).save(
         buffer, "PNG")

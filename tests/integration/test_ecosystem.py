@@ -106,7 +106,7 @@ def test_cloudevents_in_both_modes_are_stored_with_their_ids_and_announced(gatew
         {"specversion": "1.0", **attrs, "id": f"ce-spec-{tag}", "data": {"text": "spec"}}).encode())
     bad = KafkaMessage({"ce_specversion": b"1.0", "ce_source": b"/s", "ce_type": b"t"}, None,
                        b'{"text": "no id"}')
-    with Producer(settings, topics=[settings.topic_text]) as producer:
+    with Producer(settings.kafka, topics=[settings.topic_text]) as producer:
         for message in (binary, structured, spec, bad):
             producer.send_raw(settings.topic_text, None, message.value,
                               list(message.headers.items()))

@@ -318,7 +318,7 @@ def _run_fault_suite(stack, unique, model_root, tmp_path, server: RedisServer, p
     for i, doc in enumerate(documents):
         order.insert(random.Random(i).randrange(fifth), doc)
         order.insert(random.Random(-i).randrange(fifth + 1, len(order)), f"change:{doc}")
-    with Producer(settings) as producer:
+    with Producer(settings.kafka) as producer:
         for key in order:
             if key in good:
                 producer.send_raw(settings.topic_text, key, encode(key, text=good[key]))

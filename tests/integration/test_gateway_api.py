@@ -168,7 +168,7 @@ def test_unreachable_broker_is_429_with_retry_after():
 
 
 def test_full_producer_buffer_is_backpressure(gateway):
-    with Producer(gateway.settings, buffer_bytes=1000, topics=[gateway.settings.topic_dlq]) as p:
+    with Producer(gateway.settings.kafka, buffer_bytes=1000, topics=[gateway.settings.topic_dlq]) as p:
         p.publish(gateway.settings.topic_dlq, [("a", b"x" * 500)], timeout_s=30)
         assert p.pending_bytes == 0  # confirmed: the reservation is released
         with pytest.raises(Backpressure) as err:

@@ -33,7 +33,7 @@ MODEL = Manifest(name="idx-test", modality="text", dimension=8, pooling="mean", 
 
 
 def sink(stack: DevStackConfig, prefix: str, **index: object) -> RedisSink:
-    return RedisSink(Settings(redis_url=stack.redis_url, key_prefix=prefix, **index))
+    return RedisSink(Settings(redis_url=stack.redis_url, key_prefix=prefix, **index).redis)
 
 
 def index_of(client: redis.Redis, prefix: str) -> IndexConfig | None:
@@ -60,7 +60,7 @@ def test_other_settings_for_an_existing_index_are_refused(
         with pytest.raises(ConfigError, match="roll out to a new index"):
             sink(stack, unique, **change).prepare([MODEL])
     with pytest.raises(ConfigError, match="idx-test-v2"):
-        RedisSink(Settings(redis_url=stack.redis_url, key_prefix=unique),
+        RedisSink(Settings(redis_url=stack.redis_url, key_prefix=unique).redis,
                   ).prepare([MODEL.model_copy(update={"extra": {"index": {"m": 4}}})])
 
 
@@ -68,7 +68,7 @@ def test_an_index_made_under_older_defaults_is_kept(
     stack: DevStackConfig, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     sink(stack, unique, index_algorithm="FLAT").prepare([MODEL])
-    defaults = RedisSink(Settings(redis_url=stack.redis_url, key_prefix=unique))
+    defaults = RedisSink(Settings(redis_url=stack.redis_url, key_prefix=unique).redis)
     with caplog.at_level(logging.WARNING):
         defaults.prepare([MODEL])
     assert "kept as it is" in caplog.text

@@ -129,7 +129,7 @@ def test_every_family_and_payload_form_end_to_end(stack, unique, media_model_roo
     }
     worker = ThreadWorker(settings)
     try:
-        with Producer(settings) as p:
+        with Producer(settings.kafka) as p:
             for key, data in inline.items():
                 p.send_file("image", data=data, id=key, metadata={"src": "inline"})
             for key, data in raw_images.items():
@@ -174,7 +174,7 @@ def test_every_family_and_payload_form_end_to_end(stack, unique, media_model_roo
             "p-host": "uri_forbidden", "p-nodata": "missing_data", "p-textmodel": "unknown_model",
             "p-txtfile": "unsupported_format", "p-oov": "empty_text",
         }
-        client = connect(settings)
+        client = connect(settings.redis)
 
         def stored(model: str) -> set[str]:
             pattern = result_key(unique, model, "*")
@@ -238,11 +238,11 @@ def test_token_mode_stores_contextual_token_vectors(stack, unique, tmp_path):
     texts = {"short": "A cat naps.", "long": "Streaming embeddings keep the search index fresh."}
     worker = ThreadWorker(settings)
     try:
-        with Producer(settings) as p:
+        with Producer(settings.kafka) as p:
             for key, text in texts.items():
                 p.send_text(text, id=key)
             p.flush()
-        client = connect(settings)
+        client = connect(settings.redis)
         assert wait_for(lambda: worker.total("embedstream_events_embedded_total") >= 2, 90)
     finally:
         assert worker.stop() == 0

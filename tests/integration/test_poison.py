@@ -49,7 +49,7 @@ def test_no_record_a_producer_can_publish_stops_or_wedges_the_worker(
         assert wait_for(worker.ready, 120), worker.log.read_text()[-3000:]
         made, positions = _publish(settings, generator, records)
 
-        store = connect(settings)
+        store = connect(settings.redis)
         sentinels = {m: f"sentinel-{m}-{seed}" for m in MODALITIES}
         published_at = time.monotonic()
         _publish_good(settings, generator, sentinels, positions)

@@ -53,7 +53,7 @@ def event(i: int) -> Event:
 
 
 def fill(url: str, prefix: str, data: np.ndarray) -> RedisSink:
-    sink = RedisSink(Settings(redis_url=url, key_prefix=prefix))
+    sink = RedisSink(Settings(redis_url=url, key_prefix=prefix).redis)
     sink.prepare([SHAPE])
     for start in range(0, len(data), 64):
         items = [Embedded(event(i), SHAPE, data[i]) for i in range(start, min(start + 64,
@@ -68,8 +68,8 @@ def test_search_over_the_cluster_is_the_top_k_of_one_server(
     data = vectors(600)
     sink = fill(cluster.redis_url, unique, data)
     fill(stack.redis_url, unique, data)
-    client = connect(Settings(redis_url=cluster.redis_url))
-    one = connect(Settings(redis_url=stack.redis_url))
+    client = connect(Settings(redis_url=cluster.redis_url).redis)
+    one = connect(Settings(redis_url=stack.redis_url).redis)
     assert isinstance(client, RedisCluster) and sink.tagged and sink.ping()
     assert shards.search_mode(client) == "shards"
 
@@ -116,10 +116,10 @@ def test_a_worker_stores_into_the_cluster(
     texts.append("word " * 400)  # two chunks: their keys share the document's slot
     worker = ThreadWorker(settings)
     try:
-        with Producer(settings) as producer:
+        with Producer(settings.kafka) as producer:
             ids = [producer.send_text(t) for t in texts]
             producer.flush()
-        client = connect(settings)
+        client = connect(settings.redis)
         pattern = result_key(unique, MODEL, "*", tagged=True)  # chunk 0 of each document
         assert wait_for(lambda: sum(1 for _ in client.scan_iter(match=pattern)) == len(ids))
         chunks = [result_key(unique, MODEL, ids[-1], c, tagged=True) for c in (0, 1)]

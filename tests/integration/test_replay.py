@@ -44,14 +44,14 @@ def test_redrive_after_fix_and_reembed_with_new_model(stack, unique, model_root,
     settings = make_settings(stack, unique, root, models=[MODEL])
     worker = ThreadWorker(settings)
     try:
-        with Producer(settings) as producer:
+        with Producer(settings.kafka) as producer:
             for i in range(5):
                 producer.send_text(f"plain event {i}", id=f"p{i}")
             for i in range(3):
                 producer.send_text(f"for the new model {i}", id=f"n{i}", model=NEW)
             producer.send_raw(settings.topic_text, "junk", b"not json")
             producer.flush()
-        client = connect(settings)
+        client = connect(settings.redis)
         assert wait_for(lambda: worker.value("embedstream_events_failed_total",
                                              reason="unknown_model") == 3
                         and len(stored_ids(client, unique)) == 5)

@@ -57,7 +57,7 @@ class Traffic:
         self._thread.start()
 
     def _run(self) -> None:
-        with Producer(self._settings) as producer:
+        with Producer(self._settings.kafka) as producer:
             while not self._stop.is_set():
                 i = len(self.ids)
                 producer.send_text(f"live event {i} about topic {i % 17}", id=f"e{i}")
@@ -78,7 +78,7 @@ class Searches:
     serving the name embeds the query) and a plain FT.SEARCH on the public index name."""
 
     def __init__(self, settings, models) -> None:
-        self.client = connect(settings)
+        self.client = connect(settings.redis)
         self.settings = settings
         self.models = models
         self.answered: list[tuple[str, int, set[str]]] = []  # (model, hits, key prefixes)
@@ -118,7 +118,7 @@ def test_rollout_under_live_traffic(stack, unique, model_root, tmp_path):
                              intra_op_threads=1, control_poll_s=0.2)
     env = {**os.environ, **worker_env_vars(settings), "EMBEDSTREAM_CONTROL_POLL_S": "0.2",
            "EMBEDSTREAM_WARMUP": "false", "EMBEDSTREAM_ROLLOUT_GRACE_S": "600"}
-    client = connect(settings)
+    client = connect(settings.redis)
     has = lambda model, ids: all(client.exists(result_key(unique, model, i)) for i in ids)  # noqa: E731
     worker = ThreadWorker(settings)
     traffic = searches = None

@@ -58,7 +58,7 @@ def test_redis_acl_user_works_and_its_password_never_shows(stack, unique, model_
         )
     try:
         settings = Settings(kafka_bootstrap=stack.bootstrap, topic_text=f"{unique}.text")
-        with Producer(settings) as producer:
+        with Producer(settings.kafka) as producer:
             producer.send_text("credentials in, secrets kept", id="secure")
             producer.send_raw(settings.topic_text, "bad", b"{bad json")
             producer.flush()
@@ -103,7 +103,7 @@ def test_kafka_sasl_and_tls_settings_reach_the_client():
         kafka_sasl_username="svc", kafka_sasl_password="hunter2",
         kafka_ssl_cafile=Path("/etc/ca.pem"),
     )
-    config = client_config(settings)
+    config = client_config(settings.kafka)
     assert config["security_protocol"] == "SASL_SSL"
     assert config["sasl_mechanism"] == "SCRAM-SHA-512"
     assert (config["sasl_plain_username"], config["sasl_plain_password"]) == ("svc", "hunter2")
@@ -111,13 +111,13 @@ def test_kafka_sasl_and_tls_settings_reach_the_client():
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
     with pytest.raises(ConfigError, match="kafka_sasl_password"):
         client_config(Settings(kafka_security_protocol="SASL_PLAINTEXT",
-                               kafka_sasl_mechanism="PLAIN", kafka_sasl_username="svc"))
+                               kafka_sasl_mechanism="PLAIN", kafka_sasl_username="svc").kafka)
 
 
 def test_redis_connection_settings(tmp_path):
     settings = Settings(redis_url="rediss://cache:6380/1", redis_username="app",
                         redis_password="pw", redis_ssl_ca_file=tmp_path / "ca.pem")
-    kwargs = connect(settings).connection_pool.connection_kwargs
+    kwargs = connect(settings.redis).connection_pool.connection_kwargs
     assert (kwargs["username"], kwargs["password"]) == ("app", "pw")
     assert kwargs["ssl_ca_certs"] == str(tmp_path / "ca.pem")
     assert kwargs["host"] == "cache" and kwargs["port"] == 6380

@@ -78,8 +78,8 @@ def test_the_source_contract_on_the_real_broker(stack, unique, client):
                         topic_partitions=PARTITIONS)
     topic = f"{unique}.text"
     kit = kafka_client(client)
-    assert kit.ensure_topics(settings, [topic]) == [topic]
-    assert kit.ensure_topics(settings, [topic]) == []  # idempotent
+    assert kit.ensure_topics(settings.kafka, [topic]) == [topic]
+    assert kit.ensure_topics(settings.kafka, [topic]) == []  # idempotent
     produce(settings, topic, 10, "old")
 
     revokes: list[tuple[str, set[TopicPartition]]] = []
@@ -94,7 +94,7 @@ def test_the_source_contract_on_the_real_broker(stack, unique, client):
             assigns.append(tps)
 
     got: dict[str, list[RawRecord]] = {}
-    a = kit.source(settings, [topic], ListenerA())
+    a = kit.source(settings.kafka, [topic], ListenerA())
     poll_until({"a": a}, lambda: len(got["a"]) == 40, got)
     first = got["a"][0]
     assert first.key is not None and first.key.startswith(b"old-") and first.topic == topic
@@ -104,7 +104,7 @@ def test_the_source_contract_on_the_real_broker(stack, unique, client):
     assert a.connected() and all(lag >= 0 for lag in a.lag().values())
 
     # A second member joins: A's revoke commits what A consumed, inside A's poll.
-    b = kit.source(settings, [topic], IgnoreRebalances())
+    b = kit.source(settings.kafka, [topic], IgnoreRebalances())
     poll_until({"a": a, "b": b}, lambda: assigned(a) == assigned(b) == PARTITIONS // 2, got)
     # After the revoke, the new (smaller) assignment is announced in full.
     assert assigns[0] == {(topic, p) for p in range(PARTITIONS)}
@@ -155,7 +155,7 @@ def test_the_producer_sends_through_the_client_the_settings_name(stack, unique, 
     settings = Settings(kafka_bootstrap=stack.bootstrap, kafka_client=client,
                         topic_text=f"{unique}.text", topic_partitions=1)
     topic = settings.topic_text
-    with Producer(settings, topics=[topic], buffer_bytes=1 << 20) as producer:
+    with Producer(settings.kafka, topics=[topic], buffer_bytes=1 << 20) as producer:
         library = "kafka" if client == "kafka-python" else "confluent"
         assert type(producer._sender).__module__ == f"embedstream.sources.{library}"
         producer.publish(topic, [("a", b"one"), ("b", None)], timeout_s=30,
@@ -174,5 +174,5 @@ def test_the_producer_sends_through_the_client_the_settings_name(stack, unique, 
     nowhere = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable):
-        Producer(nowhere, create_topics=False, connect_timeout_s=2)
+        Producer(nowhere.kafka, create_topics=False, connect_timeout_s=2)
     assert time.monotonic() - started < 20

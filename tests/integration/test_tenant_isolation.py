@@ -130,7 +130,7 @@ def test_an_index_from_before_tenants_gains_the_tag_and_keeps_its_items(stack, u
         definition=IndexDefinition(prefix=[result_key(unique, MODEL, "")], index_type=IndexType.HASH))
     vector = np.ones(manifest.dimension, dtype="<f4")
     client.hset(result_key(unique, MODEL, "old"), mapping={"id": "old", "embedding": vector.tobytes()})
-    RedisSink(settings).prepare([manifest])
+    RedisSink(settings.redis).prepare([manifest])
     info = client.ft(index_name(unique, MODEL)).info()
     assert any(b"tenant" in attribute or "tenant" in attribute for attribute in info["attributes"])
 

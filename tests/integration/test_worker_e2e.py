@@ -44,7 +44,7 @@ def test_events_flow_from_kafka_to_searchable_redis(stack, unique, model_root, k
     texts.append("word " * 400)  # over the 256-token limit: two chunks
     worker = ThreadWorker(settings)
     try:
-        with Producer(settings) as producer:
+        with Producer(settings.kafka) as producer:
             ids = [producer.send_text(t, metadata={"n": i, "lang": "en"}) for i, t in enumerate(texts)]
             producer.send_raw(settings.topic_text, "bad-json", b"{oops")
             producer.send_raw(settings.topic_text, "bad-utf8", b"\xff\xfe")
@@ -53,7 +53,7 @@ def test_events_flow_from_kafka_to_searchable_redis(stack, unique, model_root, k
             producer.send_raw(settings.topic_text, None,
                               b'{"id": "unknown", "text": "x", "model": "nope"}')
             producer.flush()
-        client = connect(settings)
+        client = connect(settings.redis)
         assert wait_for(lambda: len(stored_ids(client, unique)) >= len(texts)
                         and worker.value("embedstream_events_failed_total",
                                          reason="unknown_model") == 1)
@@ -124,7 +124,7 @@ def test_librdkafka_client_event_reaches_redis(stack, unique, model_root):
         producer.produce(settings.topic_text, key=b"from-librdkafka",
                          value=json.dumps({"text": "produced by librdkafka"}).encode())
         assert producer.flush(15) == 0
-        client = connect(settings)
+        client = connect(settings.redis)
         assert wait_for(lambda: "from-librdkafka" in stored_ids(client, unique))
         text = client.hget(result_key(unique, MODEL, "from-librdkafka"), "text")
         assert text == b"produced by librdkafka"
@@ -141,7 +141,7 @@ def test_confluent_workers_split_partitions_and_one_leaves_without_loss(stack, u
     settings = make_settings(stack, unique, model_root, kafka_client="confluent",
                              batch_max_wait_ms=5, intra_op_threads=1, publish_results=True,
                              topic_results=f"{unique}.results")
-    client = connect(settings)
+    client = connect(settings.redis)
     sent: list[str] = []
     workers = [ThreadWorker(settings), ThreadWorker(settings)]
     leaving = workers[1]
@@ -153,7 +153,7 @@ def test_confluent_workers_split_partitions_and_one_leaves_without_loss(stack, u
         return sum(w.value(name, model=MODEL) for w in workers)
 
     try:
-        with Producer(settings) as producer:
+        with Producer(settings.kafka) as producer:
             def wave(count: int) -> None:
                 start = len(sent)
                 sent.extend(producer.send_text(f"event {i} of the stream", id=f"e{i}")
@@ -219,7 +219,7 @@ def test_worker_processes_share_partitions_and_drain_on_sigterm(stack, unique, m
         )
         assert produce.returncode == 0, produce.stderr
         assert "sent 201 events" in produce.stdout
-        client = connect(settings)
+        client = connect(settings.redis)
         assert wait_for(lambda: len(stored_ids(client, unique)) == 201, timeout=120)
         assert "jsonl-1" in stored_ids(client, unique)
 
@@ -245,11 +245,11 @@ def test_search_command_prints_nearest(stack, unique, model_root):
     settings = make_settings(stack, unique, model_root)
     worker = ThreadWorker(settings)
     try:
-        with Producer(settings) as producer:
+        with Producer(settings.kafka) as producer:
             producer.send_text("The cat sleeps on the warm windowsill.", id="cat")
             producer.send_text("Interest rates rose again this quarter.", id="rates")
             producer.flush()
-        client = connect(settings)
+        client = connect(settings.redis)
         assert wait_for(lambda: stored_ids(client, unique) == {"cat", "rates"})
     finally:
         worker.stop()
@@ -300,9 +300,9 @@ def test_an_older_version_never_overwrites_a_newer_one(stack, unique, model_root
     settings = make_settings(stack, unique, model_root)
     worker = ThreadWorker(settings)
     try:
-        client = connect(settings)
+        client = connect(settings.redis)
         key = result_key(unique, MODEL, "doc")
-        with Producer(settings) as producer:
+        with Producer(settings.kafka) as producer:
             producer.send_raw(settings.topic_text, "doc", encode("doc", text="second", version=2))
             producer.flush()
             assert wait_for(lambda: client.hget(key, "text") == b"second")

@@ -36,7 +36,7 @@ def test_sasl_ssl_settings_map_to_librdkafka_properties():
         kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="svc",
         kafka_sasl_password="hunter2", kafka_ssl_cafile=Path(certifi.where()),
     )
-    config = client_config(settings)
+    config = client_config(settings.kafka)
     assert config["bootstrap.servers"] == "b1:9093,b2:9093"
     assert config["security.protocol"] == "sasl_ssl"
     assert config["sasl.mechanism"] == "SCRAM-SHA-512"
@@ -49,7 +49,7 @@ def test_sasl_ssl_settings_map_to_librdkafka_properties():
 def test_mutual_tls_files_map_to_librdkafka_properties(tmp_path):
     settings = Settings(kafka_security_protocol="SSL", kafka_ssl_certfile=tmp_path / "c.pem",
                         kafka_ssl_keyfile=tmp_path / "k.pem")
-    config = client_config(settings)
+    config = client_config(settings.kafka)
     assert config["security.protocol"] == "ssl"
     assert config["ssl.certificate.location"] == str(tmp_path / "c.pem")
     assert config["ssl.key.location"] == str(tmp_path / "k.pem")
@@ -61,13 +61,13 @@ def test_mutual_tls_files_map_to_librdkafka_properties(tmp_path):
 
 
 def test_plaintext_has_no_security_properties_and_incomplete_sasl_fails_clearly():
-    config = client_config(Settings())
+    config = client_config(Settings().kafka)
     assert config["security.protocol"] == "plaintext"
     assert not any(k.startswith(("sasl.", "ssl.")) for k in config)
     accepted_by_librdkafka(config)
     with pytest.raises(ConfigError, match="kafka_sasl_password"):
         client_config(Settings(kafka_security_protocol="SASL_PLAINTEXT",
-                               kafka_sasl_mechanism="PLAIN", kafka_sasl_username="svc"))
+                               kafka_sasl_mechanism="PLAIN", kafka_sasl_username="svc").kafka)
 
 
 def test_records_carry_key_value_timestamp_and_headers_like_kafka_python():

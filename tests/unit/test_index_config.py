@@ -60,8 +60,8 @@ class FakeClient:
 
 def test_settings_then_the_manifest_override() -> None:
     settings = Settings(index_m=24, index_ef_runtime=50)
-    assert index_config(manifest(), settings) == IndexConfig(m=24, ef_runtime=50)
-    over = index_config(manifest(index={"algorithm": "flat", "type": "float16"}), settings)
+    assert index_config(manifest(), settings.redis) == IndexConfig(m=24, ef_runtime=50)
+    over = index_config(manifest(index={"algorithm": "flat", "type": "float16"}), settings.redis)
     assert (over.algorithm, over.vector_type, over.m) == ("FLAT", "FLOAT16", 24)
 
 
@@ -71,7 +71,7 @@ def test_settings_then_the_manifest_override() -> None:
 ])
 def test_a_bad_manifest_override_names_the_model(raw: Any) -> None:
     with pytest.raises(ConfigError, match="model m1"):
-        index_config(manifest(index=raw), Settings())
+        index_config(manifest(index=raw), Settings().redis)
 
 
 def test_settings_refuse_what_the_server_cannot_make() -> None:
@@ -82,9 +82,9 @@ def test_settings_refuse_what_the_server_cannot_make() -> None:
 
 
 def test_explicit_means_asked_for_not_defaulted() -> None:
-    assert not explicit(manifest(), Settings())
-    assert explicit(manifest(), Settings(index_ef_construction=64))
-    assert explicit(manifest(index={"m": 8}), Settings())
+    assert not explicit(manifest(), Settings().redis)
+    assert explicit(manifest(), Settings(index_ef_construction=64).redis)
+    assert explicit(manifest(index={"m": 8}), Settings().redis)
 
 
 def test_create_attributes_per_algorithm() -> None:

@@ -199,15 +199,15 @@ def test_payload_forms_and_limits(tmp_path, http_files):
     settings = Settings(uri_roots=[root], uri_allowed_hosts=["127.0.0.1"], fetch_max_bytes=2048,
                         payload_max_inline_bytes=1024, fetch_timeout_s=5)
     # An allowed host on a loopback address is still refused by default (no SSRF) ...
-    guarded = PayloadResolver(settings)
+    guarded = PayloadResolver(settings.payloads)
     assert reason(guarded.resolve, event(uri=f"http://{http_files}/a.bin")) == "uri_forbidden"
     # ... and so is every other non-public address, whatever the allow list says.
     for host in ("10.0.0.1", "169.254.169.254", "192.168.1.1", "[::1]", "0.0.0.0"):
         open_list = PayloadResolver(settings.model_copy(
-            update={"uri_allowed_hosts": [host.strip("[]")]}))
+            update={"uri_allowed_hosts": [host.strip("[]")]}).payloads)
         assert reason(open_list.resolve, event(uri=f"http://{host}/x")) == "uri_forbidden", host
     settings = settings.model_copy(update={"uri_allow_private_networks": True})
-    resolver = PayloadResolver(settings)
+    resolver = PayloadResolver(settings.payloads)
     assert resolver.resolve(event(raw=b"bytes")) == b"bytes"
     assert resolver.resolve(event(data_b64=base64.b64encode(b"hi").decode())) == b"hi"
     assert resolver.resolve(event(uri=(root / "ok.bin").as_uri())) == b"hello"
@@ -228,9 +228,9 @@ def test_payload_forms_and_limits(tmp_path, http_files):
     assert why(uri=f"http://{http_files}/a.bin") == "payload_too_large"  # 5000 > 2048
     assert why(uri=f"http://{http_files}/nope.bin") == "uri_unreachable"
     assert why(uri=f"http://{http_files}/away") == "uri_forbidden"  # redirect elsewhere
-    small = PayloadResolver(settings.model_copy(update={"fetch_max_bytes": 10_000}))
+    small = PayloadResolver(settings.model_copy(update={"fetch_max_bytes": 10_000}).payloads)
     assert small.resolve(event(uri=f"http://{http_files}/a.bin")) == b"x" * 5000
-    assert reason(PayloadResolver(Settings()).resolve, event(uri=(root / "ok.bin").as_uri())) \
+    assert reason(PayloadResolver(Settings().payloads).resolve, event(uri=(root / "ok.bin").as_uri())) \
         == "uri_forbidden"  # no roots configured: file:// is off
 
 

@@ -169,7 +169,7 @@ def _measure_size(settings: Settings, size: int, messages: int,
     topics = {}
     for name in (n for n in LIBRARIES if available[n]):
         topic = topics[name] = f"bench.clients.{run}.{size}.{name}"
-        kafka_python_source.ensure_topics(settings, [topic])
+        kafka_python_source.ensure_topics(settings.kafka, [topic])
         rows.append(_row(name, "produce", size,
                          partial(PRODUCERS[name], settings, topic, payloads, messages)))
         log.info("%s", rows[-1])
@@ -223,7 +223,7 @@ def _clock() -> Iterator[list[float]]:
 def _produce_kafka_python(settings: Settings, topic: str, payloads: list[bytes], count: int) -> _Span:
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(**kafka_python_source.client_config(settings), acks="all", linger_ms=5)
+    producer = KafkaProducer(**kafka_python_source.client_config(settings.kafka), acks="all", linger_ms=5)
     try:
         with _clock() as spent:
             for i in range(count):
@@ -239,7 +239,7 @@ def _produce_confluent(settings: Settings, topic: str, payloads: list[bytes], co
 
     from embedstream.sources.confluent import client_config
 
-    producer = Producer({**client_config(settings), "acks": "all", "linger.ms": 5})
+    producer = Producer({**client_config(settings.kafka), "acks": "all", "linger.ms": 5})
     failed: list[object] = []
 
     def delivered(err: object, _msg: object) -> None:
@@ -324,7 +324,7 @@ def _consume_kafka_python(settings: Settings, topic: str, count: int) -> _Span:
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(
-        **kafka_python_source.client_config(settings), enable_auto_commit=False,
+        **kafka_python_source.client_config(settings.kafka), enable_auto_commit=False,
         max_poll_records=_BATCH,
     )
     parts = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
@@ -343,7 +343,7 @@ def _consume_confluent(settings: Settings, topic: str, count: int) -> _Span:
 
     from embedstream.sources.confluent import client_config
 
-    consumer = Consumer({**client_config(settings), "group.id": _group("ck"),
+    consumer = Consumer({**client_config(settings.kafka), "group.id": _group("ck"),
                          "enable.auto.commit": False})
     consumer.assign([TopicPartition(topic, p, 0) for p in range(settings.topic_partitions)])
 
@@ -388,7 +388,7 @@ def _consume_aiokafka(settings: Settings, topic: str, count: int) -> _Span:
 def _consume_source(settings: Settings, client: str, topic: str, count: int) -> _Span:
     """Our Source, as the worker's polling thread uses it: RawRecords per poll."""
     source = kafka_client(client).source(
-        settings.model_copy(update={"group_id": _group(client), "max_poll_records": _BATCH}),
+        settings.model_copy(update={"group_id": _group(client), "max_poll_records": _BATCH}).kafka,
         [topic], IgnoreRebalances(),
     )
     try:

@@ -87,7 +87,7 @@ def run_documents(
         "topic_text": f"{run}.text", "topic_dlq": f"{run}.dlq", "group_id": f"{run}-group",
         "key_prefix": run,
     })
-    with Producer(settings, topics=[settings.topic_text]) as producer:
+    with Producer(settings.kafka, topics=[settings.topic_text]) as producer:
         for i, text in enumerate(documents):
             producer.send_text(text, id=f"doc-{i}")
         producer.flush()
@@ -97,7 +97,7 @@ def run_documents(
         padded = worker.scrape().get("embedstream_batch_tokens_sum", 0.0)
     finally:
         worker.stop()
-    client = connect(settings)
+    client = connect(settings.redis)
     try:
         texts, written = _stored(client, f"{run}:{model}:*")
     finally:

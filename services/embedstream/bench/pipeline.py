@@ -193,7 +193,7 @@ def run_pipeline(
         "key_prefix": key_prefix or run,
     })
     ids = [f"{run}-{i}" for i in range(len(inputs))]
-    with Producer(settings, topics=[settings.topic_for(modality)]) as producer:
+    with Producer(settings.kafka, topics=[settings.topic_for(modality)]) as producer:
         for event_id, item in zip(ids, inputs, strict=True):
             _send(producer, modality, item, event_id)
         producer.flush()
@@ -208,7 +208,7 @@ def run_pipeline(
         metrics = worker.scrape()
         mean_batch = metrics.get("embedstream_batch_size_sum", 0.0) / max(
             1.0, metrics.get("embedstream_batch_size_count", 0.0))
-        client = connect(settings)
+        client = connect(settings.redis)
         vectors, written_at = _read_stored(client, settings.key_prefix, model, ids)
         seconds = _seconds_per_run(written_at)
         rate = offered_share * len(inputs) / seconds
@@ -325,7 +325,7 @@ def _offered_load(
     count = max(1, int(rate * duration_s))
     before = worker.stored()
     ids = [f"{settings.key_prefix}-lat-{i}" for i in range(count)]
-    with Producer(settings, create_topics=False) as producer:
+    with Producer(settings.kafka, create_topics=False) as producer:
         start = time.perf_counter()
         for i, event_id in enumerate(ids):
             wait = start + i / rate - time.perf_counter()

@@ -121,7 +121,7 @@ def _warm_up_events(settings: Settings, config: SoakConfig, run: str) -> int:
     """
     longest = sorted(config.texts, key=len)[-config.batch_size:]
     warm = longest + config.texts[: config.batch_size]
-    with Producer(settings) as producer:  # also creates the topics
+    with Producer(settings.kafka) as producer:  # also creates the topics
         for i, text in enumerate(warm):
             producer.send_text(text, id=f"{run}-warm-{i}")
         producer.flush()
@@ -132,7 +132,7 @@ def _offer(settings: Settings, worker: WorkerProcess, config: SoakConfig, run: s
     """Offer events at the configured rate, sampling the worker's RSS as it goes."""
     result = SoakResult()
     total = min(len(config.texts), int(config.rate * config.duration_s))
-    with Producer(settings, create_topics=False) as producer:
+    with Producer(settings.kafka, create_topics=False) as producer:
         start = time.monotonic()
         next_sample = start
         while result.offered < total:

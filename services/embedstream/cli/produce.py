@@ -44,7 +44,7 @@ def produce_text(settings: Settings, path: str, *, progress: bool = True) -> int
     stream = sys.stdin if path == "-" else Path(path).open(encoding="utf-8")  # noqa: SIM115
     try:
         with (
-            Producer(settings) as producer,
+            Producer(settings.kafka) as producer,
             tqdm(unit="ev", disable=not progress, file=sys.stderr, desc="producing") as bar,
         ):
             sent = produce_lines(producer, read_text_events(stream), bar)
@@ -67,7 +67,7 @@ def produce_files(
 
     files = find_files(paths, modality)
     with (
-        Producer(settings) as producer,
+        Producer(settings.kafka) as producer,
         tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr,
              desc=f"producing {modality}") as bar,
     ):

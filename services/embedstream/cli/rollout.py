@@ -61,7 +61,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from embedstream.rollout import lifecycle
     from embedstream.sinks.redis import connect
 
-    client = connect(settings)
+    client = connect(settings.redis)
     try:
         if args.command == "models":
             generation = lifecycle.announce(settings, client, args.name)

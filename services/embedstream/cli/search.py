@@ -83,7 +83,7 @@ def _search(
     from embedstream.rollout.query import search_serving
     from embedstream.sinks.redis import connect
 
-    client = connect(settings)
+    client = connect(settings.redis)
     try:
         name, hits = search_serving(client, settings.key_prefix, name, embed, k,
                                     per_document=not all_chunks,

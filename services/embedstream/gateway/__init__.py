@@ -27,7 +27,7 @@ def build_searcher(settings: Settings) -> Searcher | None:
     from embedstream.sinks.redis import connect
 
     models = load_configured(settings, settings.models, threads=settings.intra_op_threads or 1)
-    return Searcher(settings, models, connect(settings))
+    return Searcher(settings, models, connect(settings.redis))
 
 
 def run_gateway(settings: Settings) -> int:
@@ -44,8 +44,8 @@ def run_gateway(settings: Settings) -> int:
     from embedstream.metrics import GatewayMetrics
 
     metrics = GatewayMetrics()
-    auth = Authenticator(settings, metrics)
-    check_exposure(settings, auth)
+    auth = Authenticator(settings.gateway, metrics)
+    check_exposure(settings.gateway, auth)
     searcher = build_searcher(settings)
     app = create_app(settings, KafkaEventPublisher(settings), searcher, metrics, auth)
     log.info("gateway on http://%s:%d (search %s, auth %s)", settings.gateway_host,

@@ -100,8 +100,8 @@ def create_app(
     """
     metrics = metrics or GatewayMetrics()
     if auth is None:  # else the caller (run_gateway) checked it before loading models
-        auth = Authenticator(settings, metrics)
-        check_exposure(settings, auth)
+        auth = Authenticator(settings.gateway, metrics)
+        check_exposure(settings.gateway, auth)
     auth.metrics = metrics
     metrics.broker_ready.set_function(lambda: float(publisher.ready()))
 

@@ -51,7 +51,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from embedstream.envelope import TENANT_PATTERN
 from embedstream.errors import ConfigError, GatewayError, RateLimited
 from embedstream.metrics import GatewayMetrics
-from embedstream.settings import Settings
+from embedstream.sections import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class KeyStore:
     keys in force as they were (logged as an error, once per change).
     """
 
-    def __init__(self, settings: Settings,
+    def __init__(self, settings: GatewaySettings,
                  validate: Callable[[list[KeyEntry]], None] = lambda _: None) -> None:
         listed = [k.get_secret_value() for k in settings.gateway_api_keys]
         self._static = parse_keys(listed, "gateway_api_keys entry")
@@ -272,7 +272,7 @@ class TokenBucket:
 class Authenticator:
     """Admits requests: the key (401), its scope (403), its rate (429). One per app."""
 
-    def __init__(self, settings: Settings, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, settings: GatewaySettings, metrics: GatewayMetrics | None = None) -> None:
         self._settings = settings
         self.metrics = metrics
         self._started = False
@@ -365,7 +365,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: Settings, auth: Authenticator) -> None:
+def check_exposure(settings: GatewaySettings, auth: Authenticator) -> None:
     """Refuse to serve a non-loopback address without keys unless anonymous is allowed
     (:class:`ConfigError` saying how to fix it); warn when it is."""
     if auth.enabled or is_loopback(settings.gateway_host):

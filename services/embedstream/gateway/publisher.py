@@ -56,7 +56,7 @@ class KafkaEventPublisher:
 
         def connect() -> Producer:
             return Producer(
-                settings,
+                settings.kafka,
                 topics=[settings.topic_for(m) for m in MODALITIES],
                 buffer_bytes=settings.gateway_buffer_bytes,
                 connect_timeout_s=5.0,

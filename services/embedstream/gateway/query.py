@@ -70,7 +70,7 @@ class Searcher:
 
     def _info(self, model: LoadedModel) -> ModelInfo:
         m = model.manifest
-        return ModelInfo(m.name, m.modality, m.dimension, metadata_schema(m, self._settings),
+        return ModelInfo(m.name, m.modality, m.dimension, metadata_schema(m, self._settings.redis),
                          tuple(int(d) for d in m.extra.get("matryoshka_dims", ())))
 
     def served(self) -> dict[str, str]:

@@ -9,15 +9,15 @@ import logging
 from embedstream.envelope import Event
 from embedstream.errors import EnvelopeError
 from embedstream.payloads.fetch import FETCHERS, FetchLimits, parse_uri
-from embedstream.settings import Settings
+from embedstream.sections import PayloadSettings
 
 log = logging.getLogger(__name__)
 
 
 class PayloadResolver:
-    """Resolves events to bytes under the limits in :class:`Settings`. Thread-safe."""
+    """Resolves events to bytes under the limits in :class:`PayloadSettings`. Thread-safe."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: PayloadSettings) -> None:
         self.max_inline = settings.payload_max_inline_bytes
         self.limits = FetchLimits(
             roots=tuple(p.resolve() for p in settings.uri_roots),

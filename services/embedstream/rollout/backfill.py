@@ -211,7 +211,7 @@ def run_backfill(settings: Settings, new: str, *, rate: float | None = None,
                  stop: threading.Event | None = None) -> BackfillResult:
     """Re-embed OLD's history into NEW until done (or ``stop`` is set); resumable."""
     started = time.monotonic()
-    client = connect(settings)
+    client = connect(settings.redis)
     record = read_control(client, settings.key_prefix).rollouts.get(new)
     if record is None:
         raise RolloutError(f"no rollout of {new}")
@@ -266,7 +266,7 @@ def _backfill_worker(settings: Settings, record: dict[str, Any], fields: dict[by
     routing = Routing({old: (new,), new: (new,)},
                       {record["modality"]: old} if record.get("old_default") else {},
                       skip_others=True)
-    sink = RedisSink(bsettings)
+    sink = RedisSink(bsettings.redis)
     sink.prepare([models[new].manifest])
     library = kafka_client(settings.kafka_client)
     bucket = TokenBucket(limit)
@@ -274,9 +274,9 @@ def _backfill_worker(settings: Settings, record: dict[str, Any], fields: dict[by
     bounds = {_tp(tp): end for tp, end in ends.items()}
 
     def source(listener: RebalanceListener) -> Source:
-        return BoundedSource(library.source(bsettings, record["topics"], listener), bounds,
+        return BoundedSource(library.source(bsettings.kafka, record["topics"], listener), bounds,
                              bucket, stopping)
 
     return Worker(bsettings, models, source_factory=source, sink=sink,
-                  dead_letters=library.dead_letters(bsettings), metrics=metrics,
+                  dead_letters=library.dead_letters(bsettings.kafka), metrics=metrics,
                   routing=routing)

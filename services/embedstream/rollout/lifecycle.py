@@ -76,7 +76,7 @@ def start(settings: Settings, client: Client, new: str, old: str) -> dict[str, A
     if new_manifest.modality != old_manifest.modality:
         raise RolloutError(f"{new} embeds {new_manifest.modality} but {old} embeds "
                            f"{old_manifest.modality}: a rollout keeps the modality")
-    sink = RedisSink(settings)
+    sink = RedisSink(settings.redis)
     try:
         sink.prepare([new_manifest])  # NEW's index before any write, its dimension checked
     finally:
@@ -144,7 +144,7 @@ def _old_is_default(settings: Settings, client: Client, old: str, modality: str)
 
 def _offsets(settings: Settings, topics: list[str]) -> tuple[dict[str, int], dict[str, int]]:
     """The first and next offsets of every partition of ``topics``, as ``topic:p``."""
-    consumer = KafkaConsumer(**client_config(settings), enable_auto_commit=False, group_id=None)
+    consumer = KafkaConsumer(**client_config(settings.kafka), enable_auto_commit=False, group_id=None)
     try:
         tps = [TopicPartition(t, p) for t in topics
                for p in sorted(consumer.partitions_for_topic(t) or ())]

@@ -29,7 +29,7 @@ from redis.commands.search.field import VectorField
 
 from embedstream.errors import ConfigError
 from embedstream.models.manifest import Manifest
-from embedstream.settings import Settings
+from embedstream.sections import RedisSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +107,13 @@ PREVIOUS_DEFAULTS = IndexConfig(algorithm="HNSW", vector_type="FLOAT32", m=16,
 (RediSearch's own HNSW defaults): the bench's ``today`` configuration."""
 
 
-def settings_config(settings: Settings) -> IndexConfig:
+def settings_config(settings: RedisSettings) -> IndexConfig:
     """The index configuration the settings ask for (before any manifest override)."""
     return IndexConfig(**{name: getattr(settings, field)
                           for name, field in _SETTINGS_FIELDS.items()})
 
 
-def index_config(manifest: Manifest, settings: Settings) -> IndexConfig:
+def index_config(manifest: Manifest, settings: RedisSettings) -> IndexConfig:
     """The index ``manifest``'s model gets: the settings, then ``extra.index`` over them.
 
     Raises :class:`ConfigError` on an unknown key or a bad value in the manifest.
@@ -137,11 +137,11 @@ def index_config(manifest: Manifest, settings: Settings) -> IndexConfig:
         raise ConfigError(f"model {manifest.name}: extra.index: {err}") from err
 
 
-def explicit(manifest: Manifest, settings: Settings) -> bool:
+def explicit(manifest: Manifest, settings: RedisSettings) -> bool:
     """Whether the index settings were asked for (environment, flags, manifest) rather
     than left at their defaults."""
     return "index" in manifest.extra or bool(
-        set(_SETTINGS_FIELDS.values()) & settings.model_fields_set)
+        set(_SETTINGS_FIELDS.values()) & settings.explicit)
 
 
 def vector_field(config: IndexConfig, dimension: int, name: str = "embedding") -> VectorField:

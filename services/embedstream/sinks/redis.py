@@ -39,7 +39,7 @@ from embedstream.envelope import flat_metadata
 from embedstream.errors import ConfigError, SinkError, StoreFull, StoreUnavailable
 from embedstream.models.manifest import Manifest
 from embedstream.retry import Backoff, retry
-from embedstream.settings import Settings
+from embedstream.sections import RedisSettings
 from embedstream.sinks import cluster
 from embedstream.sinks import index as vector_index
 from embedstream.sinks.base import (
@@ -182,7 +182,7 @@ FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 FIELD_TYPES = ("tag", "numeric")
 
 
-def metadata_schema(manifest: Manifest, settings: Settings) -> dict[str, str]:
+def metadata_schema(manifest: Manifest, settings: RedisSettings) -> dict[str, str]:
     """Metadata fields indexed for ``manifest``'s model: name -> ``tag`` | ``numeric``.
 
     The manifest's ``extra["metadata_schema"]`` first, then ``settings.metadata_schema``
@@ -203,7 +203,7 @@ def metadata_schema(manifest: Manifest, settings: Settings) -> dict[str, str]:
     return dict(sorted(schema.items()))
 
 
-def connect(settings: Settings, *, quick: bool = False, retries: bool = True) -> Client:
+def connect(settings: RedisSettings, *, quick: bool = False, retries: bool = True) -> Client:
     """A client for ``settings.redis_url``; the password field overrides the URL's. A
     :class:`~redis.cluster.RedisCluster` when the server is a cluster node (see
     :mod:`embedstream.sinks.cluster`).
@@ -220,7 +220,7 @@ def connect(settings: Settings, *, quick: bool = False, retries: bool = True) ->
     return RedisCluster.from_url(settings.redis_url, **kwargs)
 
 
-def _client_options(settings: Settings, *, quick: bool, retries: bool) -> dict[str, Any]:
+def _client_options(settings: RedisSettings, *, quick: bool, retries: bool) -> dict[str, Any]:
     timeout = settings.redis_socket_timeout_s
     kwargs: dict[str, Any] = {
         "socket_timeout": 1.0 if quick else timeout,
@@ -247,7 +247,7 @@ STARTUP_BACKOFF = Backoff(initial_s=0.5, max_s=10.0)
 UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
-def wait_until_answering(settings: Settings) -> float:
+def wait_until_answering(settings: RedisSettings) -> float:
     """Block until Redis answers a PING (up and done loading its data set); return the
     seconds waited.
 
@@ -286,7 +286,7 @@ def _redacted(url: str) -> str:
     return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
 
 
-def _is_cluster_url(settings: Settings, client: redis.Redis) -> bool:
+def _is_cluster_url(settings: RedisSettings, client: redis.Redis) -> bool:
     if settings.redis_cluster != "auto":
         return settings.redis_cluster == "yes"
     try:
@@ -312,7 +312,7 @@ class RedisSink:
     WRITES_VECTOR_TYPES: tuple[str, ...] = ("FLOAT32",)
     """Vector types :meth:`write` stores; :meth:`prepare` refuses an index of another."""
 
-    def __init__(self, settings: Settings, client: Client | None = None) -> None:
+    def __init__(self, settings: RedisSettings, client: Client | None = None) -> None:
         self._client = client if client is not None else connect(settings, retries=False)
         # In a cluster: a document's keys are hash-tagged (one slot), a batch goes as one
         # pipeline per master, all sent at once.

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from embedstream import cloudevent
 from embedstream.errors import SinkError, SourceError
-from embedstream.settings import Settings
+from embedstream.sections import KafkaSettings
 from embedstream.sinks.base import Deletion, Embedded
 from embedstream.sinks.layout import result_key
 
@@ -92,10 +92,11 @@ def deletion_record(deletion: Deletion, stored_at: float) -> dict[str, Any]:
 class KafkaResultsPublisher:
     """Publishes results records with the package's :class:`~embedstream.producer.Producer`."""
 
-    def __init__(self, settings: Settings, tagged: bool = False) -> None:
+    def __init__(self, settings: KafkaSettings, key_prefix: str, tagged: bool = False) -> None:
         from embedstream.producer import Producer
 
         self._settings = settings
+        self._key_prefix = key_prefix  # of the stored documents' keys (results name them)
         self._tagged = tagged  # keys of a cluster (see embedstream.sinks.layout)
         self._producer = Producer(settings, topics=[settings.topic_results])
 
@@ -106,7 +107,7 @@ class KafkaResultsPublisher:
         headers: list[list[tuple[str, bytes]]] = []
         for r in results:
             body = (deletion_record(r, now) if isinstance(r, Deletion) else
-                    result_record(r, settings.key_prefix, now, settings.results_include_vector,
+                    result_record(r, self._key_prefix, now, settings.results_include_vector,
                                   self._tagged))
             value, extra = _encode(body, settings.results_cloudevents)
             records.append((r.event.id, value))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from embedstream.envelope import RawRecord
 from embedstream.errors import ConfigError
-from embedstream.settings import Settings
+from embedstream.sections import KafkaSettings
 
 # Room left in a dead letter for the record framing a producer adds around key, value
 # and headers (a few dozen bytes per record and per header; generous on purpose).
@@ -34,7 +34,7 @@ HEADER_VALUE_KIND = "embedstream.value"
 _PROBE_TTL_S = 2.0
 
 
-def check_sasl(settings: Settings) -> None:
+def check_sasl(settings: KafkaSettings) -> None:
     """Raise :class:`ConfigError` when a SASL protocol lacks mechanism, user or password."""
     if not settings.kafka_security_protocol.startswith("SASL"):
         return

@@ -38,7 +38,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from embedstream import __version__
 from embedstream.envelope import RawRecord
 from embedstream.errors import BrokerUnavailable, DeliveryFailed, SourceError
-from embedstream.settings import Settings
+from embedstream.sections import KafkaSettings
 from embedstream.sources.base import RebalanceListener, TopicPartition
 from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter
 
@@ -97,7 +97,7 @@ _SSL_FILES = (
 _ADMIN_TIMEOUT_S = 15.0
 
 
-def client_config(settings: Settings) -> dict[str, Any]:
+def client_config(settings: KafkaSettings) -> dict[str, Any]:
     """librdkafka connection and security properties of every client embedstream creates.
 
     The twin of :func:`embedstream.sources.kafka.client_config`: the same
@@ -123,7 +123,7 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def ensure_topics(settings: Settings, topics: list[str]) -> list[str]:
+def ensure_topics(settings: KafkaSettings, topics: list[str]) -> list[str]:
     """Create the missing ``topics`` with the configured partitions; return those created.
 
     Safe when several workers race to create the same topic.
@@ -164,7 +164,7 @@ class ConfluentSource:
     revoke callback runs on that thread, inside :meth:`poll`.
     """
 
-    def __init__(self, settings: Settings, topics: list[str], listener: RebalanceListener) -> None:
+    def __init__(self, settings: KafkaSettings, topics: list[str], listener: RebalanceListener) -> None:
         self._listener = listener
         self._closing = False
         self._max_records = settings.max_poll_records
@@ -311,7 +311,7 @@ class ConfluentDeadLetters:
     ``on_done`` and ``on_error`` come without the caller polling, on that thread.
     """
 
-    def __init__(self, settings: Settings, topic: str | None = None) -> None:
+    def __init__(self, settings: KafkaSettings, topic: str | None = None) -> None:
         self.topic = topic or settings.topic_dlq
         self._max_bytes = settings.dlq_max_record_bytes
         self._producer = Producer({
@@ -404,7 +404,7 @@ class ConfluentSender:
     queue is a retriable :class:`~embedstream.errors.DeliveryFailed`.
     """
 
-    def __init__(self, settings: Settings, *, connect_timeout_s: float = 30.0,
+    def __init__(self, settings: KafkaSettings, *, connect_timeout_s: float = 30.0,
                  max_block_s: float = 60.0) -> None:
         del max_block_s
         self._producer = Producer({

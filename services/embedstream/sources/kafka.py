@@ -28,7 +28,7 @@ from kafka.structs import TopicPartition as KafkaTP
 from embedstream import __version__
 from embedstream.envelope import RawRecord
 from embedstream.errors import BrokerUnavailable, DeliveryFailed, SourceError
-from embedstream.settings import Settings
+from embedstream.sections import KafkaSettings
 from embedstream.sources.base import RebalanceListener, TopicPartition
 from embedstream.sources.common import BrokerProbe, check_sasl, dead_letter
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 _COMMIT_TIMEOUT_MS = 10_000
 
 
-def client_config(settings: Settings) -> dict[str, Any]:
+def client_config(settings: KafkaSettings) -> dict[str, Any]:
     """Connection and security settings shared by every Kafka client embedstream creates."""
     config: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers(),
@@ -60,7 +60,7 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
-def ensure_topics(settings: Settings, topics: list[str]) -> list[str]:
+def ensure_topics(settings: KafkaSettings, topics: list[str]) -> list[str]:
     """Create the missing ``topics`` with the configured partitions; return those created.
 
     Safe when several workers race to create the same topic.
@@ -117,7 +117,7 @@ class KafkaSource:
     :meth:`commit_nowait`. A partition assigned again keeps its fetch position.
     """
 
-    def __init__(self, settings: Settings, topics: list[str], listener: RebalanceListener) -> None:
+    def __init__(self, settings: KafkaSettings, topics: list[str], listener: RebalanceListener) -> None:
         try:
             self._consumer = KafkaConsumer(
                 **client_config(settings),
@@ -222,7 +222,7 @@ class KafkaDeadLetters:
     so the event can be fixed and re-driven.
     """
 
-    def __init__(self, settings: Settings, topic: str | None = None) -> None:
+    def __init__(self, settings: KafkaSettings, topic: str | None = None) -> None:
         self.topic = topic or settings.topic_dlq
         self._max_bytes = settings.dlq_max_record_bytes
         self._producer = KafkaProducer(
@@ -286,7 +286,7 @@ class KafkaSender:
     ``send`` blocks for a topic's metadata while the broker is away.
     """
 
-    def __init__(self, settings: Settings, *, connect_timeout_s: float = 30.0,
+    def __init__(self, settings: KafkaSettings, *, connect_timeout_s: float = 30.0,
                  max_block_s: float = 60.0) -> None:
         try:
             self._producer = KafkaProducer(

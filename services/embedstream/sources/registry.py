@@ -1,4 +1,4 @@
-"""Kafka client libraries by name. ``Settings.kafka_client`` picks one.
+"""Kafka client libraries by name. ``KafkaSettings.kafka_client`` picks one.
 
 Each entry builds what embedstream needs from a client library: topic admin,
 the consumer (:class:`~embedstream.sources.base.Source`), the dead-letter
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from embedstream.errors import ConfigError
-from embedstream.settings import Settings
+from embedstream.sections import KafkaSettings
 from embedstream.sources.base import DeadLetters, RebalanceListener, RecordSender, Source
 
 
@@ -24,11 +24,11 @@ class KafkaClient:
     """One client library behind the source interfaces."""
 
     name: str
-    ensure_topics: Callable[[Settings, list[str]], list[str]]
+    ensure_topics: Callable[[KafkaSettings, list[str]], list[str]]
     """Create the missing topics; return those created."""
-    source: Callable[[Settings, list[str], RebalanceListener], Source]
+    source: Callable[[KafkaSettings, list[str], RebalanceListener], Source]
     """A consumer-group member subscribed to the topics."""
-    dead_letters: Callable[[Settings], DeadLetters]
+    dead_letters: Callable[[KafkaSettings], DeadLetters]
     """The dead-letter producer (to ``settings.topic_dlq``)."""
     sender: Callable[..., RecordSender]
     """``sender(settings, *, connect_timeout_s, max_block_s)``: the producer under

@@ -98,7 +98,7 @@ class PreStage:
         self._metrics = metrics
         self._heartbeat = heartbeat
         self._abandon = abandon
-        self._payloads = PayloadResolver(settings)
+        self._payloads = PayloadResolver(settings.payloads)
         self._metadata_limits = MetadataLimits(settings.metadata_max_fields,
                                                settings.metadata_max_bytes)
         # A JSON envelope may hold base64 data: 4/3 of the inline limit, plus the envelope.

@@ -117,12 +117,12 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     # configuration error (no such model, a provider that cannot start) exits 2 at once.
     configured = settings.models or sorted(find_models(settings.model_dir))
     instances = load_instances(settings, configured)
-    waited = wait_until_answering(settings)
+    waited = wait_until_answering(settings.redis)
     if waited >= 1:
         log.info("Redis answers after %.0fs", waited)
     # The model set: the configured one as the control document (announced models,
     # rollouts) amends it; the watcher follows its changes without a restart.
-    control_client = connect(settings)
+    control_client = connect(settings.redis)
     try:
         control = read_control(control_client, settings.key_prefix)
     except redis.RedisError as err:
@@ -142,25 +142,26 @@ def build_worker(settings: Settings, metrics: Metrics | None = None) -> Worker:
     for model in models.values():
         m = model.manifest
         metrics.model_info.labels(m.name, m.modality, str(m.dimension), model.backend.provider).set(1)
-    sink = RedisSink(settings)
+    sink = RedisSink(settings.redis)
     # Redis or the broker away now (after the wait above): wait again rather than exit.
     retry(lambda: sink.prepare([m.manifest for m in models.values()]), **_WAIT)
     topics = sorted({settings.topic_for(m.manifest.modality) for m in models.values()})
     client = kafka_client(settings.kafka_client)
-    retry(lambda: client.ensure_topics(settings, [*topics, settings.topic_dlq]), **_WAIT)
-    dead_letters = client.dead_letters(settings)
+    retry(lambda: client.ensure_topics(settings.kafka, [*topics, settings.topic_dlq]), **_WAIT)
+    dead_letters = client.dead_letters(settings.kafka)
     results = None
     if settings.publish_results:
         from embedstream.sinks.results import KafkaResultsPublisher
 
-        results = KafkaResultsPublisher(settings, tagged=sink.tagged)
-    ledger = RedisCrashLedger(connect(settings, retries=False), settings.key_prefix,
+        results = KafkaResultsPublisher(settings.kafka, settings.key_prefix,
+                                        tagged=sink.tagged)
+    ledger = RedisCrashLedger(connect(settings.redis, retries=False), settings.key_prefix,
                               settings.group_id)
     routing = routing_for(settings, control, {n: m.modality for n, m in models.items()})
     worker = Worker(
         settings,
         models,
-        source_factory=lambda listener: client.source(settings, topics, listener),
+        source_factory=lambda listener: client.source(settings.kafka, topics, listener),
         sink=sink,
         dead_letters=dead_letters,
         metrics=metrics,
