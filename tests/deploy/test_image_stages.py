@@ -49,13 +49,13 @@ NOT_REPLAYED = {
 }
 # What each command may load: embedstream packages and modules (all of their submodules).
 COMMAND_MODULES = {
-    "worker": ["cli", "settings", "errors", "metrics", "records", "envelope", "cloudevent",
+    "worker": ["cli", "settings", "sections", "errors", "metrics", "records", "envelope", "cloudevent",
                "worker", "sources", "sinks", "preprocess", "runtime", "batching", "payloads",
                "models", "retry", "rollout"],
-    "gateway": ["cli", "settings", "errors", "metrics", "records", "envelope", "cloudevent",
+    "gateway": ["cli", "settings", "sections", "errors", "metrics", "records", "envelope", "cloudevent",
                 "gateway", "search", "producer", "preprocess", "runtime", "batching", "sinks",
                 "sources", "payloads", "models", "retry", "rollout"],
-    "produce": ["cli", "settings", "errors", "records", "envelope", "cloudevent", "producer",
+    "produce": ["cli", "settings", "sections", "errors", "records", "envelope", "cloudevent", "producer",
                 "sources"],
 }
 UNREACHABLE_BROKER = "127.0.0.1:9"  # the discard port: refused at once
