@@ -123,7 +123,7 @@ def scoped_gateway(gateway, model_root, tmp_path_factory) -> Iterator[ScopedGate
     settings = gateway.settings.model_copy(update={"gateway_api_keys_file": keys_file})
     models = load_models(model_root, [MODEL], providers=[], threads=1)
     searcher = Searcher(settings, models, connect(settings.redis))
-    app = create_app(settings, KafkaEventPublisher(settings), searcher)
+    app = create_app(settings, KafkaEventPublisher(settings.kafka, settings.gateway), searcher)
     with TestClient(app) as client:
         assert wait_for(lambda: client.get("/readyz").status_code == 200, timeout=60)
         yield ScopedGateway(client, settings, SCOPED_KEYS)

@@ -159,7 +159,7 @@ def test_unreachable_broker_is_429_with_retry_after():
 
     settings = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}", gateway_search=False,
                         gateway_retry_after_s=7)
-    publisher = KafkaEventPublisher(settings)
+    publisher = KafkaEventPublisher(settings.kafka, settings.gateway)
     with TestClient(create_app(settings, publisher)) as client:
         res = client.post("/v1/events/text", json={"text": "x"})
         assert res.status_code == 429 and res.headers["Retry-After"] == "7"

@@ -47,7 +47,7 @@ def run_gateway(settings: Settings) -> int:
     auth = Authenticator(settings.gateway, metrics)
     check_exposure(settings.gateway, auth)
     searcher = build_searcher(settings)
-    app = create_app(settings, KafkaEventPublisher(settings), searcher, metrics, auth)
+    app = create_app(settings, KafkaEventPublisher(settings.kafka, settings.gateway), searcher, metrics, auth)
     log.info("gateway on http://%s:%d (search %s, auth %s)", settings.gateway_host,
              settings.gateway_port, "on" if searcher else "off",
              f"on, {len(auth.store.entries())} keys" if auth.enabled else "off")

@@ -15,7 +15,8 @@ from typing import Protocol
 
 from embedstream.errors import Backpressure, Cancelled, SourceError
 from embedstream.retry import Backoff, retry
-from embedstream.settings import MODALITIES, Settings
+from embedstream.sections import GatewaySettings, KafkaSettings
+from embedstream.settings import MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,11 @@ class EventPublisher(Protocol):
 class KafkaEventPublisher:
     """See :class:`EventPublisher`; connects on a background thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, kafka: KafkaSettings, gateway: GatewaySettings) -> None:
         from embedstream.producer import Producer
 
-        self._settings = settings
+        self._kafka = kafka
+        self._settings = gateway
         self._producer: Producer | None = None
         self._last_ok = False  # the last publish (or the connect) succeeded
         self._closed = threading.Event()
@@ -52,12 +54,12 @@ class KafkaEventPublisher:
     def _connect(self) -> None:
         from embedstream.producer import Producer
 
-        settings = self._settings
+        kafka, settings = self._kafka, self._settings
 
         def connect() -> Producer:
             return Producer(
-                settings.kafka,
-                topics=[settings.topic_for(m) for m in MODALITIES],
+                kafka,
+                topics=[kafka.topic_for(m) for m in MODALITIES],
                 buffer_bytes=settings.gateway_buffer_bytes,
                 connect_timeout_s=5.0,
                 # send() blocks for topic metadata at most this long when the broker is away
@@ -73,14 +75,14 @@ class KafkaEventPublisher:
         except Cancelled:
             return
         self._last_ok = True
-        log.info("gateway connected to Kafka at %s", settings.kafka_bootstrap)
+        log.info("gateway connected to Kafka at %s", kafka.kafka_bootstrap)
 
     def publish(self, topic: str, records: Sequence[tuple[str | None, bytes | None]],
                 headers: Sequence[tuple[str, bytes]] = ()) -> None:
         producer = self._producer
         retry = float(self._settings.gateway_retry_after_s)
         if producer is None:
-            raise Backpressure(f"not connected to Kafka at {self._settings.kafka_bootstrap}", retry)
+            raise Backpressure(f"not connected to Kafka at {self._kafka.kafka_bootstrap}", retry)
         try:
             producer.publish(
                 topic, records, timeout_s=self._settings.gateway_publish_timeout_s,
