@@ -96,7 +96,10 @@ def test_careful_mode_ends_when_caught_up_or_past_the_window():
     for record in held[:2]:
         b.isolate(record)
         assert b.careful()
-    b.isolate(held[2])  # offset 2 = head + window - 1: the window is done
+    b.isolate(held[2])  # offset 2 = head + window - 1: the window is done...
+    assert b.careful() == {TP}  # ...but its last record is in hand alone, named in the mark
+    assert state(ledger) == (0, 1, 2)
+    b.isolated_done()
     assert not b.careful()
     ledger.marks[TP] = Mark(0, 0)
     b2 = Breaker(ledger, 2, window=100, reject=lambda *a: None)

@@ -194,8 +194,13 @@ class Breaker:
         self._warned = 0.0
 
     def careful(self) -> set[TopicPartition]:
-        """The partitions whose records must be processed one at a time."""
-        return set(self._careful_until)
+        """The partitions whose records must be processed one at a time: those in careful
+        mode, and the one whose record is in hand alone until that record is done. (The
+        last record of a careful window is still named in its mark: should the process
+        die with it, it is taken for the poison, so nothing may join it meanwhile, and
+        the ``crash_loop_careful`` gauge must not read 0 yet.)"""
+        alone = {self._isolating[0]} if self._isolating is not None else set()
+        return set(self._careful_until) | alone
 
     def admit(self, records: list[RawRecord]) -> tuple[list[RawRecord], list[RawRecord]]:
         """(records to process, records to hold back and admit again later).
