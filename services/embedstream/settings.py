@@ -552,9 +552,6 @@ class Settings(BaseSettings):
         return {"text": self.default_text_model, "image": self.default_image_model,
                 "audio": self.default_audio_model}[modality]
 
-    def bootstrap_servers(self) -> list[str]:
-        return self.kafka.bootstrap_servers()
-
 
 class _SecretFiles(PydanticBaseSettingsSource):
     """``EMBEDSTREAM_<FIELD>_FILE`` -> the file's content, for secret fields."""
