@@ -17,6 +17,11 @@ original, read back at its source position while the topic still has it.
 with ``model`` set to the new model and ``version`` pinned to the original
 record's version (its own ``version`` or timestamp), so a re-embedding never
 looks newer than the data it came from.
+
+Both read and write through the client library ``kafka_client`` names (see
+:mod:`embedstream.sources.registry`): a :class:`~embedstream.sources.base.TopicReader`
+reads, :class:`~embedstream.sources.base.GroupOffsets` keeps the re-drive
+progress, a :class:`~embedstream.sources.base.RecordSender` publishes.
 """
 
 from __future__ import annotations
@@ -27,21 +32,21 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.structs import OffsetAndMetadata
-
-from embedstream.envelope import HEADER_TENANT, REASONS
+from embedstream.envelope import HEADER_TENANT, REASONS, RawRecord
 from embedstream.errors import SourceError
-from embedstream.settings import Settings
+from embedstream.sections import KafkaSettings
+from embedstream.sources.base import GroupOffsets, RecordSender, TopicPartition, TopicReader
 from embedstream.sources.common import HEADER_VALUE_KIND, LETTER_HEADERS
-from embedstream.sources.kafka import client_config
+from embedstream.sources.registry import KafkaClient, kafka_client
 
 log = logging.getLogger(__name__)
 
-_IDLE_MS = 3000  # a read that brings nothing for this long has reached the end
+_IDLE_S = 3.0  # a read that brings nothing for this long has reached the end
+_MAX_RECORD_BYTES = 64 << 20  # room for an original re-driven from a reference
+_FLUSH_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -57,34 +62,33 @@ class ReplayReport:
 
 
 def redrive_dead_letters(
-    settings: Settings, *, reasons: set[str] | None = None, dry_run: bool = False
+    settings: KafkaSettings, *, reasons: set[str] | None = None, dry_run: bool = False
 ) -> ReplayReport:
     """Publish dead letters (of ``reasons``, or all) back to their source topics."""
-    reader = KafkaConsumer(**client_config(settings.kafka), enable_auto_commit=False, group_id=None)
-    partitions = sorted(reader.partitions_for_topic(settings.topic_dlq) or ())
-    tps = [TopicPartition(settings.topic_dlq, p) for p in partitions]
-    cursors = _Cursors(settings, tps)
-    producer = None if dry_run else _producer(settings)
+    client = kafka_client(settings.kafka_client)
+    reader = client.reader(settings)
+    tps = [(settings.topic_dlq, p) for p in reader.partitions(settings.topic_dlq)]
+    cursors = _Cursors(client, settings, tps)
+    publisher = None if dry_run else _Publisher(client, settings)
     report = ReplayReport()
     try:
         if not tps:
             return report
-        reader.assign(tps)
-        for tp in tps:  # from the earliest position any wanted reason still needs
-            reader.seek(tp, cursors.start(tp, reasons))
+        # from the earliest position any wanted reason still needs
+        reader.read_from({tp: cursors.start(tp, reasons) for tp in tps})
         read_to: dict[TopicPartition, int] = {}
         started_ms = int(time.time() * 1000)
         for record in _read_until_idle(reader):
-            tp = TopicPartition(record.topic, record.partition)
-            if record.timestamp >= started_ms:
+            tp = (record.topic, record.partition)
+            if record.timestamp_ms >= started_ms:
                 # Written since this run began (a re-driven event that failed again, say):
                 # the next run's business, or this run would chase its own tail.
-                reader.pause(tp)
-                if set(reader.paused()) == set(tps):
+                reader.stop(tp)
+                if reader.stopped() >= set(tps):
                     break
                 continue
             read_to[tp] = record.offset + 1
-            headers = dict(record.headers or ())
+            headers = dict(record.headers)
             reason = headers.get("embedstream.reason", b"").decode("utf-8", "replace")
             source = headers.get("embedstream.source.topic", b"").decode("utf-8", "replace")
             if not source or (reasons and reason not in reasons):
@@ -93,25 +97,25 @@ def redrive_dead_letters(
             if record.offset < cursors.position(tp, reason):
                 report.already += 1  # re-driven by an earlier run
                 continue
-            original = _original(settings, record, headers)
+            original = _original(client, settings, record, headers)
             if original is None:
                 report.unrecoverable += 1
                 continue
             report.by_reason[reason] += 1
-            if producer is not None:
+            if publisher is not None:
                 key, value, kept = original
                 kept.append(("embedstream.redriven_from",
                              f"{record.topic}:{record.partition}:{record.offset}".encode()))
-                producer.send(source, key=key, value=value, headers=kept)
+                publisher.send(source, key, value, kept)
             report.published += 1
-        if producer is not None:
-            producer.flush()
+        if publisher is not None:
+            publisher.confirm()  # every re-published record acknowledged, or SourceError
             cursors.advance(read_to, reasons or set(REASONS) | set(report.by_reason))
     finally:
         reader.close()
         cursors.close()
-        if producer is not None:
-            producer.close()
+        if publisher is not None:
+            publisher.close()
     if dry_run:
         report.published = 0
     return report
@@ -120,25 +124,25 @@ def redrive_dead_letters(
 class _Cursors:
     """Re-drive progress per reason: committed offsets of ``<group>-redrive[.<reason>]``."""
 
-    def __init__(self, settings: Settings, tps: list[TopicPartition]) -> None:
+    def __init__(self, client: KafkaClient, settings: KafkaSettings, tps: list[TopicPartition]) -> None:
+        self._client = client
         self._settings = settings
         self._tps = tps
         self._base = f"{settings.group_id}-redrive"
-        self._groups: dict[str | None, KafkaConsumer] = {}
+        self._groups: dict[str | None, GroupOffsets] = {}
         self._committed: dict[str | None, dict[TopicPartition, int]] = {}
 
-    def _group(self, reason: str | None) -> KafkaConsumer:
+    def _group(self, reason: str | None) -> GroupOffsets:
         if reason not in self._groups:
             name = self._base if reason is None else f"{self._base}.{reason}"
-            consumer = KafkaConsumer(**client_config(self._settings.kafka), group_id=name,
-                                     enable_auto_commit=False)
-            self._groups[reason] = consumer
-            self._committed[reason] = {tp: consumer.committed(tp) or 0 for tp in self._tps}
+            group = self._client.group_offsets(self._settings, name)
+            self._groups[reason] = group
+            self._committed[reason] = group.committed(self._tps)
         return self._groups[reason]
 
     def _offset(self, reason: str | None, tp: TopicPartition) -> int:
         self._group(reason)
-        return self._committed[reason][tp]
+        return self._committed[reason].get(tp, 0)
 
     def position(self, tp: TopicPartition, reason: str) -> int:
         """Letters of ``reason`` before this offset were re-driven already."""
@@ -155,38 +159,57 @@ class _Cursors:
             return
         every = set(reasons) >= set(REASONS)
         for reason in [None] if every else sorted(reasons):
-            offsets = {tp: OffsetAndMetadata(max(end, self._offset(reason, tp)), "", -1)
-                       for tp, end in ends.items()}
-            self._group(reason).commit(offsets)
+            self._group(reason).commit({tp: max(end, self._offset(reason, tp))
+                                        for tp, end in ends.items()})
 
     def close(self) -> None:
-        for consumer in self._groups.values():
-            consumer.close(autocommit=False)
+        for group in self._groups.values():
+            group.close()
+
+
+class _Publisher:
+    """Re-publishes through the configured client and checks every acknowledgement."""
+
+    def __init__(self, client: KafkaClient, settings: KafkaSettings) -> None:
+        self._sender: RecordSender = client.sender(settings, max_record_bytes=_MAX_RECORD_BYTES)
+        self._pending: list[Future[None]] = []
+
+    def send(self, topic: str, key: bytes | None, value: bytes | None,
+             headers: list[tuple[str, bytes]] | None) -> None:
+        self._pending.append(self._sender.send(topic, key, value, headers))
+
+    def confirm(self) -> None:
+        """Wait for every record sent; SourceError naming the first refusal."""
+        self._sender.flush(_FLUSH_TIMEOUT_S)
+        failed = [err for f in self._pending if (err := f.exception(_FLUSH_TIMEOUT_S)) is not None]
+        self._pending.clear()
+        if failed:
+            raise SourceError(f"{len(failed)} re-published records were refused (the progress "
+                              f"is not moved, so a later run sends them again): {failed[0]}")
+
+    def close(self) -> None:
+        self._sender.close(10)
 
 
 def _original(
-    settings: Settings, letter: Any, headers: dict[str, bytes]
-) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]] | None:
+    client: KafkaClient, settings: KafkaSettings, letter: RawRecord, headers: dict[str, bytes]
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]] | None:
     """The record a letter stands for: key, value and its own headers (None if gone)."""
-    kept = [(k, v) for k, v in letter.headers or () if k not in LETTER_HEADERS]
+    kept = [(k, v) for k, v in letter.headers if k not in LETTER_HEADERS]
     if headers.get(HEADER_VALUE_KIND) != b"reference":
         return letter.key, letter.value, kept
     try:
-        ref = json.loads(letter.value)
-        tp = TopicPartition(ref["topic"], int(ref["partition"]))
+        ref = json.loads(letter.value or b"")
+        tp = (str(ref["topic"]), int(ref["partition"]))
         offset = int(ref["offset"])
     except (ValueError, KeyError, TypeError):
         log.warning("dead letter %s:%d@%d: unreadable reference", letter.topic,
                     letter.partition, letter.offset)
         return None
-    size = int(ref.get("value_bytes") or 0)
-    reader = KafkaConsumer(**client_config(settings.kafka), enable_auto_commit=False, group_id=None,
-                           max_partition_fetch_bytes=max(1 << 20, size * 2),
-                           fetch_max_bytes=max(50 << 20, size * 2))
+    reader = client.reader(settings, max_record_bytes=int(ref.get("value_bytes") or 0))
     try:
-        reader.assign([tp])
-        reader.seek(tp, offset)
-        record = _first_record(reader, tp, timeout_s=3 * _IDLE_MS / 1000)
+        reader.read_from({tp: offset})
+        record = _first_record(reader, timeout_s=3 * _IDLE_S)
     finally:
         reader.close()
     if record is None or record.offset != offset:  # deleted by retention, or compacted
@@ -195,21 +218,21 @@ def _original(
     if hashlib.sha256(record.value or b"").hexdigest() != ref.get("value_sha256"):
         log.warning("the original of %s:%d@%d does not match its reference", *tp, offset)
         return None
-    return record.key, record.value, list(record.headers or ())
+    return record.key, record.value, list(record.headers)
 
 
-def _first_record(consumer: KafkaConsumer, tp: TopicPartition, timeout_s: float) -> Any:
-    """The first record a poll of ``tp`` brings within ``timeout_s``, or None."""
+def _first_record(reader: TopicReader, timeout_s: float) -> RawRecord | None:
+    """The first record a poll brings within ``timeout_s``, or None."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        records = consumer.poll(timeout_ms=200).get(tp)
+        records = reader.poll(0.2)
         if records:
             return records[0]
     return None
 
 
 def reembed_range(
-    settings: Settings,
+    settings: KafkaSettings,
     topic: str,
     model: str,
     *,
@@ -221,61 +244,62 @@ def reembed_range(
 
     ``end`` defaults to the end of each partition as the replay begins.
     """
-    consumer = KafkaConsumer(**client_config(settings.kafka), enable_auto_commit=False)
-    available = consumer.partitions_for_topic(topic)
-    if not available:
-        consumer.close()
-        raise SourceError(f"topic {topic!r} does not exist")
-    parts = [TopicPartition(topic, p) for p in sorted(partitions or available)]
-    consumer.assign(parts)
-    for tp in parts:
-        consumer.seek(tp, start)
-    producer = _producer(settings)
-    report = ReplayReport()
-    started_ms = int(time.time() * 1000)
+    client = kafka_client(settings.kafka_client)
+    reader = client.reader(settings)
     try:
-        for record in _read_until_idle(consumer):
-            # The range is what the topic held when the replay began: records
-            # stamped later (our own re-published ones among them) are past it.
-            past_range = record.timestamp >= started_ms
-            if past_range or (end is not None and record.offset >= end):
-                consumer.pause(TopicPartition(record.topic, record.partition))
-                if set(consumer.paused()) == set(parts):
-                    break
-                continue
-            value = _retarget(record, model)
-            if value is None:
-                report.skipped += 1
-                continue
-            # the tenant stays the event's: a re-embedded item lands in its tenant's space
-            tenant = [(k, v) for k, v in record.headers or () if k == HEADER_TENANT]
-            producer.send(topic, key=record.key, value=value, headers=tenant or None)
-            report.published += 1
-        producer.flush()
+        available = reader.partitions(topic)
+        if not available:
+            raise SourceError(f"topic {topic!r} does not exist")
+        unknown = sorted(set(partitions or ()) - set(available))
+        if unknown:
+            raise SourceError(f"topic {topic!r} has no partition {unknown[0]} "
+                              f"(it has 0 to {max(available)})")
+        parts = [(topic, p) for p in sorted(partitions or available)]
+        report = ReplayReport()
+        reader.read_from(dict.fromkeys(parts, start))
+        publisher = _Publisher(client, settings)
+        started_ms = int(time.time() * 1000)
+        try:
+            for record in _read_until_idle(reader):
+                # The range is what the topic held when the replay began: records
+                # stamped later (our own re-published ones among them) are past it.
+                past_range = record.timestamp_ms >= started_ms
+                if past_range or (end is not None and record.offset >= end):
+                    reader.stop((record.topic, record.partition))
+                    if reader.stopped() >= set(parts):
+                        break
+                    continue
+                value = _retarget(record, model)
+                if value is None:
+                    report.skipped += 1
+                    continue
+                # the tenant stays the event's: a re-embedded item lands in its tenant's space
+                tenant = [(k, v) for k, v in record.headers if k == HEADER_TENANT]
+                publisher.send(topic, record.key, value, tenant or None)
+                report.published += 1
+            publisher.confirm()
+        finally:
+            publisher.close()
     finally:
-        consumer.close()
-        producer.close()
+        reader.close()
     return report
 
 
-def _read_until_idle(consumer: KafkaConsumer, join_timeout_s: float = 60) -> Iterator[Any]:
-    """Records until the consumer has partitions and nothing new came for a while."""
-    started = time.monotonic()
+def _read_until_idle(reader: TopicReader) -> Iterator[RawRecord]:
+    """Records until nothing new came for a while (the reader has reached the end)."""
     idle_since: float | None = None
     while True:
-        records = [r for batch in consumer.poll(timeout_ms=200).values() for r in batch]
+        records = reader.poll(0.2)
         if records:
             idle_since = None
             yield from records
-        elif consumer.assignment():
+        else:
             idle_since = idle_since or time.monotonic()
-            if time.monotonic() - idle_since > _IDLE_MS / 1000:
+            if time.monotonic() - idle_since > _IDLE_S:
                 return
-        elif time.monotonic() - started > join_timeout_s:
-            raise SourceError(f"no partitions assigned within {join_timeout_s:.0f}s")
 
 
-def _retarget(record: Any, model: str) -> bytes | None:
+def _retarget(record: RawRecord, model: str) -> bytes | None:
     """The envelope with ``model`` replaced and its id and version pinned to the
     original record's (a re-published record has a new position and timestamp);
     None if the value is not an envelope."""
@@ -289,11 +313,5 @@ def _retarget(record: Any, model: str) -> bytes | None:
     if body.get("id") is None:
         key = record.key.decode("utf-8", "replace") if record.key else None
         body["id"] = key or f"{record.topic}:{record.partition}:{record.offset}"
-    body.setdefault("version", max(0, record.timestamp))
+    body.setdefault("version", max(0, record.timestamp_ms))
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def _producer(settings: Settings) -> KafkaProducer:
-    # Room for an original re-driven from a reference (the broker has its own limit).
-    return KafkaProducer(**client_config(settings.kafka), acks="all", linger_ms=5, retries=10,
-                         max_request_size=64 << 20)

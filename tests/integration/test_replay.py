@@ -10,10 +10,18 @@ import sys
 
 import pytest
 from e2e_support import ThreadWorker, make_settings, stored_ids, wait_for
+from kafka import KafkaProducer
 
+from embedstream.envelope import RawRecord, encode
+from embedstream.errors import SourceError
 from embedstream.models.manifest import MANIFEST_FILE
 from embedstream.producer import Producer
+from embedstream.replay import redrive_dead_letters, reembed_range
+from embedstream.rollout.lifecycle import _offsets
+from embedstream.settings import Settings
 from embedstream.sinks.redis import connect, result_key
+from embedstream.sources.base import TopicPartition
+from embedstream.sources.registry import kafka_client
 
 MODEL = "all-minilm-l6-v2"
 NEW = "minilm-v2"
@@ -88,3 +96,91 @@ def test_redrive_after_fix_and_reembed_with_new_model(stack, unique, model_root,
         assert client.hget(result_key(unique, NEW, "p0"), "version") == before
     finally:
         assert worker.stop() == 0
+
+
+def read_from(settings: Settings, starts: dict[TopicPartition, int], expected: int) -> list[RawRecord]:
+    reader = kafka_client(settings.kafka_client).reader(settings.kafka, max_record_bytes=8 << 20)
+    got: list[RawRecord] = []
+    try:
+        reader.read_from(starts)
+        assert wait_for(lambda: got.extend(reader.poll(0.2)) or len(got) >= expected, 30), got
+    finally:
+        reader.close()
+    return got
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_replay_reads_and_writes_through_the_client_the_settings_name(stack, unique, client):
+    """``replay`` and a rollout's bounds use ``kafka_client`` for every read, commit and
+    write. Dead letters written by that client's dead-letter producer (one a reference
+    to a record too large to copy) are re-driven once, with their own headers, the
+    progress of a reason's run kept in its group; a
+    dry run writes nothing; a range is re-published for another model; a partition
+    or topic that does not exist is a clear error."""
+    settings = Settings(kafka_bootstrap=stack.bootstrap, kafka_client=client,
+                        topic_text=f"{unique}.text", topic_dlq=f"{unique}.dlq",
+                        group_id=f"{unique}-group", topic_partitions=2)
+    topic = settings.topic_text
+    kit = kafka_client(client)
+    kit.ensure_topics(settings.kafka, [topic, settings.topic_dlq])
+    huge = encode("huge", text="x" * 3_000_000)  # over the dead-letter producer's 1 MB
+    events = [encode(f"e{i}", text=f"event {i}") for i in range(3)]
+    raw = KafkaProducer(bootstrap_servers=stack.bootstrap, max_request_size=8 << 20)
+    raw.send(topic, key=b"huge", value=huge, partition=0, timestamp_ms=1_000)
+    for i, value in enumerate(events):  # one record a batch: Tansu's end offsets are right then
+        raw.send(topic, key=f"e{i}".encode(), value=value, partition=1, timestamp_ms=2_000 + i,
+                 headers=[("x-trace", b"t0")] if i == 0 else None)
+        raw.flush()
+    raw.close()
+
+    letters = kit.dead_letters(settings.kafka)
+    written: list[str] = []
+    letters.send(RawRecord(topic, 0, 0, b"huge", huge, 1_000), "payload_too_large", "too big",
+                 lambda: written.append("huge"), lambda err: written.append(repr(err)))
+    letters.send(RawRecord(topic, 1, 0, b"e0", events[0], 2_000, (("x-trace", b"t0"),)),
+                 "unknown_model", "no such model", lambda: written.append("e0"),
+                 lambda err: written.append(repr(err)))
+    letters.flush(30)
+    letters.close()
+    assert sorted(written) == ["e0", "huge"]
+
+    before = ends_of(settings, topic)
+    dry = redrive_dead_letters(settings.kafka, dry_run=True)
+    assert (dry.published, dict(dry.by_reason)) == (0, {"payload_too_large": 1, "unknown_model": 1})
+    firsts, ends = _offsets(settings, [topic])  # the rollout's bounds, through the same client
+    assert (firsts, ends) == ({f"{topic}:0": 0, f"{topic}:1": 0},
+                              {f"{topic}:{p}": end for (_t, p), end in before.items()})
+    assert before == {(topic, 0): 1, (topic, 1): 3}
+
+    first = redrive_dead_letters(settings.kafka, reasons={"unknown_model"})
+    assert (first.published, first.skipped) == (1, 1)
+    rest = redrive_dead_letters(settings.kafka)  # its progress per reason is the group's
+    assert (rest.published, rest.already, rest.unrecoverable) == (1, 1, 0)
+    redriven = {r.key: r for r in read_from(settings, before, 2)}
+    assert redriven[b"huge"].value == huge  # read back from its source position
+    assert redriven[b"e0"].value == events[0]
+    assert ("x-trace", b"t0") in redriven[b"e0"].headers
+    assert dict(redriven[b"e0"].headers)["embedstream.redriven_from"].startswith(
+        f"{settings.topic_dlq}:".encode())
+    again = redrive_dead_letters(settings.kafka)
+    assert (again.published, again.already, again.skipped) == (0, 0, 0)  # started past both
+
+    after = ends_of(settings, topic)
+    out = reembed_range(settings.kafka, topic, "m2", partitions=[1], start=1, end=3)
+    assert (out.published, out.skipped) == (2, 0)
+    bodies = sorted((json.loads(r.value) for r in read_from(settings, after, 2)),
+                    key=lambda b: b["id"])
+    assert [(b["id"], b["model"], b["version"]) for b in bodies] == [
+        ("e1", "m2", 2_001), ("e2", "m2", 2_002)]  # the originals' versions, not the replay's
+    with pytest.raises(SourceError, match="no partition 7"):
+        reembed_range(settings.kafka, topic, "m2", partitions=[7])
+    with pytest.raises(SourceError, match="does not exist"):
+        reembed_range(settings.kafka, f"{unique}.absent", "m2")
+
+
+def ends_of(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    reader = kafka_client(settings.kafka_client).reader(settings.kafka)
+    try:
+        return {tp: end for tp, (_first, end) in reader.bounds([(topic, 0), (topic, 1)]).items()}
+    finally:
+        reader.close()

@@ -29,7 +29,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.what == "dlq":
         report = redrive_dead_letters(
-            settings, reasons=set(args.reason or ()), dry_run=args.dry_run
+            settings.kafka, reasons=set(args.reason or ()), dry_run=args.dry_run
         )
         verb = "would re-drive" if args.dry_run else "re-drove"
         count = sum(report.by_reason.values())
@@ -39,7 +39,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
               + (f", {report.unrecoverable} too large to copy and gone from their topic"
                  if report.unrecoverable else ""))
         return 0
-    report = reembed_range(settings, args.topic, args.model, partitions=args.partition,
+    report = reembed_range(settings.kafka, args.topic, args.model, partitions=args.partition,
                            start=args.from_offset, end=args.to_offset)
     print(f"re-published {report.published} events of {args.topic} for model {args.model};"
           f" {report.skipped} skipped (not envelopes)")

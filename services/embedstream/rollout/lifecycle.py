@@ -23,8 +23,6 @@ import logging
 import time
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
-
 from embedstream.errors import ConfigError
 from embedstream.models.manifest import Manifest, find_models, load_manifest
 from embedstream.models.routing import default_models
@@ -43,7 +41,7 @@ from embedstream.settings import Settings
 from embedstream.sinks.cluster import Client
 from embedstream.sinks.layout import index_name, result_key, tombstone_key
 from embedstream.sinks.redis import RedisSink, has_search
-from embedstream.sources.kafka import client_config
+from embedstream.sources.registry import kafka_client
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +142,13 @@ def _old_is_default(settings: Settings, client: Client, old: str, modality: str)
 
 def _offsets(settings: Settings, topics: list[str]) -> tuple[dict[str, int], dict[str, int]]:
     """The first and next offsets of every partition of ``topics``, as ``topic:p``."""
-    consumer = KafkaConsumer(**client_config(settings.kafka), enable_auto_commit=False, group_id=None)
+    reader = kafka_client(settings.kafka_client).reader(settings.kafka)
     try:
-        tps = [TopicPartition(t, p) for t in topics
-               for p in sorted(consumer.partitions_for_topic(t) or ())]
-        firsts = consumer.beginning_offsets(tps) if tps else {}
-        ends = consumer.end_offsets(tps) if tps else {}
+        bounds = reader.bounds([(t, p) for t in topics for p in reader.partitions(t)])
     finally:
-        consumer.close()
-    return ({f"{tp.topic}:{tp.partition}": int(o) for tp, o in firsts.items()},
-            {f"{tp.topic}:{tp.partition}": int(o) for tp, o in ends.items()})
+        reader.close()
+    return ({f"{t}:{p}": first for (t, p), (first, _end) in bounds.items()},
+            {f"{t}:{p}": end for (t, p), (_first, end) in bounds.items()})
 
 
 # -------------------------------------------------------------------------- workers

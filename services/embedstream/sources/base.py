@@ -12,6 +12,11 @@ the client's fetch position (kafka-python keeps it) or from the committed
 offset (librdkafka): records the worker polled before the revoke are not
 necessarily delivered again, so the worker forgets only the partitions that
 did not come back.
+
+Tools that are not group members read and write through two more interfaces:
+a :class:`TopicReader` reads partitions from chosen offsets (``replay``, a
+rollout's backfill bounds), and :class:`GroupOffsets` reads and commits a
+group's offsets without joining it (``replay``'s re-drive progress).
 """
 
 from __future__ import annotations
@@ -119,3 +124,53 @@ class RecordSender(Protocol):
         ...
 
     def close(self, timeout_s: float) -> None: ...
+
+
+class TopicReader(Protocol):
+    """Reads chosen partitions from chosen offsets, outside any consumer group.
+
+    It commits nothing and joins no group: what a tool uses to read a range of
+    a topic (``replay``) or to learn its bounds (a rollout's backfill). Records
+    of a partition come in offset order; once :meth:`stop` names a partition,
+    :meth:`poll` returns none of it again.
+    """
+
+    def partitions(self, topic: str) -> list[int]:
+        """The topic's partitions, sorted; empty when the topic does not exist."""
+        ...
+
+    def bounds(self, partitions: list[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
+        """The first offset the broker still holds and the next offset to be written."""
+        ...
+
+    def read_from(self, positions: dict[TopicPartition, int]) -> None:
+        """Read exactly these partitions, each from its offset (or from its first
+        offset still held, when retention removed the offset asked for)."""
+        ...
+
+    def poll(self, timeout_s: float) -> list[RawRecord]:
+        """Records fetched within ``timeout_s`` (empty when none came)."""
+        ...
+
+    def stop(self, partition: TopicPartition) -> None:
+        """Fetch no more of this partition."""
+        ...
+
+    def stopped(self) -> set[TopicPartition]: ...
+
+    def close(self) -> None: ...
+
+
+class GroupOffsets(Protocol):
+    """A consumer group's committed offsets, read and written by a tool that is not
+    one of its members (the group need not have any)."""
+
+    def committed(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The committed next offset of each partition that has one."""
+        ...
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit these next offsets; SourceError when the broker refuses."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,4 +1,4 @@
-"""Kafka with confluent-kafka (librdkafka): the consumer, the dead-letter producer, topic admin.
+"""Kafka with confluent-kafka (librdkafka): the consumer, the producers, topic admin, tools' readers.
 
 The same contract as :mod:`embedstream.sources.kafka` (see
 :mod:`embedstream.sources.base`); what differs is the library underneath:
@@ -395,6 +395,120 @@ def _record(msg: Message) -> RawRecord:
     )
 
 
+class ConfluentTopicReader:
+    """A consumer that joins no group. See :class:`~embedstream.sources.base.TopicReader`.
+
+    librdkafka wants a ``group.id`` for any consumer; this one never subscribes
+    or commits, so the group stays empty. ``max_record_bytes``: the largest record
+    it must be able to fetch.
+    """
+
+    def __init__(self, settings: KafkaSettings, *, max_record_bytes: int = 1 << 20) -> None:
+        fetch = max(50 << 20, 2 * max_record_bytes)
+        self._max_records = settings.max_poll_records
+        self._stopped: set[TopicPartition] = set()
+        self._consumer = Consumer({
+            **client_config(settings),
+            "group.id": f"{settings.group_id}-reader",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "max.partition.fetch.bytes": max(1 << 20, 2 * max_record_bytes),
+            "fetch.max.bytes": fetch,
+            "receive.message.max.bytes": fetch + (1 << 20),
+            "error_cb": _log_error,
+            "logger": _rdkafka_log,
+        })
+
+    def partitions(self, topic: str) -> list[int]:
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=_ADMIN_TIMEOUT_S)
+        except KafkaException as err:
+            raise BrokerUnavailable(f"cannot read the metadata of {topic!r}: {err}") from err
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            return []
+        return sorted(found.partitions)
+
+    def bounds(self, partitions: list[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
+        out = {}
+        for topic, partition in partitions:
+            try:
+                low, high = self._consumer.get_watermark_offsets(
+                    KafkaTP(topic, partition), timeout=_ADMIN_TIMEOUT_S)
+            except KafkaException as err:
+                raise SourceError(f"cannot read the offsets of {topic}:{partition}: {err}") from err
+            out[(topic, partition)] = (int(low), int(high))
+        return out
+
+    def read_from(self, positions: dict[TopicPartition, int]) -> None:
+        firsts = self.bounds(list(positions))
+        self._consumer.assign([KafkaTP(t, p, max(offset, firsts[(t, p)][0]))
+                               for (t, p), offset in positions.items()])
+        self._stopped.clear()
+
+    def poll(self, timeout_s: float) -> list[RawRecord]:
+        """Like :meth:`ConfluentSource.poll`: wait for one record, take what is fetched."""
+        first = self._consumer.poll(timeout_s)
+        if first is None:
+            return []
+        messages = [first, *self._consumer.consume(max(1, self._max_records - 1), 0)]
+        out = []
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                _message_error(err)
+            elif (msg.topic(), msg.partition()) not in self._stopped:
+                out.append(_record(msg))
+        return out
+
+    def stop(self, partition: TopicPartition) -> None:
+        self._consumer.pause([KafkaTP(*partition)])
+        self._stopped.add(partition)
+
+    def stopped(self) -> set[TopicPartition]:
+        return set(self._stopped)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class ConfluentGroupOffsets:
+    """See :class:`~embedstream.sources.base.GroupOffsets`: a consumer of the group that
+    never subscribes, so it commits without joining (and moving) the group."""
+
+    def __init__(self, settings: KafkaSettings, group: str) -> None:
+        self._group = group
+        self._consumer = Consumer({
+            **client_config(settings), "group.id": group, "enable.auto.commit": False,
+            "enable.auto.offset.store": False, "error_cb": _log_error, "logger": _rdkafka_log,
+        })
+
+    def committed(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        if not partitions:
+            return {}
+        try:
+            found = self._consumer.committed([KafkaTP(*tp) for tp in partitions],
+                                             timeout=_ADMIN_TIMEOUT_S)
+        except KafkaException as err:
+            raise SourceError(f"cannot read group {self._group}'s offsets: {err}") from err
+        return {(tp.topic, tp.partition): tp.offset for tp in found if tp.offset >= 0}
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        try:
+            results = self._consumer.commit(offsets=_offsets(offsets), asynchronous=False)
+        except KafkaException as err:
+            raise SourceError(f"cannot commit group {self._group}'s offsets: {err}") from err
+        failed = [tp for tp in results or () if tp.error is not None]
+        if failed:
+            raise SourceError(f"cannot commit group {self._group}'s offsets: {failed[0].error}")
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 class ConfluentSender:
     """librdkafka behind :class:`~embedstream.sources.base.RecordSender`.
 
@@ -405,10 +519,11 @@ class ConfluentSender:
     """
 
     def __init__(self, settings: KafkaSettings, *, connect_timeout_s: float = 30.0,
-                 max_block_s: float = 60.0) -> None:
+                 max_block_s: float = 60.0, max_record_bytes: int | None = None) -> None:
         del max_block_s
         self._producer = Producer({
             **client_config(settings), "acks": "all", "linger.ms": 5,
+            **({"message.max.bytes": max_record_bytes} if max_record_bytes else {}),
             "error_cb": _log_error, "logger": _rdkafka_log,
         })
         try:  # the twin of kafka-python's bootstrap check

@@ -1,4 +1,4 @@
-"""Kafka with kafka-python: the consumer, the dead-letter producer, topic admin.
+"""Kafka with kafka-python: the consumer, the producers, topic admin, the tools' readers.
 
 Why not faust: faust's commit path can commit past an in-flight event
 (faust-streaming issue #606, fix still open), which breaks "commit only what
@@ -138,22 +138,7 @@ class KafkaSource:
         self._probe = BrokerProbe(settings.bootstrap_servers())
 
     def poll(self, timeout_s: float) -> list[RawRecord]:
-        batches = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
-        out: list[RawRecord] = []
-        for records in batches.values():
-            for r in records:
-                out.append(
-                    RawRecord(
-                        topic=r.topic,
-                        partition=r.partition,
-                        offset=r.offset,
-                        key=r.key,
-                        value=r.value,
-                        timestamp_ms=r.timestamp,
-                        headers=tuple(r.headers or ()),
-                    )
-                )
-        return out
+        return _records(self._consumer.poll(timeout_ms=int(timeout_s * 1000)))
 
     def commit(self, offsets: dict[TopicPartition, int]) -> bool:
         if not offsets:
@@ -200,6 +185,106 @@ class KafkaSource:
             if position is not None:
                 out[(tp.topic, tp.partition)] = max(0, high - position)
         return out
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+def _records(batches: dict[Any, list[Any]]) -> list[RawRecord]:
+    return [
+        RawRecord(topic=r.topic, partition=r.partition, offset=r.offset, key=r.key, value=r.value,
+                  timestamp_ms=r.timestamp, headers=tuple(r.headers or ()))
+        for records in batches.values() for r in records
+    ]
+
+
+class KafkaTopicReader:
+    """A consumer without a group. See :class:`~embedstream.sources.base.TopicReader`.
+
+    ``max_record_bytes``: the largest record it must be able to fetch (a
+    re-driven original can be larger than the worker's fetch limit).
+    """
+
+    def __init__(self, settings: KafkaSettings, *, max_record_bytes: int = 1 << 20) -> None:
+        try:
+            self._consumer = KafkaConsumer(
+                **client_config(settings), group_id=None, enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_partition_fetch_bytes=max(1 << 20, 2 * max_record_bytes),
+                fetch_max_bytes=max(50 << 20, 2 * max_record_bytes),
+            )
+        except KafkaError as err:
+            raise BrokerUnavailable(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
+        self._stopped: set[TopicPartition] = set()
+
+    def partitions(self, topic: str) -> list[int]:
+        return sorted(self._consumer.partitions_for_topic(topic) or ())
+
+    def bounds(self, partitions: list[TopicPartition]) -> dict[TopicPartition, tuple[int, int]]:
+        if not partitions:
+            return {}
+        tps = [KafkaTP(*tp) for tp in partitions]
+        try:
+            firsts = self._consumer.beginning_offsets(tps)
+            ends = self._consumer.end_offsets(tps)
+        except KafkaError as err:
+            raise SourceError(f"cannot read the offsets of {sorted(partitions)}: {err}") from err
+        return {(tp.topic, tp.partition): (int(firsts[tp]), int(ends[tp])) for tp in tps}
+
+    def read_from(self, positions: dict[TopicPartition, int]) -> None:
+        firsts = self.bounds(list(positions))
+        self._consumer.assign([KafkaTP(*tp) for tp in positions])
+        for tp, offset in positions.items():
+            self._consumer.seek(KafkaTP(*tp), max(offset, firsts[tp][0]))
+        self._stopped.clear()
+
+    def poll(self, timeout_s: float) -> list[RawRecord]:
+        records = _records(self._consumer.poll(timeout_ms=int(timeout_s * 1000)))
+        if self._stopped:
+            records = [r for r in records if (r.topic, r.partition) not in self._stopped]
+        return records
+
+    def stop(self, partition: TopicPartition) -> None:
+        self._consumer.pause(KafkaTP(*partition))
+        self._stopped.add(partition)
+
+    def stopped(self) -> set[TopicPartition]:
+        return set(self._stopped)
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+class KafkaGroupOffsets:
+    """See :class:`~embedstream.sources.base.GroupOffsets`: a consumer of the group that
+    never subscribes, so it commits without joining (and moving) the group."""
+
+    def __init__(self, settings: KafkaSettings, group: str) -> None:
+        self._group = group
+        try:
+            self._consumer = KafkaConsumer(**client_config(settings), group_id=group,
+                                           enable_auto_commit=False)
+        except KafkaError as err:
+            raise BrokerUnavailable(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {err}") from err
+
+    def committed(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        out = {}
+        for tp in partitions:
+            try:
+                offset = self._consumer.committed(KafkaTP(*tp))
+            except KafkaError as err:
+                raise SourceError(f"cannot read group {self._group}'s offsets: {err}") from err
+            if offset is not None:
+                out[tp] = int(offset)
+        return out
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=_offsets(offsets), timeout_ms=_COMMIT_TIMEOUT_MS)
+        except KafkaError as err:
+            raise SourceError(f"cannot commit group {self._group}'s offsets: {err}") from err
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
@@ -283,16 +368,18 @@ class KafkaSender:
 
     ``connect_timeout_s`` bounds the wait for the broker at construction (then
     :class:`~embedstream.errors.BrokerUnavailable`); ``max_block_s`` bounds how long
-    ``send`` blocks for a topic's metadata while the broker is away.
+    ``send`` blocks for a topic's metadata while the broker is away;
+    ``max_record_bytes`` raises the largest record it sends (default: the client's).
     """
 
     def __init__(self, settings: KafkaSettings, *, connect_timeout_s: float = 30.0,
-                 max_block_s: float = 60.0) -> None:
+                 max_block_s: float = 60.0, max_record_bytes: int | None = None) -> None:
         try:
             self._producer = KafkaProducer(
                 **client_config(settings), acks="all", linger_ms=5, retries=10,
                 bootstrap_timeout_ms=int(connect_timeout_s * 1000),
                 max_block_ms=int(max_block_s * 1000),
+                **({"max_request_size": max_record_bytes} if max_record_bytes else {}),
             )
         except KafkaError as err:
             raise BrokerUnavailable(

@@ -4,7 +4,11 @@ Each entry builds what embedstream needs from a client library: topic admin,
 the consumer (:class:`~embedstream.sources.base.Source`), the dead-letter
 producer (:class:`~embedstream.sources.base.DeadLetters`) and the producer
 under :class:`embedstream.producer.Producer`
-(:class:`~embedstream.sources.base.RecordSender`). A
+(:class:`~embedstream.sources.base.RecordSender`), and what tools read and
+commit with (:class:`~embedstream.sources.base.TopicReader`,
+:class:`~embedstream.sources.base.GroupOffsets`). Outside the client bench
+(which measures the libraries themselves), nothing else in embedstream builds
+a Kafka client, so ``kafka_client`` names the library everywhere. A
 library is imported only when chosen, so a missing optional one fails with a
 :class:`ConfigError` that says what to install, never an ImportError at start.
 """
@@ -16,7 +20,14 @@ from dataclasses import dataclass
 
 from embedstream.errors import ConfigError
 from embedstream.sections import KafkaSettings
-from embedstream.sources.base import DeadLetters, RebalanceListener, RecordSender, Source
+from embedstream.sources.base import (
+    DeadLetters,
+    GroupOffsets,
+    RebalanceListener,
+    RecordSender,
+    Source,
+    TopicReader,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,15 +42,21 @@ class KafkaClient:
     dead_letters: Callable[[KafkaSettings], DeadLetters]
     """The dead-letter producer (to ``settings.topic_dlq``)."""
     sender: Callable[..., RecordSender]
-    """``sender(settings, *, connect_timeout_s, max_block_s)``: the producer under
-    :class:`embedstream.producer.Producer` (gateway, results stream, ``produce``)."""
+    """``sender(settings, *, connect_timeout_s, max_block_s, max_record_bytes)``: the
+    producer under :class:`embedstream.producer.Producer` (gateway, results stream,
+    ``produce``) and ``replay``'s."""
+    reader: Callable[..., TopicReader]
+    """``reader(settings, *, max_record_bytes)``: reads partitions from chosen offsets,
+    outside any group (``replay``, a rollout's backfill bounds)."""
+    group_offsets: Callable[[KafkaSettings, str], GroupOffsets]
+    """A group's committed offsets, read and written without joining it."""
 
 
 def _kafka_python() -> KafkaClient:
     from embedstream.sources import kafka
 
     return KafkaClient("kafka-python", kafka.ensure_topics, kafka.KafkaSource, kafka.KafkaDeadLetters,
-                       kafka.KafkaSender)
+                       kafka.KafkaSender, kafka.KafkaTopicReader, kafka.KafkaGroupOffsets)
 
 
 def _confluent() -> KafkaClient:
@@ -54,7 +71,7 @@ def _confluent() -> KafkaClient:
         ) from err
     return KafkaClient(
         "confluent", confluent.ensure_topics, confluent.ConfluentSource, confluent.ConfluentDeadLetters,
-        confluent.ConfluentSender,
+        confluent.ConfluentSender, confluent.ConfluentTopicReader, confluent.ConfluentGroupOffsets,
     )
 
 
