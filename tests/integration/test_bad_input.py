@@ -25,6 +25,7 @@ from embedstream.models.manifest import load_manifest
 from embedstream.settings import Settings
 from embedstream.sinks.base import Embedded
 from embedstream.sinks.redis import RedisSink, connect, result_key
+from embedstream.worker.quarantine import Mark, RedisCrashLedger
 from support.stack import RedisServer, WorkerProcess, hanging_files, wait_for
 
 IMAGE_MODEL = "efficientnet-lite0"
@@ -232,6 +233,21 @@ def test_a_record_too_large_to_copy_is_dead_lettered_as_a_reference(
         assert worker.thread.is_alive() and worker.worker.healthy()
     finally:
         assert worker.stop() == 0
+
+
+def test_crash_loop_marks_keep_every_field_in_redis(stack, unique):
+    """The breaker's ledger on the real store: a mark reads back as written (the processes
+    whose deaths it counts among it), a cleared one is gone, and explained deaths are kept."""
+    ledger = RedisCrashLedger(connect(Settings(redis_url=stack.redis_url).redis), unique, "g")
+    full = Mark(7, 2, isolating=9, owner="p3", handed_over=False, dead=("p1", "p2"))
+    ledger.write({("t", 0): full, ("t", 1): Mark(3, owner="p3")})
+    assert ledger.read(("t", 0)) == full and ledger.read(("t", 1)) == Mark(3, owner="p3")
+    ledger.write({("t", 1): Mark(4, 1, owner="p3", handed_over=True, dead=("p2",))})
+    assert ledger.read(("t", 1)) == Mark(4, 1, owner="p3", handed_over=True, dead=("p2",))
+    ledger.clear({("t", 0)})
+    assert ledger.read(("t", 0)) is None
+    ledger.explain("p1")
+    assert ledger.explained("p1") and not ledger.explained("p2")
 
 
 @pytest.mark.slow

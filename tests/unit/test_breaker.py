@@ -173,32 +173,63 @@ def test_a_death_pinned_elsewhere_explains_the_same_death_in_the_other_partition
     pinned on it, the other partitions do not count that death."""
     ledger = MemoryCrashLedger()
     other = ("embedstream.text", 1)
-    ledger.marks[TP] = Mark(5, 1, isolating=5, owner="dead")
-    ledger.marks[other] = Mark(0, 1, owner="dead")
+    # "first" died holding both partitions, then "dead" did, the poison alone in hand.
+    ledger.marks[TP] = Mark(5, 1, isolating=5, owner="dead", dead=("first",))
+    ledger.marks[other] = Mark(0, 1, owner="dead", dead=("first",))
     rejected: list[tuple[int, str]] = []
     b = breaker(ledger, max_deaths=3, rejected=rejected)
     b.admit([*recs(5, 6), RawRecord(other[0], other[1], 0, None, b"{}", 0)])
     assert rejected == [(5, "poison_quarantined")]
-    assert not b.careful()  # partition 1's second death is explained, not counted
-    assert state(ledger, other) == (0, 0, None) and ledger.explained("dead")
-    # Another process taking over a partition the dead one held learns it from the ledger.
-    ledger.marks[("embedstream.text", 2)] = Mark(0, 1, owner="dead")
+    assert not b.careful()  # partition 1's two deaths are explained, not counted
+    assert state(ledger, other) == (0, 0, None)
+    assert ledger.explained("dead") and ledger.explained("first")
+    # Another process taking over a partition the dead ones held learns it from the ledger;
+    # a death the poison does not explain ("third") still counts.
+    ledger.marks[("embedstream.text", 2)] = Mark(0, 1, owner="dead", dead=("third",))
     b2 = breaker(ledger, max_deaths=3)
     b2.admit([RawRecord("embedstream.text", 2, 0, None, b"{}", 0)])
-    assert not b2.careful() and state(ledger, ("embedstream.text", 2)) == (0, 0, None)
+    assert not b2.careful() and state(ledger, ("embedstream.text", 2)) == (0, 1, None)
+    assert ledger.marks[("embedstream.text", 2)].dead == ("third",)
+
+
+def test_a_poison_pinned_explains_every_death_counted_at_its_head():
+    """Process A dies holding the poison's partition and another; a survivor takes the
+    other over, careful for A's death. B takes the poison's partition and dies with the
+    poison alone in hand; B's mark names A's death at that head too. The process that
+    quarantines the poison explains both, so the survivor's partition ends care at once
+    instead of going one record at a time through its whole window."""
+    ledger = MemoryCrashLedger()
+    other = ("embedstream.text", 1)
+    ledger.marks[other] = Mark(0, 0, owner="A")
+    survivor = breaker(ledger)
+    survivor.admit([RawRecord(other[0], other[1], 0, None, b"{}", 0)])
+    assert survivor.careful() == {other}
+    assert ledger.marks[other].dead == ("A",)
+
+    ledger.marks[TP] = Mark(5, 0, owner="A")
+    b = breaker(ledger)
+    b.admit(recs(5, 6))
+    assert ledger.marks[TP].dead == ("A",)  # B counts A's death and names it
+    assert b.isolate(recs(5)[0])  # ... and dies with offset 5 alone in hand
+    rejected: list[tuple[int, str]] = []
+    breaker(ledger, rejected=rejected).admit(recs(5, 6))
+    assert rejected == [(5, "poison_quarantined")]
+    assert ledger.explained("A") and ledger.explained(b.owner)
+    survivor.recheck()
+    assert not survivor.careful() and state(ledger, other) == (0, 0, None)
 
 
 def test_a_careful_partition_ends_care_once_its_death_is_explained_elsewhere():
     ledger = MemoryCrashLedger()
-    ledger.marks[TP] = Mark(0, 1, owner="dead")
+    ledger.marks[TP] = Mark(0, 1, owner="dead", dead=("first",))
     b = breaker(ledger, max_deaths=3)
     b.admit(recs(0))
     assert b.careful() == {TP}
     b.recheck()
     assert b.careful() == {TP}  # nothing explained yet
     ledger.explain("dead")  # another process quarantined what killed "dead"
-    b.recheck()
-    assert not b.careful() and state(ledger) == (0, 0, None)
+    b.recheck()  # "first"'s death alone is under the threshold: care ends, the count stays
+    assert not b.careful() and state(ledger) == (0, 1, None)
 
 
 class FlakyLedger(MemoryCrashLedger):

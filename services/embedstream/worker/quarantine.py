@@ -36,10 +36,12 @@ process that dies leaves behind:
 So a record is quarantined after ``max_deaths`` process deaths at its
 partition's head, the last one with that record alone in hand: no other
 record, of its partition or another, is ever quarantined for it. Each mark names the
-process that wrote it; once a death is pinned on a record, that process's
-death is *explained* (a set beside the marks), and the other partitions it
-held stop counting it (and stop being careful), so one poison does not slow
-the whole assignment for long. What the breaker cannot tell apart is a death
+process that wrote it, and the processes whose deaths it counts; once a death
+is pinned on a record, the death of that process and of every process counted
+at that head before it is *explained* (a set beside the marks), and the other
+partitions they held stop counting those deaths (and stop being careful once
+what is left is under the threshold), so one poison does not slow the whole
+assignment for long. What the breaker cannot tell apart is a death
 for a cause outside the pipeline at that very moment (the OOM killer, a lost
 node): the record then goes to the dead-letter topic, where ``replay dlq
 --reason poison_quarantined`` can re-drive it. The marks expire after a week;
@@ -56,7 +58,7 @@ import time
 import uuid
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import redis
@@ -87,6 +89,21 @@ class Mark:
     handed_over: bool = False
     """Its owner gave the partition up with nothing of it in hand: not a death. (The
     deaths before it still count: a rebalance does not reset a crash loop.)"""
+    dead: tuple[str, ...] = ()
+    """The processes whose deaths ``deaths`` counts, where known (at most the last
+    :data:`_NAMED_DEATHS`): when a poison is pinned at this head, each is explained."""
+
+
+_NAMED_DEATHS = 16
+
+
+def _victims(mark: Mark) -> tuple[str, ...]:
+    """Every death ``mark`` counts, by process id ("" where it is not known)."""
+    return ("",) * max(0, mark.deaths - len(mark.dead)) + mark.dead
+
+
+def _named(victims: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(v for v in victims if v)[-_NAMED_DEATHS:]
 
 
 class CrashLedger(Protocol):
@@ -109,7 +126,7 @@ class CrashLedger(Protocol):
 # of memory (which the sink waits out) must not blind the breaker meanwhile.
 _WRITE_MARK = """#!lua flags=allow-oom
 redis.call('HSET', KEYS[1], 'head', ARGV[1], 'deaths', ARGV[2], 'isolating', ARGV[3],
-           'owner', ARGV[4], 'handed_over', ARGV[6])
+           'owner', ARGV[4], 'handed_over', ARGV[6], 'dead', ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
@@ -138,10 +155,12 @@ class RedisCrashLedger:
         if not raw or b"head" not in raw:
             return None
         isolating = raw.get(b"isolating", b"")
+        dead = raw.get(b"dead", b"").decode("utf-8", "replace")
         return Mark(int(raw[b"head"]), int(raw.get(b"deaths", b"0")),
                     int(isolating) if isolating else None,
                     raw.get(b"owner", b"").decode("utf-8", "replace"),
-                    raw.get(b"handed_over", b"0") == b"1")
+                    raw.get(b"handed_over", b"0") == b"1",
+                    tuple(o for o in dead.split(",") if o))
 
     def write(self, marks: dict[TopicPartition, Mark]) -> None:
         # A cluster's pipeline does not load scripts: there, one call per mark (rare).
@@ -150,7 +169,7 @@ class RedisCrashLedger:
             isolating = "" if mark.isolating is None else mark.isolating
             self._write_mark(keys=[self.key(tp)], client=pipe,
                              args=[mark.head, mark.deaths, isolating, mark.owner, _MARK_TTL_S,
-                                   int(mark.handed_over)])
+                                   int(mark.handed_over), ",".join(mark.dead)])
         if pipe is not None:
             pipe.execute()
 
@@ -184,9 +203,9 @@ class Breaker:
         self._window = window
         self._reject = reject
         self._heads: dict[TopicPartition, int] = {}
-        self._deaths: dict[TopicPartition, int] = {}
+        self._deaths: dict[TopicPartition, tuple[str, ...]] = {}  # see _victims
         self._careful_until: dict[TopicPartition, int] = {}
-        self._careful_owner: dict[TopicPartition, str] = {}  # whose death made it careful
+        self._careful_deaths: dict[TopicPartition, tuple[str, ...]] = {}  # what made it careful
         self._poison: dict[TopicPartition, tuple[int, int]] = {}  # offset, deaths
         self._isolating: tuple[TopicPartition, int] | None = None
         self._explained: set[str] = set()
@@ -249,46 +268,60 @@ class Breaker:
             if mark is not None and mark.isolating is not None \
                     and mark.head <= starts[tp] <= mark.isolating:
                 self._poison[tp] = (mark.isolating, mark.deaths + 1)
-                self._explained.add(mark.owner)
-                self._call("explain", mark.owner)
+                for owner in sorted({mark.owner, *mark.dead} - {""}):
+                    self._explained.add(owner)
+                    self._call("explain", owner)
                 log.warning("%s:%d: a worker died processing offset %d alone: quarantining it",
                             *tp, mark.isolating)
-        written = {tp: Mark(starts[tp], self._deaths_at(tp, starts[tp], mark), owner=self.owner)
-                   for tp, mark in marks.items()}
+        deaths = {tp: self._deaths_at(tp, starts[tp], mark) for tp, mark in marks.items()}
+        written = {tp: Mark(starts[tp], len(d), owner=self.owner, dead=_named(d))
+                   for tp, d in deaths.items()}
         if not self._write(written):
             for tp in written:
                 self._careful_until.pop(tp, None)
-                self._careful_owner.pop(tp, None)
+                self._careful_deaths.pop(tp, None)
             return
         for tp, mark in written.items():
             self._heads[tp] = mark.head
-            self._deaths[tp] = mark.deaths
+            self._deaths[tp] = deaths[tp]
 
-    def _deaths_at(self, tp: TopicPartition, start: int, mark: Mark | None) -> int:
-        """Deaths of owners at ``start`` (0 if the last owner passed it or its death is
-        explained by a poison elsewhere); makes ``tp`` careful past the threshold."""
+    def _deaths_at(self, tp: TopicPartition, start: int, mark: Mark | None) -> tuple[str, ...]:
+        """The deaths of owners at ``start`` that nothing explains, by process (none if the
+        last owner passed it); makes ``tp`` careful past the threshold."""
         if mark is None or mark.head != start or tp in self._poison:
-            return 0
-        if mark.handed_over or mark.owner == self.owner:
-            # The last owner left cleanly, or it is this very process (the partition came
-            # back to it): no new death; the earlier ones stand.
-            deaths = mark.deaths
-            if deaths == 0:
-                return 0
-        elif mark.owner in self._explained or (mark.owner and self._call("explained", mark.owner)):
-            log.info("%s:%d: the last owner's death is explained by a quarantined record", *tp)
-            return 0
-        else:
-            deaths = mark.deaths + 1
-        if deaths >= self._max_deaths - 1:
+            return ()
+        deaths = _victims(mark)
+        if not (mark.handed_over or mark.owner == self.owner):
+            # The last owner died here. (Otherwise it left cleanly, or it is this very
+            # process, the partition come back to it: no new death; the earlier ones stand.)
+            deaths = (*deaths, mark.owner)
+        unexplained = self._unexplained(deaths)
+        if len(unexplained) < len(deaths):
+            log.info("%s:%d: %d of the deaths at offset %d are explained by a quarantined "
+                     "record", *tp, len(deaths) - len(unexplained), start)
+        if unexplained and len(unexplained) >= self._max_deaths - 1:
             self._careful_until[tp] = start + self._window
-            self._careful_owner[tp] = mark.owner
+            self._careful_deaths[tp] = unexplained
             log.warning(
                 "%s:%d: %d worker process(es) died at offset %d without passing it: "
                 "processing up to %d records one at a time to find the one that kills",
-                *tp, deaths, start, self._window,
+                *tp, len(unexplained), start, self._window,
             )
-        return deaths
+        return unexplained
+
+    def _unexplained(self, deaths: tuple[str, ...]) -> tuple[str, ...]:
+        """``deaths`` less those pinned on a quarantined record (here or by another process)."""
+        out = []
+        for owner in deaths:
+            if owner and (owner in self._explained or self._call("explained", owner)):
+                self._explained.add(owner)
+            else:
+                out.append(owner)
+        return tuple(out)
+
+    def _mark(self, tp: TopicPartition, head: int, isolating: int | None = None) -> Mark:
+        deaths = self._deaths.get(tp, ())
+        return Mark(head, len(deaths), isolating, self.owner, dead=_named(deaths))
 
     def isolate(self, record: RawRecord) -> bool:
         """``record`` goes into the pipeline alone: say so in its partition's mark first.
@@ -296,8 +329,7 @@ class Breaker:
         tp = (record.topic, record.partition)
         if self._in_limbo(tp):
             return False
-        if not self._write({tp: Mark(self._heads.get(tp, record.offset),
-                                     self._deaths.get(tp, 0), record.offset, self.owner)}):
+        if not self._write({tp: self._mark(tp, self._heads.get(tp, record.offset), record.offset)}):
             return False
         self._isolating = (tp, record.offset)
         until = self._careful_until.get(tp)
@@ -312,7 +344,7 @@ class Breaker:
         tp, _offset = self._isolating
         self._isolating = None
         if tp in self._heads and not self._in_limbo(tp):
-            self._write({tp: Mark(self._heads[tp], self._deaths.get(tp, 0), owner=self.owner)})
+            self._write({tp: self._mark(tp, self._heads[tp])})
 
     def revoking(self, tps: set[TopicPartition]) -> None:
         """``tps`` may move to another member: this process is alive, so a record of theirs
@@ -324,21 +356,26 @@ class Breaker:
             return
         tp = self._isolating[0]
         if tp in self._heads:
-            self._write({tp: Mark(self._heads[tp], self._deaths.get(tp, 0), owner=self.owner)})
+            self._write({tp: self._mark(tp, self._heads[tp])})
 
     def recheck(self) -> None:
-        """End careful mode where the death that caused it has since been explained (a
-        poison quarantined in another partition the dead process held)."""
-        for tp, owner in list(self._careful_owner.items()):
+        """End careful mode where the deaths that caused it have since been explained (a
+        poison quarantined in another partition the dead processes held), down to fewer
+        than would make a partition careful."""
+        for tp, deaths in list(self._careful_deaths.items()):
             if tp not in self._careful_until:
-                del self._careful_owner[tp]
-            elif owner and (owner in self._explained or self._call("explained", owner)):
-                self._explained.add(owner)
-                del self._careful_until[tp], self._careful_owner[tp]
-                self._deaths[tp] = 0
-                self._write({tp: Mark(self._heads[tp], 0, owner=self.owner)})
-                log.info("%s:%d: the deaths here are explained by a quarantined record: "
-                         "processing its records in batches again", *tp)
+                del self._careful_deaths[tp]
+                continue
+            left = self._unexplained(deaths)
+            if left and len(left) >= self._max_deaths - 1:
+                continue
+            del self._careful_until[tp], self._careful_deaths[tp]
+            if self._deaths.get(tp):  # (no progress since: the deaths are still at its head)
+                self._deaths[tp] = left
+            in_hand = self._isolating[1] if self._isolating and self._isolating[0] == tp else None
+            self._write({tp: self._mark(tp, self._heads[tp], in_hand)})
+            log.info("%s:%d: the deaths here are explained by a quarantined record: "
+                     "processing its records in batches again", *tp)
 
     def caught_up(self, tp: TopicPartition) -> None:
         """Nothing of ``tp`` is held and nothing is left to fetch: whatever a dead owner
@@ -353,7 +390,7 @@ class Breaker:
             if tp not in self._heads or offset <= self._heads[tp] or self._in_limbo(tp):
                 continue
             self._heads[tp] = offset
-            self._deaths[tp] = 0
+            self._deaths[tp] = ()
             isolating = (self._isolating[1] if self._isolating and self._isolating[0] == tp
                          and self._isolating[1] >= offset else None)
             marks[tp] = Mark(offset, 0, isolating, self.owner)
@@ -374,13 +411,14 @@ class Breaker:
         tps = {tp for tp in tps if tp in self._heads}
         marks: dict[TopicPartition, Mark] = {}
         for tp in tps:
-            head, deaths = self._heads.pop(tp), self._deaths.pop(tp, 0)
+            mark = self._mark(tp, self._heads.pop(tp))
+            self._deaths.pop(tp, None)
             if tp in busy:
-                marks[tp] = Mark(head, deaths, owner=self.owner)
-            elif deaths:
-                marks[tp] = Mark(head, deaths, owner=self.owner, handed_over=True)
+                marks[tp] = mark
+            elif mark.deaths:
+                marks[tp] = replace(mark, handed_over=True)
             self._careful_until.pop(tp, None)
-            self._careful_owner.pop(tp, None)
+            self._careful_deaths.pop(tp, None)
             self._poison.pop(tp, None)
         if self._isolating and self._isolating[0] in tps:
             self._isolating = None
