@@ -239,7 +239,7 @@ def test_crash_loop_marks_keep_every_field_in_redis(stack, unique):
     """The breaker's ledger on the real store: a mark reads back as written (the processes
     whose deaths it counts among it), a cleared one is gone, and explained deaths are kept."""
     ledger = RedisCrashLedger(connect(Settings(redis_url=stack.redis_url).redis), unique, "g")
-    full = Mark(7, 2, isolating=9, owner="p3", handed_over=False, dead=("p1", "p2"))
+    full = Mark(7, 2, isolating=9, owner="p3", handed_over=False, dead=("p1", "p2"), reach=300)
     ledger.write({("t", 0): full, ("t", 1): Mark(3, owner="p3")})
     assert ledger.read(("t", 0)) == full and ledger.read(("t", 1)) == Mark(3, owner="p3")
     ledger.write({("t", 1): Mark(4, 1, owner="p3", handed_over=True, dead=("p2",))})

@@ -108,6 +108,44 @@ def test_careful_mode_ends_when_caught_up_or_past_the_window():
     assert not b2.careful()
 
 
+def test_a_mark_says_how_far_its_owner_admitted_before_anything_past_it_goes_in():
+    ledger = FlakyLedger()
+    b = breaker(ledger)
+    b.admit(recs(5, 6))
+    reach = ledger.marks[TP].reach
+    assert reach is not None and reach > 6  # raised a little ahead: not a write per poll
+    b.admit(recs(*range(7, reach)))
+    assert ledger.marks[TP].reach == reach
+    ledger.down = True  # past the reach the mark must say so first: without the store, wait
+    process, later = b.admit(recs(reach, reach + 1))
+    assert process == [] and [r.offset for r in later] == [reach, reach + 1]
+    ledger.down = False
+    process, later = b.admit(later)
+    assert len(process) == 2 and later == [] and ledger.marks[TP].reach > reach + 1
+    b.committed({TP: reach})  # progress keeps the reach: records past the head are in hand
+    assert ledger.marks[TP].head == reach and ledger.marks[TP].reach > reach + 1
+
+
+def test_careful_mode_covers_only_what_the_dead_could_have_held():
+    """The dead owner admitted nothing at or past offset 8 (its mark's reach): the next
+    owner is careful with 5, 6 and 7 only, not a whole window."""
+    ledger = MemoryCrashLedger()
+    ledger.marks[TP] = Mark(5, 0, owner="A", reach=8)
+    b = breaker(ledger)
+    held, _ = b.admit(recs(*range(5, 12)))
+    assert ledger.marks[TP].reach >= 12  # its own admissions raise its mark's reach
+    for record in held[:3]:
+        assert b.careful() == {TP}
+        assert b.isolate(record)
+        b.isolated_done()
+    assert not b.careful()
+    # A later death counts the reach the dead owners carried, not only its own.
+    ledger.marks[TP] = Mark(5, 1, owner="B", dead=("A",), reach=40)
+    b2 = breaker(ledger, max_deaths=3)
+    b2.admit(recs(5, 6))
+    assert ledger.marks[TP].reach == 40 and b2.careful() == {TP}
+
+
 def test_a_careful_worker_feeds_the_pipeline_one_record_at_a_time(model):
     ledger = MemoryCrashLedger()
     ledger.marks[TP] = Mark(0, 0)  # a process died here before

@@ -17,9 +17,11 @@ process that dies leaves behind:
    after the hand-over, that death is counted too.
 2. A mark at the very offset where the partition starts means the last owner
    died without getting past it: ``deaths + 1``. After ``max_deaths - 1``
-   such deaths the new owner is *careful* with that partition, for up to
-   ``window`` of its records (as many as a process can hold in flight) or
-   until it has caught up with the partition's end: meanwhile the process
+   such deaths the new owner is *careful* with that partition, for the
+   records the dead owners could have had in hand (the mark's ``reach``: an
+   owner raises it, a little ahead, before it admits a record past it; at most
+   ``window``, as many as a process can hold in flight) or until it has
+   caught up with the partition's end: meanwhile the process
    puts records into its pipeline one at a time, of every partition it holds,
    taking turns between partitions, and writes the offset of the one in hand
    (``isolating``) to its partition's mark first. The first such record goes in
@@ -92,9 +94,15 @@ class Mark:
     dead: tuple[str, ...] = ()
     """The processes whose deaths ``deaths`` counts, where known (at most the last
     :data:`_NAMED_DEATHS`): when a poison is pinned at this head, each is explained."""
+    reach: int | None = None
+    """No record at or past this offset was admitted by the owner (nor by the dead ones
+    it counts): a death here can only be from a record before it. None: not known."""
 
 
 _NAMED_DEATHS = 16
+_REACH_AHEAD = 256
+"""How far past the last admitted record a mark's ``reach`` is raised, so that a mark
+is written once per so many records rather than at every poll."""
 
 
 def _victims(mark: Mark) -> tuple[str, ...]:
@@ -126,7 +134,7 @@ class CrashLedger(Protocol):
 # of memory (which the sink waits out) must not blind the breaker meanwhile.
 _WRITE_MARK = """#!lua flags=allow-oom
 redis.call('HSET', KEYS[1], 'head', ARGV[1], 'deaths', ARGV[2], 'isolating', ARGV[3],
-           'owner', ARGV[4], 'handed_over', ARGV[6], 'dead', ARGV[7])
+           'owner', ARGV[4], 'handed_over', ARGV[6], 'dead', ARGV[7], 'reach', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
@@ -156,11 +164,13 @@ class RedisCrashLedger:
             return None
         isolating = raw.get(b"isolating", b"")
         dead = raw.get(b"dead", b"").decode("utf-8", "replace")
+        reach = raw.get(b"reach", b"")
         return Mark(int(raw[b"head"]), int(raw.get(b"deaths", b"0")),
                     int(isolating) if isolating else None,
                     raw.get(b"owner", b"").decode("utf-8", "replace"),
                     raw.get(b"handed_over", b"0") == b"1",
-                    tuple(o for o in dead.split(",") if o))
+                    tuple(o for o in dead.split(",") if o),
+                    int(reach) if reach else None)
 
     def write(self, marks: dict[TopicPartition, Mark]) -> None:
         # A cluster's pipeline does not load scripts: there, one call per mark (rare).
@@ -169,7 +179,8 @@ class RedisCrashLedger:
             isolating = "" if mark.isolating is None else mark.isolating
             self._write_mark(keys=[self.key(tp)], client=pipe,
                              args=[mark.head, mark.deaths, isolating, mark.owner, _MARK_TTL_S,
-                                   int(mark.handed_over), ",".join(mark.dead)])
+                                   int(mark.handed_over), ",".join(mark.dead),
+                                   "" if mark.reach is None else mark.reach])
         if pipe is not None:
             pipe.execute()
 
@@ -206,6 +217,7 @@ class Breaker:
         self._deaths: dict[TopicPartition, tuple[str, ...]] = {}  # see _victims
         self._careful_until: dict[TopicPartition, int] = {}
         self._careful_deaths: dict[TopicPartition, tuple[str, ...]] = {}  # what made it careful
+        self._reach: dict[TopicPartition, int] = {}  # as written in the mark
         self._poison: dict[TopicPartition, tuple[int, int]] = {}  # offset, deaths
         self._isolating: tuple[TopicPartition, int] | None = None
         self._explained: set[str] = set()
@@ -251,7 +263,31 @@ class Breaker:
                 )
                 continue
             out.append(record)
-        return out, later
+        return self._within_reach(out, later)
+
+    def _within_reach(self, records: list[RawRecord], later: list[RawRecord]
+                      ) -> tuple[list[RawRecord], list[RawRecord]]:
+        """Raise the marks' ``reach`` past ``records`` before they are admitted; the
+        records of a partition whose mark cannot say so (store away, in limbo) wait."""
+        tops: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = (record.topic, record.partition)
+            tops[tp] = max(tops.get(tp, 0), record.offset + 1)
+        raise_ = {tp: top for tp, top in tops.items() if top > self._reach.get(tp, 0)}
+        if not raise_:
+            return records, later
+        blocked = {tp for tp in raise_ if self._in_limbo(tp)}
+        marks = {tp: self._mark(tp, self._heads[tp], self._in_hand(tp), top + _REACH_AHEAD)
+                 for tp, top in raise_.items() if tp not in blocked}
+        if marks and self._write(marks):
+            self._reach.update((tp, mark.reach) for tp, mark in marks.items()
+                               if mark.reach is not None)
+        else:
+            blocked |= set(marks)
+        if not blocked:
+            return records, later
+        return ([r for r in records if (r.topic, r.partition) not in blocked],
+                [*later, *(r for r in records if (r.topic, r.partition) in blocked)])
 
     def _take_over(self, starts: dict[TopicPartition, int]) -> None:
         """Partitions seen for the first time since they were assigned: read their marks
@@ -274,7 +310,10 @@ class Breaker:
                 log.warning("%s:%d: a worker died processing offset %d alone: quarantining it",
                             *tp, mark.isolating)
         deaths = {tp: self._deaths_at(tp, starts[tp], mark) for tp, mark in marks.items()}
-        written = {tp: Mark(starts[tp], len(d), owner=self.owner, dead=_named(d))
+        # Deaths carried over carry what the dead could have held: their reach.
+        reach = {tp: mark.reach if mark is not None and deaths[tp] else None
+                 for tp, mark in marks.items()}
+        written = {tp: Mark(starts[tp], len(d), owner=self.owner, dead=_named(d), reach=reach[tp])
                    for tp, d in deaths.items()}
         if not self._write(written):
             for tp in written:
@@ -284,6 +323,8 @@ class Breaker:
         for tp, mark in written.items():
             self._heads[tp] = mark.head
             self._deaths[tp] = deaths[tp]
+            if mark.reach is not None:
+                self._reach[tp] = mark.reach
 
     def _deaths_at(self, tp: TopicPartition, start: int, mark: Mark | None) -> tuple[str, ...]:
         """The deaths of owners at ``start`` that nothing explains, by process (none if the
@@ -300,12 +341,15 @@ class Breaker:
             log.info("%s:%d: %d of the deaths at offset %d are explained by a quarantined "
                      "record", *tp, len(deaths) - len(unexplained), start)
         if unexplained and len(unexplained) >= self._max_deaths - 1:
-            self._careful_until[tp] = start + self._window
+            # Up to the last record the dead could have held, known from their reach.
+            window = start + self._window
+            self._careful_until[tp] = (window if mark.reach is None
+                                       else max(start + 1, min(window, mark.reach)))
             self._careful_deaths[tp] = unexplained
             log.warning(
                 "%s:%d: %d worker process(es) died at offset %d without passing it: "
                 "processing up to %d records one at a time to find the one that kills",
-                *tp, len(unexplained), start, self._window,
+                *tp, len(unexplained), start, self._careful_until[tp] - start,
             )
         return unexplained
 
@@ -319,9 +363,16 @@ class Breaker:
                 out.append(owner)
         return tuple(out)
 
-    def _mark(self, tp: TopicPartition, head: int, isolating: int | None = None) -> Mark:
+    def _mark(self, tp: TopicPartition, head: int, isolating: int | None = None,
+              reach: int | None = None) -> Mark:
+        """This owner's mark of ``tp``: its deaths and reach as they stand."""
         deaths = self._deaths.get(tp, ())
-        return Mark(head, len(deaths), isolating, self.owner, dead=_named(deaths))
+        return Mark(head, len(deaths), isolating, self.owner, dead=_named(deaths),
+                    reach=reach if reach is not None else self._reach.get(tp))
+
+    def _in_hand(self, tp: TopicPartition) -> int | None:
+        """The offset of ``tp``'s record in hand alone, if there is one."""
+        return self._isolating[1] if self._isolating and self._isolating[0] == tp else None
 
     def isolate(self, record: RawRecord) -> bool:
         """``record`` goes into the pipeline alone: say so in its partition's mark first.
@@ -372,8 +423,7 @@ class Breaker:
             del self._careful_until[tp], self._careful_deaths[tp]
             if self._deaths.get(tp):  # (no progress since: the deaths are still at its head)
                 self._deaths[tp] = left
-            in_hand = self._isolating[1] if self._isolating and self._isolating[0] == tp else None
-            self._write({tp: self._mark(tp, self._heads[tp], in_hand)})
+            self._write({tp: self._mark(tp, self._heads[tp], self._in_hand(tp))})
             log.info("%s:%d: the deaths here are explained by a quarantined record: "
                      "processing its records in batches again", *tp)
 
@@ -391,9 +441,9 @@ class Breaker:
                 continue
             self._heads[tp] = offset
             self._deaths[tp] = ()
-            isolating = (self._isolating[1] if self._isolating and self._isolating[0] == tp
-                         and self._isolating[1] >= offset else None)
-            marks[tp] = Mark(offset, 0, isolating, self.owner)
+            isolating = self._in_hand(tp)
+            marks[tp] = self._mark(tp, offset, isolating if isolating is not None
+                                   and isolating >= offset else None)
         if marks:
             self._write(marks)
 
@@ -413,6 +463,7 @@ class Breaker:
         for tp in tps:
             mark = self._mark(tp, self._heads.pop(tp))
             self._deaths.pop(tp, None)
+            self._reach.pop(tp, None)
             if tp in busy:
                 marks[tp] = mark
             elif mark.deaths:
