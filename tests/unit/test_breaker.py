@@ -146,6 +146,18 @@ def test_careful_mode_covers_only_what_the_dead_could_have_held():
     assert ledger.marks[TP].reach == 40 and b2.careful() == {TP}
 
 
+def test_an_owner_that_died_before_admitting_a_record_of_a_partition_counts_no_death_there():
+    """Taken over, but nothing admitted (here: revoked at once, the new assignment not
+    known yet): its mark's reach is its head, so its death cannot be this partition's."""
+    ledger = MemoryCrashLedger()
+    b = Breaker(ledger, 2, window=100, reject=lambda *a: None, in_limbo=lambda tp: True)
+    process, later = b.admit(recs(5, 6))
+    assert process == [] and len(later) == 2 and ledger.marks[TP].reach == 5
+    b2 = breaker(ledger)  # b died
+    b2.admit(recs(5, 6))
+    assert not b2.careful() and state(ledger) == (5, 0, None)
+
+
 def test_a_careful_worker_feeds_the_pipeline_one_record_at_a_time(model):
     ledger = MemoryCrashLedger()
     ledger.marks[TP] = Mark(0, 0)  # a process died here before

@@ -310,8 +310,9 @@ class Breaker:
                 log.warning("%s:%d: a worker died processing offset %d alone: quarantining it",
                             *tp, mark.isolating)
         deaths = {tp: self._deaths_at(tp, starts[tp], mark) for tp, mark in marks.items()}
-        # Deaths carried over carry what the dead could have held: their reach.
-        reach = {tp: mark.reach if mark is not None and deaths[tp] else None
+        # Deaths carried over carry what the dead could have held: their reach. Otherwise
+        # nothing is admitted yet: the reach is the start.
+        reach = {tp: mark.reach if mark is not None and deaths[tp] else starts[tp]
                  for tp, mark in marks.items()}
         written = {tp: Mark(starts[tp], len(d), owner=self.owner, dead=_named(d), reach=reach[tp])
                    for tp, d in deaths.items()}
@@ -332,9 +333,11 @@ class Breaker:
         if mark is None or mark.head != start or tp in self._poison:
             return ()
         deaths = _victims(mark)
-        if not (mark.handed_over or mark.owner == self.owner):
+        if not (mark.handed_over or mark.owner == self.owner
+                or (mark.reach is not None and mark.reach <= start)):
             # The last owner died here. (Otherwise it left cleanly, or it is this very
-            # process, the partition come back to it: no new death; the earlier ones stand.)
+            # process, the partition come back to it, or it had admitted no record of it:
+            # no new death here; the earlier ones stand.)
             deaths = (*deaths, mark.owner)
         unexplained = self._unexplained(deaths)
         if len(unexplained) < len(deaths):
