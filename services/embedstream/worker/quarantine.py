@@ -16,7 +16,8 @@ process that dies leaves behind:
    in the pipeline keeps a plain mark: should one of them kill the process
    after the hand-over, that death is counted too.
 2. A mark at the very offset where the partition starts means the last owner
-   died without getting past it: ``deaths + 1``. After ``max_deaths - 1``
+   died without getting past it: ``deaths + 1`` (unless its reach says it had
+   admitted no record of the partition: then its death was not about it). After ``max_deaths - 1``
    such deaths the new owner is *careful* with that partition, for the
    records the dead owners could have had in hand (the mark's ``reach``: an
    owner raises it, a little ahead, before it admits a record past it; at most
