@@ -351,9 +351,11 @@ class Breaker:
                                        else max(start + 1, min(window, mark.reach)))
             self._careful_deaths[tp] = unexplained
             log.warning(
-                "%s:%d: %d worker process(es) died at offset %d without passing it: "
-                "processing up to %d records one at a time to find the one that kills",
-                *tp, len(unexplained), start, self._careful_until[tp] - start,
+                "%s:%d: %d worker process(es) died at offset %d without passing it "
+                "(processes %s; admitted below %s): processing up to %d records one at a "
+                "time to find the one that kills",
+                *tp, len(unexplained), start, ",".join(o or "?" for o in unexplained),
+                "?" if mark.reach is None else mark.reach, self._careful_until[tp] - start,
             )
         return unexplained
 
