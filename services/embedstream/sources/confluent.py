@@ -213,26 +213,7 @@ class ConfluentSource:
 
     # -------------------------------------------------------------- polling
     def poll(self, timeout_s: float) -> list[RawRecord]:
-        """Wait up to ``timeout_s`` for a record, then take what is already fetched.
-
-        ``consume(n, timeout)`` alone waits for all ``n`` records or the whole
-        timeout; waiting for the first and draining the rest without waiting
-        returns as soon as anything is there, like kafka-python's ``poll``.
-        """
-        first = self._consumer.poll(timeout_s)
-        if first is None:
-            return []
-        messages = [first]
-        if self._max_records > 1:
-            messages += self._consumer.consume(self._max_records - 1, 0)
-        out: list[RawRecord] = []
-        for msg in messages:
-            err = msg.error()
-            if err is not None:
-                _message_error(err)
-                continue
-            out.append(_record(msg))
-        return out
+        return _take(self._consumer, timeout_s, self._max_records)
 
     # -------------------------------------------------------------- commits
     def commit(self, offsets: dict[TopicPartition, int]) -> bool:
@@ -384,6 +365,29 @@ class ConfluentDeadLetters:
         self._producer.flush(10)
 
 
+def _take(consumer: Consumer, timeout_s: float, max_records: int) -> list[RawRecord]:
+    """Wait up to ``timeout_s`` for a record, then take what is already fetched.
+
+    ``consume(n, timeout)`` alone waits for all ``n`` records or the whole
+    timeout; waiting for the first and draining the rest without waiting
+    returns as soon as anything is there, like kafka-python's ``poll``.
+    """
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    messages = [first]
+    if max_records > 1:
+        messages += consumer.consume(max_records - 1, 0)
+    out: list[RawRecord] = []
+    for msg in messages:
+        err = msg.error()
+        if err is not None:
+            _message_error(err)
+            continue
+        out.append(_record(msg))
+    return out
+
+
 def _record(msg: Message) -> RawRecord:
     # Once per record on the polling thread: positional and cast-free, it costs
     # about 1.5 us instead of 2.5 (README: Kafka client ceilings). A consumed
@@ -448,19 +452,10 @@ class ConfluentTopicReader:
         self._stopped.clear()
 
     def poll(self, timeout_s: float) -> list[RawRecord]:
-        """Like :meth:`ConfluentSource.poll`: wait for one record, take what is fetched."""
-        first = self._consumer.poll(timeout_s)
-        if first is None:
-            return []
-        messages = [first, *self._consumer.consume(max(1, self._max_records - 1), 0)]
-        out = []
-        for msg in messages:
-            err = msg.error()
-            if err is not None:
-                _message_error(err)
-            elif (msg.topic(), msg.partition()) not in self._stopped:
-                out.append(_record(msg))
-        return out
+        records = _take(self._consumer, timeout_s, self._max_records)
+        if self._stopped:
+            records = [r for r in records if (r.topic, r.partition) not in self._stopped]
+        return records
 
     def stop(self, partition: TopicPartition) -> None:
         self._consumer.pause([KafkaTP(*partition)])
