@@ -366,11 +366,13 @@ def _server(client: redis.Redis) -> str:
     return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db')}{kwargs.get('path', '')}"
 
 
-_TAG_SPECIAL = re.compile(r"([^A-Za-z0-9_])")
+_TAG_SPECIAL = re.compile(r"([^A-Za-z0-9])")
 
 
 def _escape_tag(value: str) -> str:
-    """Escape a tag value for a query: every character but letters, digits and _."""
+    r"""Escape a tag value for a query: every character but letters and digits. (An
+    underscore too: RediSearch reads a value of underscores alone, ``{_}``, as a syntax
+    error, and ``\_`` as the underscore.)"""
     return _TAG_SPECIAL.sub(r"\\\1", value)
 
 

@@ -25,7 +25,7 @@ TEXTS = {"orbit": "The rocket reached orbit after a flawless launch.",
 # Filter values that try to end the tag clause and add their own (RediSearch syntax).
 CRAFTED = ["en} @tenant:{globex", "en}|@tenant:{globex", "*", "en | globex", "en)|(@tenant:{globex}",
            "\\", "en\\} @tenant:{globex", "}", "{globex}", "en} -@tenant:{acme", "@tenant:{*}",
-           "en}) | (@tenant:{globex})=>[KNN 10 @embedding $vec]", "%globex:orbit"]
+           "en}) | (@tenant:{globex})=>[KNN 10 @embedding $vec]", "%globex:orbit", "_", "__"]
 
 
 @pytest.fixture(scope="module")
